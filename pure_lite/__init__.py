@@ -1,0 +1,23 @@
+"""pure-lite: PURE real-world super-resolution, small and fast.
+
+Importing this package does not import torch; the torch backend loads it on first use.
+
+    import pure_lite
+    restorer = pure_lite.Restorer.from_pretrained("path/to/PURE")
+    result = restorer.restore("photo.png", seed=0)
+    result.image.save("restored.png"); print(result.degradation, result.description)
+"""
+
+from .errors import (
+    CheckpointError, GenerationError, InvalidImageError, ManifestError, MissingDependencyError, PureLiteError,
+    TokenFormatError,
+)
+from .restorer import Restoration, Restorer
+from .sampling import SamplingConfig
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Restorer", "Restoration", "SamplingConfig", "PureLiteError", "InvalidImageError", "TokenFormatError",
+    "CheckpointError", "ManifestError", "GenerationError", "MissingDependencyError", "__version__",
+]

@@ -1,0 +1,30 @@
+"""What a backend hands the pipeline: the pieces of one loaded model, behind NumPy interfaces."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Protocol
+
+import numpy as np
+
+from .generate import Decoder
+from .prompt import TextTokenizer
+from .tokens import TokenLayout
+
+
+class ImageCodec(Protocol):
+    """The VQ image tokenizer: pixels (1, 3, H, W) in [-1, 1] <-> codes (H/8, W/8)."""
+
+    def encode(self, pixels: np.ndarray) -> np.ndarray: ...
+
+    def decode(self, codes: np.ndarray) -> np.ndarray: ...
+
+
+@dataclass(frozen=True)
+class Components:
+    layout: TokenLayout
+    tokenizer: TextTokenizer
+    codec: ImageCodec
+    new_decoder: Callable[[], Decoder]  # fresh KV state for each restoration
+    max_positions: int
+    description: str

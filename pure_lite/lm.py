@@ -1,0 +1,155 @@
+"""The Chameleon language model in torch: loading, and one decoder call with explicit KV tensors.
+
+``ChameleonStep`` is the contract every backend shares: (input_ids, attention_mask,
+position_ids, past keys/values) -> (last-position logits, present keys/values). The
+torch backend calls it directly and the ONNX export traces it, so both run the same
+maths. It calls the decoder layers and ``lm_head`` itself because the stock
+``ChameleonForConditionalGeneration.forward`` masks every image token out of the logits.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import torch
+from torch import nn
+
+from .checkpoint import CheckpointFiles
+from .errors import CheckpointError
+
+# Keys the checkpoint may lack: transformers builds Chameleon's own VQ-VAE inside the
+# model, which PURE never uses (it has the LlamaGen VQ-8 instead).
+_UNUSED_PREFIXES = ("model.vqmodel.",)
+
+
+def load_language_model(files: CheckpointFiles, *, device: str = "cpu", dtype: torch.dtype | None = None,
+                        attn_implementation: str = "sdpa", quantization_config=None):
+    """Load the Chameleon checkpoint strictly: every used weight must be present with its shape."""
+    from transformers import ChameleonConfig, ChameleonForConditionalGeneration
+
+    config = ChameleonConfig.from_pretrained(files.root)
+    if config.vocabulary_map is None:
+        # Released PURE configs may omit it; transformers needs it, the tokenizer has it.
+        data = json.loads(files.tokenizer.read_text(encoding="utf-8"))
+        vocab = dict(data["model"]["vocab"])
+        vocab.update({t["content"]: t["id"] for t in data.get("added_tokens", [])})
+        config.vocabulary_map = vocab
+    kwargs = {}
+    if quantization_config is not None:
+        kwargs["quantization_config"] = quantization_config
+    try:
+        model, info = ChameleonForConditionalGeneration.from_pretrained(
+            files.root, config=config, dtype=dtype or torch.float32, attn_implementation=attn_implementation,
+            output_loading_info=True, **kwargs,
+        )
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"cannot load the language model from {files.root}: {exc}") from exc
+    missing = [k for k in info.get("missing_keys", []) if not k.startswith(_UNUSED_PREFIXES)]
+    bad = missing + list(info.get("mismatched_keys", []))
+    if bad:
+        raise CheckpointError(f"{files.root}: language-model weights missing or of the wrong shape: {bad[:8]}")
+    if quantization_config is None:
+        model = model.to(device)
+    return model.eval()
+
+
+class _ExplicitKV:
+    """Duck-typed cache for the decoder layers: prepends given past tensors, records the results."""
+
+    def __init__(self, past: tuple[torch.Tensor, ...]):
+        self.past = past
+        self.present: list[torch.Tensor] = [None] * len(past)  # type: ignore[list-item]
+
+    def update(self, key, value, layer_idx, *args, **kwargs):
+        key = torch.cat([self.past[2 * layer_idx], key], dim=2)
+        value = torch.cat([self.past[2 * layer_idx + 1], value], dim=2)
+        self.present[2 * layer_idx], self.present[2 * layer_idx + 1] = key, value
+        return key, value
+
+
+def additive_mask(attention_mask: torch.Tensor, new_tokens: int, dtype: torch.dtype) -> torch.Tensor:
+    """(B, P+T) 0/1 key mask to a (B, 1, T, P+T) additive mask that is also causal."""
+    total = attention_mask.shape[1]
+    past = total - new_tokens
+    q = torch.arange(new_tokens, device=attention_mask.device).unsqueeze(1) + past  # (T, 1)
+    k = torch.arange(total, device=attention_mask.device).unsqueeze(0)  # (1, P+T)
+    allowed = (k <= q).unsqueeze(0) & attention_mask.bool().unsqueeze(1)  # (B, T, P+T)
+    zero = torch.zeros((), dtype=dtype, device=attention_mask.device)
+    low = torch.tensor(torch.finfo(dtype).min, dtype=dtype, device=attention_mask.device)
+    return torch.where(allowed, zero, low).unsqueeze(1)
+
+
+class ChameleonStep(nn.Module):
+    """One decoder call: forward(input_ids, attention_mask, position_ids, *past) -> (logits, *present).
+
+    Shapes: input_ids, position_ids (B, T) int64; attention_mask (B, P+T) int64;
+    past_key/value per layer (B, heads, P, head_dim); logits (B, V) of the last position
+    (``last_only=False``: (B, T, V)); present (B, heads, P+T, head_dim).
+    """
+
+    def __init__(self, lm, last_only: bool = True):
+        super().__init__()
+        self.model = lm.model
+        self.lm_head = lm.lm_head
+        self.last_only = last_only
+
+    def forward(self, input_ids, attention_mask, position_ids, *past):
+        hidden = self.model.embed_tokens(input_ids)
+        mask = additive_mask(attention_mask, input_ids.shape[1], hidden.dtype)
+        rope = self.model.rotary_emb(hidden, position_ids)
+        cache = _ExplicitKV(past)
+        for layer in self.model.layers:
+            out = layer(hidden, attention_mask=mask, position_ids=position_ids, cache=cache,
+                        use_cache=True, position_embeddings=rope)
+            hidden = out[0] if isinstance(out, tuple) else out
+        hidden = self.model.norm(hidden)
+        if self.last_only:
+            hidden = hidden[:, -1]
+        return (self.lm_head(hidden).float(), *cache.present)
+
+
+def kv_shape(config) -> tuple[int, int]:
+    """(heads, head_dim) of the KV cache."""
+    heads = config.num_key_value_heads or config.num_attention_heads
+    return heads, config.hidden_size // config.num_attention_heads
+
+
+class TorchDecoder:
+    """The torch backend's Decoder: CFG as batch 2 once the image starts, so weights are read once per step.
+
+    The unconditional row shares the tensors' length with the conditional one but masks
+    out the prompt positions, so it sees only the image block, at positions from 0.
+    """
+
+    def __init__(self, lm, device: str = "cpu"):
+        self.step_fn = ChameleonStep(lm).eval()
+        self.device = torch.device(device)
+        self.dtype = lm.dtype
+        self.layers = lm.config.num_hidden_layers
+        self.heads, self.head_dim = kv_shape(lm.config)
+
+    @torch.inference_mode()
+    def _run(self, ids: np.ndarray) -> np.ndarray:
+        b, t = self.mask.shape[0], len(ids)
+        input_ids = torch.tensor(ids, dtype=torch.int64, device=self.device).unsqueeze(0).expand(b, t)
+        positions = self.next_pos.unsqueeze(1) + torch.arange(t, device=self.device)
+        self.mask = torch.cat([self.mask, torch.ones(b, t, dtype=torch.int64, device=self.device)], dim=1)
+        logits, *self.past = self.step_fn(input_ids, self.mask, positions, *self.past)
+        self.next_pos = self.next_pos + t
+        return logits.cpu().numpy()
+
+    def prefill(self, ids: np.ndarray) -> np.ndarray:
+        empty = torch.zeros(1, self.heads, 0, self.head_dim, dtype=self.dtype, device=self.device)
+        self.past = [empty] * (2 * self.layers)
+        self.mask = torch.zeros(1, 0, dtype=torch.int64, device=self.device)
+        self.next_pos = torch.zeros(1, dtype=torch.int64, device=self.device)
+        return self._run(ids)
+
+    def begin_unconditional(self) -> None:
+        self.past = [p.expand(2, -1, -1, -1).contiguous() for p in self.past]
+        self.mask = torch.cat([self.mask, torch.zeros_like(self.mask)], dim=0)
+        self.next_pos = torch.cat([self.next_pos, torch.zeros_like(self.next_pos)])
+
+    def step(self, ids: np.ndarray) -> np.ndarray:
+        return self._run(ids)

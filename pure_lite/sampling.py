@@ -1,0 +1,124 @@
+"""PURE's sampler (SPEC §5) in NumPy: CFG, structure, entropy-based top-k, temperature.
+
+The decode loop hands the sampler only the logits it may choose from: inside an image
+that is the image-token subset (every other id is masked by the structure rule, so
+softmax, entropy and top-k over the subset equal those over the full masked vocabulary,
+at a quarter of the work). Forced positions (grid sizes, row ends, ``<eoss>``) are never
+sampled. Functions here are pure: they never write into the arrays they are given.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+ENTROPY_EPS = 1e-10
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """Per-call decoding settings; defaults are the reference's (SPEC §5).
+
+    ``temperature=0`` is greedy (argmax after CFG and masking). ``cfg_scale=1`` skips the
+    unconditional branch. ``max_text_tokens`` bounds the text before the image: when it is
+    spent without an image start, the image is started (a model that talks forever still
+    restores). ``max_new_tokens`` bounds text plus image block.
+    """
+
+    temperature: float = 0.9
+    cfg_scale: float = 0.8
+    text_top_k: int = 1
+    k_min: int = 1
+    k_max: int = 2000
+    max_new_tokens: int = 8192
+    max_text_tokens: int = 512
+
+    def __post_init__(self) -> None:
+        if not (self.temperature >= 0 and math.isfinite(self.temperature)):
+            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature}")
+        if not math.isfinite(self.cfg_scale):
+            raise ValueError(f"cfg_scale must be finite, got {self.cfg_scale}")
+        if self.text_top_k < 1:
+            raise ValueError(f"text_top_k must be >= 1, got {self.text_top_k}")
+        if not 1 <= self.k_min <= self.k_max:
+            raise ValueError(f"need 1 <= k_min <= k_max, got k_min={self.k_min}, k_max={self.k_max}")
+        if self.max_new_tokens < 1 or self.max_text_tokens < 0:
+            raise ValueError("max_new_tokens must be >= 1 and max_text_tokens >= 0")
+
+    @property
+    def uses_cfg(self) -> bool:
+        return self.cfg_scale != 1.0
+
+
+def entropy_top_k(entropy, k_min: int = 1, k_max: int = 2000):
+    """k for entropy-based top-k: round(k_min + (k_max - k_min) * sigmoid(clip(H, 0, 10) - 5)).
+
+    Rounds half to even (H=5 gives 1000); returns an int for a scalar, an int array otherwise.
+    """
+    h = np.clip(np.asarray(entropy, dtype=np.float64), 0.0, 10.0)
+    k = np.rint(k_min + (k_max - k_min) / (1.0 + np.exp(5.0 - h)))
+    k = np.clip(k, k_min, k_max).astype(np.int64)
+    return int(k) if k.ndim == 0 else k
+
+
+def cfg_mix(cond: np.ndarray, uncond: np.ndarray, scale: float) -> np.ndarray:
+    """Classifier-free guidance: scale * (cond - uncond) + uncond."""
+    return scale * (cond - uncond) + uncond
+
+
+def softmax_entropy(logits: np.ndarray) -> float:
+    """Entropy in nats of softmax(logits), with the reference's ln(p + 1e-10)."""
+    z = logits.astype(np.float64) - logits.max()
+    p = np.exp(z)
+    p /= p.sum()
+    return float(-(p * np.log(p + ENTROPY_EPS)).sum())
+
+
+def _sample_top_k(logits: np.ndarray, k: int, temperature: float, rng: np.random.Generator) -> int:
+    """Keep logits >= the k-th largest (ties kept), apply temperature, draw one index."""
+    n = logits.shape[-1]
+    if temperature == 0 or k == 1:
+        return int(np.argmax(logits))
+    if k < n:
+        threshold = np.partition(logits, n - k)[n - k]
+        keep = np.flatnonzero(logits >= threshold)
+    else:
+        keep = np.arange(n)
+    z = (logits[keep].astype(np.float64) - logits[keep].max()) / temperature
+    cdf = np.cumsum(np.exp(z))
+    pick = int(np.searchsorted(cdf, rng.random() * cdf[-1], side="right"))
+    return int(keep[min(pick, len(keep) - 1)])
+
+
+class Sampler(Protocol):
+    """One implementation per array library (NumPy here; CUDA in the runtime) behind this interface."""
+
+    def image_code(
+        self, cond: np.ndarray, uncond: np.ndarray | None, config: SamplingConfig, rng: np.random.Generator
+    ) -> tuple[int, float]:
+        """Draw one VQ code from image-subset logits; returns (code, entropy in nats)."""
+        ...
+
+    def text_token(
+        self, logits: np.ndarray, banned: np.ndarray, config: SamplingConfig, rng: np.random.Generator
+    ) -> int:
+        """Draw one text token from full-vocabulary logits, never one of ``banned``."""
+        ...
+
+
+class NumpySampler:
+    """The reference sampler in NumPy (CPU)."""
+
+    def image_code(self, cond, uncond, config, rng):
+        scores = cond if uncond is None else cfg_mix(cond, uncond, config.cfg_scale)
+        entropy = softmax_entropy(scores)
+        k = entropy_top_k(entropy, config.k_min, config.k_max)
+        return _sample_top_k(scores, k, config.temperature, rng), entropy
+
+    def text_token(self, logits, banned, config, rng):
+        scores = logits.copy()
+        scores[banned] = -np.inf
+        return _sample_top_k(scores, config.text_top_k, config.temperature, rng)
