@@ -116,7 +116,8 @@ def load_image(source: ImageInput) -> np.ndarray:
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise InvalidImageError(f"{path}: image is too large to decode safely ({exc})") from exc
     except (OSError, ValueError, SyntaxError, EOFError) as exc:
-        raise InvalidImageError(f"{path}: not a readable image ({exc})") from exc
+        reason = "unrecognised file format" if "cannot identify image file" in str(exc) else str(exc)
+        raise InvalidImageError(f"{path}: not a readable image ({reason})") from exc
 
 
 def resize(image: np.ndarray, size: int) -> np.ndarray:

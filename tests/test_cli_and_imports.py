@@ -1,0 +1,44 @@
+import subprocess
+import sys
+
+import numpy as np
+from PIL import Image
+
+from pure_lite.cli import main
+
+
+def test_import_does_not_import_torch():
+    code = "import sys, pure_lite, pure_lite.sampling, pure_lite.tokens, pure_lite.images; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_cli_restores_good_inputs_and_reports_bad(tiny_compact, tmp_path, rgb_image, capsys):
+    good = tmp_path / "good.png"
+    Image.fromarray(rgb_image).save(good)
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    before = good.read_bytes()
+    out = tmp_path / "out"
+    rc = main(["restore", str(bad), str(good), "-o", str(out), "--model", str(tiny_compact),
+               "--target-size", "64", "--seed", "0", "--max-text-tokens", "4", "-q"])
+    captured = capsys.readouterr()
+    assert rc == 1
+    assert "bad.png" in captured.err and captured.err.count("error:") == 1
+    assert Image.open(out / "good_restored.png").size == (64, 64)
+    assert not (out / "bad_restored.png").exists()
+    assert good.read_bytes() == before
+
+
+def test_cli_never_overwrites_an_input(tiny_compact, tmp_path, rgb_image, capsys):
+    src = tmp_path / "photo.png"
+    Image.fromarray(rgb_image).save(src)
+    before = src.read_bytes()
+    rc = main(["restore", str(src), "-o", str(src), "--model", str(tiny_compact), "--target-size", "64", "-q"])
+    assert rc == 1 and "refusing to overwrite" in capsys.readouterr().err
+    assert src.read_bytes() == before
+
+
+def test_cli_bad_model_folder(tmp_path, capsys):
+    rc = main(["restore", "x.png", "-o", str(tmp_path / "o.png"), "--model", str(tmp_path / "none")])
+    assert rc == 2 and "does not exist" in capsys.readouterr().err
