@@ -7,9 +7,11 @@ import sys
 from pathlib import Path
 
 from .errors import PureLiteError
+from .export.quantize import QuantizationConfig
 from .sampling import SamplingConfig
 
 _DEFAULTS = SamplingConfig()
+QuantizationDefaults = QuantizationConfig()
 
 
 def _outputs(inputs: list[Path], output: Path) -> list[Path]:
@@ -56,6 +58,24 @@ def _restore(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from .export import build_tensorrt, export_onnx
+    from .manifest import MANIFEST_FILE
+
+    quant = None if args.quant == "none" else args.quant
+    source, out = Path(args.model_dir), Path(args.output)
+    if args.format == "onnx":
+        export_onnx(source, out, quantization=quant, block_size=args.block_size, overwrite=args.overwrite)
+        return 0
+    if quant is not None:
+        raise PureLiteError("TensorRT engines are built from the float export: use --quant none with --format tensorrt")
+    if not (source / MANIFEST_FILE).is_file():
+        source = export_onnx(source, out / "onnx", block_size=args.block_size, overwrite=args.overwrite)
+        out = out / "tensorrt"
+    build_tensorrt(source, out)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pure-lite", description="PURE real-world image super-resolution")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -79,6 +99,17 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--no-color-fix", action="store_true", help="skip the wavelet colour fix")
     r.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     r.set_defaults(func=_restore)
+
+    e = sub.add_parser("export", help="export a checkpoint to ONNX (float/int8/int4) or TensorRT engines")
+    e.add_argument("model_dir", metavar="MODEL_DIR", help="PURE checkpoint folder (or, for tensorrt, an ONNX export)")
+    e.add_argument("-o", "--output", required=True, help="output folder (created; must be empty)")
+    e.add_argument("--quant", choices=["none", "int8", "int4"], default="none",
+                   help="weight-only quantization of the decoder (default: none)")
+    e.add_argument("--format", choices=["onnx", "tensorrt"], default="onnx", help="output format (default: onnx)")
+    e.add_argument("--block-size", type=int, default=QuantizationDefaults.block_size,
+                   help=f"quantization block size (default: {QuantizationDefaults.block_size})")
+    e.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    e.set_defaults(func=_export)
     return parser
 
 

@@ -105,8 +105,9 @@ class ChameleonStep(nn.Module):
             hidden = out[0] if isinstance(out, tuple) else out
         hidden = self.model.norm(hidden)
         if self.last_only:
-            hidden = hidden[:, -1]
-        return (self.lm_head(hidden).float(), *cache.present)
+            hidden = hidden[:, -1:]  # (B, 1, hidden): keeps lm_head a MatMul, which weight-only quantizers handle
+        logits = self.lm_head(hidden).float()
+        return (logits[:, -1] if self.last_only else logits, *cache.present)
 
 
 def kv_shape(config) -> tuple[int, int]:

@@ -42,3 +42,30 @@ def pure_layout(tiny_pure) -> TokenLayout:
 @pytest.fixture
 def rgb_image() -> np.ndarray:
     return (np.random.default_rng(0).random((40, 52, 3)) * 255).astype(np.uint8)
+
+
+def _export(checkpoint, tmp_path_factory, quantization):
+    from pure_lite.export import export_onnx
+
+    out = tmp_path_factory.mktemp(f"export_{quantization or 'float'}") / "onnx"
+    return export_onnx(checkpoint, out, quantization=quantization, block_size=32, progress=None)
+
+
+@pytest.fixture(scope="session")
+def export_compact_float(tiny_compact, tmp_path_factory):
+    return _export(tiny_compact, tmp_path_factory, None)
+
+
+@pytest.fixture(scope="session")
+def export_pure_float(tiny_pure, tmp_path_factory):
+    return _export(tiny_pure, tmp_path_factory, None)
+
+
+@pytest.fixture(scope="session")
+def export_compact_int8(tiny_compact, tmp_path_factory):
+    return _export(tiny_compact, tmp_path_factory, "int8")
+
+
+@pytest.fixture(scope="session")
+def export_compact_int4(tiny_compact, tmp_path_factory):
+    return _export(tiny_compact, tmp_path_factory, "int4")

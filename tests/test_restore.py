@@ -90,3 +90,23 @@ def test_tampered_weights_rejected(tiny_compact, tmp_path):
     save_file(tensors, shard, metadata={"format": "pt"})
     with pytest.raises(CheckpointError, match="missing"):
         Restorer.from_pretrained(broken)
+
+
+@pytest.fixture(scope="module")
+def tiny64(tmp_path_factory):
+    # bitsandbytes' CPU 4-bit kernels need input widths of at least 64
+    from pure_lite.testing import make_tiny_checkpoint
+
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny64"), layout="compact", hidden_size=64,
+                                intermediate_size=128)
+
+
+@pytest.mark.parametrize("quant, layer", [("nf4", "Linear4bit"), ("int8", "Linear8bitLt")])
+def test_bitsandbytes_restore_on_cpu(tiny64, rgb_image, quant, layer):
+    pytest.importorskip("bitsandbytes", reason="install the [quant] extra")
+    restorer = Restorer.from_pretrained(tiny64, quantization=quant)
+    lm = restorer.components.new_decoder().step_fn.model
+    assert type(lm.layers[0].mlp.down_proj).__name__ == layer
+    res = restorer.restore(rgb_image, seed=0, sampling=FAST, target_size=TARGET)
+    assert res.image.size == (TARGET, TARGET)
+    restorer.components.layout.parse_image(res.tokens[np.flatnonzero(res.tokens == restorer.components.layout.image_start)[0]:-1])
