@@ -9,7 +9,7 @@ Importing this package does not import torch; the torch backend loads it on firs
 """
 
 from .errors import (
-    CheckpointError, GenerationError, InvalidImageError, ManifestError, MissingDependencyError, PureLiteError,
+    CheckpointError, GenerationCancelled, GenerationError, InvalidImageError, ManifestError, MissingDependencyError, PureLiteError,
     TokenFormatError,
 )
 from .restorer import Restoration, Restorer
@@ -19,5 +19,5 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Restorer", "Restoration", "SamplingConfig", "PureLiteError", "InvalidImageError", "TokenFormatError",
-    "CheckpointError", "ManifestError", "GenerationError", "MissingDependencyError", "__version__",
+    "CheckpointError", "ManifestError", "GenerationError", "GenerationCancelled", "MissingDependencyError", "__version__",
 ]

@@ -37,3 +37,7 @@ class GenerationError(PureLiteError, RuntimeError):
 
 class MissingDependencyError(PureLiteError, ImportError):
     """An optional dependency (torch, onnxruntime, tensorrt, bitsandbytes) is needed but not installed."""
+
+
+class GenerationCancelled(GenerationError):
+    """The caller's ``cancel`` callback asked decoding to stop; no partial image is returned."""

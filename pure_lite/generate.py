@@ -14,7 +14,7 @@ from typing import Callable, Protocol
 
 import numpy as np
 
-from .errors import GenerationError
+from .errors import GenerationCancelled, GenerationError
 from .sampling import NumpySampler, Sampler, SamplingConfig
 from .tokens import CODES_PER_GRID, GRID_PIXELS, TokenLayout, image_block_length
 
@@ -22,8 +22,12 @@ from .tokens import CODES_PER_GRID, GRID_PIXELS, TokenLayout, image_block_length
 class Decoder(Protocol):
     """One restoration's model state (KV caches) behind a NumPy interface."""
 
-    def prefill(self, ids: np.ndarray) -> np.ndarray:
-        """Start the conditional branch with the prompt; returns (1, V) logits of its last position."""
+    def prefill(self, ids: np.ndarray, capacity: int) -> np.ndarray:
+        """Start the conditional branch with the prompt; returns (1, V) logits of its last position.
+
+        ``capacity`` is the most positions this restoration will hold, for backends that
+        allocate their cache once.
+        """
         ...
 
     def begin_unconditional(self) -> None:
@@ -55,11 +59,14 @@ def generate(
     max_positions: int,
     sampler: Sampler | None = None,
     on_step: Callable[[int, int], None] | None = None,
+    cancel: Callable[[], bool] | None = None,
 ) -> Generation:
     """Generate PURE's answer: free text, then a size_px x size_px image block (grid forced).
 
-    ``on_step(done, total)`` is called after each image row (for progress bars).
-    Raises GenerationError when the budget cannot hold the image.
+    ``on_step(done, total)`` is called after each image row (for progress bars);
+    ``cancel()`` is polled at the same points and a True answer raises GenerationCancelled.
+    Raises GenerationError when the budget cannot hold the image, before any decoding:
+    a started image is always finished, so a malformed block never reaches the VQ decoder.
     """
     sampler = sampler or NumpySampler()
     h = w = size_px // GRID_PIXELS * CODES_PER_GRID
@@ -78,12 +85,14 @@ def generate(
     timings: dict[str, float] = {}
 
     t0 = time.perf_counter()
-    logits = decoder.prefill(prompt)
+    logits = decoder.prefill(prompt, capacity=len(prompt) + text_budget + block_len)
     timings["prefill_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     text: list[int] = []
     while len(text) < text_budget:
+        if cancel is not None and len(text) % 16 == 0 and cancel():
+            raise GenerationCancelled("cancelled while writing text")
         token = sampler.text_token(logits[0], banned, config, rng)
         if token == layout.image_start:
             break
@@ -111,6 +120,8 @@ def generate(
                 logits = decoder.step(np.array([image_ids[code], layout.row_end], dtype=np.int64))
         if on_step is not None:
             on_step(r + 1, h)
+        if cancel is not None and r < h - 1 and cancel():
+            raise GenerationCancelled(f"cancelled after {r + 1} of {h} image rows")
     timings["image_s"] = time.perf_counter() - t0
     timings["image_steps_per_s"] = h * w / max(timings["image_s"], 1e-9)
 

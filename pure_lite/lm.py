@@ -140,7 +140,7 @@ class TorchDecoder:
         self.next_pos = self.next_pos + t
         return logits.cpu().numpy()
 
-    def prefill(self, ids: np.ndarray) -> np.ndarray:
+    def prefill(self, ids: np.ndarray, capacity: int) -> np.ndarray:
         empty = torch.zeros(1, self.heads, 0, self.head_dim, dtype=self.dtype, device=self.device)
         self.past = [empty] * (2 * self.layers)
         self.mask = torch.zeros(1, 0, dtype=torch.int64, device=self.device)

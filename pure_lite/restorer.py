@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Callable, Literal, Sequence
 
 import numpy as np
 from PIL import Image
@@ -50,17 +50,31 @@ class Restorer:
         cls,
         path: str | Path,
         *,
-        backend: Literal["torch"] = "torch",
+        backend: Literal["auto", "torch", "onnx"] = "auto",
         device: str = "cpu",
         dtype=None,
         quantization: Literal["nf4", "int8"] | None = None,
+        providers: Sequence[str] | None = None,
     ) -> "Restorer":
-        """Load a PURE checkpoint folder (SPEC §1).
+        """Load a PURE checkpoint folder (SPEC §1) or a pure-lite export.
 
-        ``quantization`` loads the language model 4-bit (nf4) or 8-bit through bitsandbytes.
+        ``backend="auto"`` serves a folder with ``pure_lite_manifest.json`` through the
+        torch-free runtime (ONNX Runtime; ``providers`` overrides the CUDA-else-CPU choice)
+        and anything else through torch (``device``, ``dtype``; ``quantization`` loads the
+        language model 4-bit nf4 or 8-bit through bitsandbytes).
         """
+        from .manifest import MANIFEST_FILE
+
+        if backend == "auto":
+            backend = "onnx" if (Path(path) / MANIFEST_FILE).is_file() else "torch"
+        if backend == "onnx":
+            if quantization is not None:
+                raise ValueError("quantization applies to the torch backend; exports are quantized at export time")
+            from .runtime import load_components as load_runtime
+
+            return cls(load_runtime(path, providers=providers))
         if backend != "torch":
-            raise ValueError(f"unknown backend {backend!r}; available: 'torch'")
+            raise ValueError(f"unknown backend {backend!r}; choose 'auto', 'torch' or 'onnx'")
         from .torch_backend import load_components
 
         return cls(load_components(path, device=device, dtype=dtype, quantization=quantization))
@@ -74,11 +88,13 @@ class Restorer:
         target_size: int = 512,
         color_fix: bool = True,
         progress: bool = False,
+        cancel: Callable[[], bool] | None = None,
     ) -> Restoration:
         """Restore one image to ``target_size`` x ``target_size`` pixels.
 
         ``seed`` makes sampling reproducible (None draws fresh entropy). ``progress``
-        shows a bar over image rows.
+        shows a bar over image rows. ``cancel`` is polled during decoding; returning True
+        stops it with GenerationCancelled.
         """
         if target_size <= 0 or target_size % GRID_PIXELS:
             raise ValueError(f"target_size must be a positive multiple of {GRID_PIXELS}, got {target_size}")
@@ -101,7 +117,7 @@ class Restorer:
             gen = generate(
                 c.new_decoder(), prompt, c.layout, target_size, sampling, np.random.default_rng(seed),
                 max_positions=c.max_positions,
-                on_step=(lambda done, total: bar.update(1)) if bar is not None else None,
+                on_step=(lambda done, total: bar.update(1)) if bar is not None else None, cancel=cancel,
             )
         finally:
             if bar is not None:

@@ -25,7 +25,7 @@ class RecomputeDecoder:
         hidden = self.lm.model(input_ids=torch.tensor([seq]), use_cache=False).last_hidden_state
         return self.lm.lm_head(hidden[:, -1]).float().numpy()
 
-    def prefill(self, ids):
+    def prefill(self, ids, capacity):
         self.seqs = [list(ids)]
         return self._logits(self.seqs[0])
 
@@ -64,7 +64,7 @@ def test_kv_cache_equals_full_recompute_greedy(loaded, cfg_scale):
 def test_step_logits_match_recompute(loaded):
     lm, layout, prompt = loaded
     a, b = TorchDecoder(lm), RecomputeDecoder(lm)
-    np.testing.assert_allclose(a.prefill(prompt), b.prefill(prompt), atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(a.prefill(prompt, 0), b.prefill(prompt, 0), atol=1e-4, rtol=1e-4)
     a.begin_unconditional(), b.begin_unconditional()
     for ids in (layout.header(TARGET, TARGET), layout.image_ids[[3]], layout.image_ids[[5, 7]]):
         np.testing.assert_allclose(a.step(ids), b.step(ids), atol=1e-4, rtol=1e-4)

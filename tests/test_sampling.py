@@ -67,7 +67,7 @@ class FakeDecoder:
         self.returned.append(out)
         return out
 
-    def prefill(self, ids):
+    def prefill(self, ids, capacity):
         return self._logits()
 
     def begin_unconditional(self):

@@ -1,0 +1,114 @@
+"""The torch-free runtime against the torch backend, on exported tiny checkpoints."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from pure_lite import GenerationCancelled, GenerationError, Restorer, SamplingConfig
+from pure_lite.runtime import KVBuffers
+
+from conftest import TARGET
+
+
+@pytest.fixture(scope="module", params=["compact", "pure"])
+def pair(request):
+    ckpt = request.getfixturevalue(f"tiny_{request.param}")
+    export = request.getfixturevalue(f"export_{request.param}_float")
+    return Restorer.from_pretrained(ckpt), Restorer.from_pretrained(export)
+
+
+@pytest.mark.parametrize("cfg_scale", [1.0, 0.8])
+def test_runtime_greedy_equals_torch(pair, rgb_image, cfg_scale):
+    torch_r, onnx_r = pair
+    assert onnx_r.components.description.startswith("onnxruntime")
+    greedy = SamplingConfig(temperature=0.0, cfg_scale=cfg_scale, max_text_tokens=8)
+    a = torch_r.restore(rgb_image, sampling=greedy, target_size=TARGET)
+    b = onnx_r.restore(rgb_image, sampling=greedy, target_size=TARGET)
+    np.testing.assert_array_equal(a.prompt_tokens, b.prompt_tokens)
+    np.testing.assert_array_equal(a.tokens, b.tokens)
+    np.testing.assert_allclose(a.entropy, b.entropy, atol=1e-3)
+    diff = np.abs(np.asarray(a.image, np.int16) - np.asarray(b.image, np.int16))
+    assert diff.max() <= 2  # same codes; VQ decoder float rounding only
+
+
+def test_runtime_seeded_sampling_repeats(pair, rgb_image):
+    _, onnx_r = pair
+    cfg = SamplingConfig(max_text_tokens=8)
+    a = onnx_r.restore(rgb_image, seed=11, sampling=cfg, target_size=TARGET)
+    b = onnx_r.restore(rgb_image, seed=11, sampling=cfg, target_size=TARGET)
+    np.testing.assert_array_equal(a.tokens, b.tokens)
+
+
+def test_kv_cache_allocated_once_per_restoration(export_compact_float, rgb_image):
+    r = Restorer.from_pretrained(export_compact_float)
+    seen = []  # identities of the KV buffers and of their memory, recorded at every decoder call
+    make = r.components.new_decoder
+
+    def spy():
+        dec = make()
+        run = dec._run
+
+        def recording_run(ids):
+            out = run(ids)
+            seen.append((id(dec.kv), tuple(p for side in dec.kv.ptrs for p in side)))
+            return out
+
+        dec._run = recording_run
+        return dec
+
+    object.__setattr__(r.components, "new_decoder", spy)
+    before = KVBuffers.allocations
+    r.restore(rgb_image, seed=0, sampling=SamplingConfig(max_text_tokens=8), target_size=TARGET)
+    assert KVBuffers.allocations - before == 1
+    assert len(seen) > 64 and len(set(seen)) == 1  # prefill, text, CFG switch and 63 image steps: same memory
+
+
+def test_too_small_budget_is_an_error_before_decoding(export_compact_float, rgb_image):
+    r = Restorer.from_pretrained(export_compact_float)
+    with pytest.raises(GenerationError, match="image block needs"):
+        r.restore(rgb_image, sampling=SamplingConfig(max_new_tokens=50), target_size=TARGET)
+
+
+def test_model_that_never_starts_an_image_still_gives_a_wellformed_block(export_compact_float, rgb_image):
+    r = Restorer.from_pretrained(export_compact_float)
+    res = r.restore(rgb_image, seed=0, sampling=SamplingConfig(max_text_tokens=3), target_size=TARGET)
+    layout = r.components.layout
+    assert len(res.tokens) == 3 + len(layout.encode_image(np.zeros((8, 8), np.int64))) + 1
+    layout.parse_image(res.tokens[3:-1])
+
+
+def test_cancel_stops_with_a_clear_error(export_compact_float, rgb_image):
+    r = Restorer.from_pretrained(export_compact_float)
+    calls = []
+
+    def cancel():
+        calls.append(1)
+        return len(calls) > 3
+
+    with pytest.raises(GenerationCancelled, match="cancelled"):
+        r.restore(rgb_image, seed=0, sampling=SamplingConfig(max_text_tokens=3), target_size=TARGET, cancel=cancel)
+
+
+def test_runtime_never_imports_torch(export_compact_float, tmp_path):
+    code = f"""
+import sys, numpy as np
+import pure_lite
+from pure_lite import Restorer, SamplingConfig
+r = Restorer.from_pretrained({str(export_compact_float)!r})
+res = r.restore(np.zeros((32, 32, 3), np.uint8), seed=0, target_size=64, sampling=SamplingConfig(max_text_tokens=2))
+assert res.image.size == (64, 64)
+bad = sorted(m for m in sys.modules if m == "torch" or m.startswith(("torch.", "transformers")))
+print("LEAKED", bad)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "LEAKED []" in out.stdout
+
+
+def test_provider_override_must_exist(export_compact_float):
+    from pure_lite.errors import MissingDependencyError
+
+    with pytest.raises(MissingDependencyError, match="not available"):
+        Restorer.from_pretrained(export_compact_float, providers=["NoSuchExecutionProvider"])
