@@ -110,8 +110,8 @@ def generate(
     entropy = np.empty((h, w), dtype=np.float32)
     for r in range(h):
         for c in range(w):
-            cond = logits[0, image_ids]
-            uncond = logits[1, image_ids] if cfg else None
+            rows = layout.image_logits(logits)
+            cond, uncond = rows[0], (rows[1] if cfg else None)
             code, ent = sampler.image_code(cond, uncond, config, rng)
             codes[r, c], entropy[r, c] = code, ent
             if c < w - 1:

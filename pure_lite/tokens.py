@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -130,6 +131,23 @@ class TokenLayout:
     @property
     def codebook_size(self) -> int:
         return len(self.image_ids)
+
+    @cached_property
+    def image_runs(self) -> tuple[tuple[int, int], ...]:
+        """The image ids in code order as contiguous (start, stop) id ranges (two for the release).
+
+        Slicing these runs gathers the image logits far faster than fancy indexing.
+        """
+        breaks = np.flatnonzero(np.diff(self.image_ids) != 1) + 1
+        bounds = zip(np.r_[0, breaks], np.r_[breaks, len(self.image_ids)])
+        return tuple((int(self.image_ids[a]), int(self.image_ids[b - 1]) + 1) for a, b in bounds)
+
+    def image_logits(self, logits: np.ndarray) -> np.ndarray:
+        """(..., V) logits -> (..., codebook) logits of the image tokens, in code order."""
+        runs = self.image_runs
+        if len(runs) > 8:
+            return logits[..., self.image_ids]
+        return np.concatenate([logits[..., a:b] for a, b in runs], axis=-1)
 
     def grid_id(self, n: int) -> int:
         if n not in self.grid_ids:

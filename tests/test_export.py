@@ -124,8 +124,9 @@ def _teacher_forced_logits(out, prompt, feed):
 
 @pytest.mark.parametrize("quant, max_ratio, min_top1, max_err", [
     # Errors are in units of the float logits' standard deviation, over a prefill and 30 teacher-forced steps.
-    # int8 (255 levels per block of 32) measured 0.97 top-1 and 0.20 std: near lossless, bound with margin.
-    ("int8", 0.30, 0.95, 0.30),
+    # int8 (255 levels per block of 32) with int8 activations inside MatMulNBits (accuracy level 4) measured
+    # 0.935 top-1 and 0.28 std (weights alone: 0.97 and 0.20): close, on weights with no redundancy at all.
+    ("int8", 0.30, 0.90, 0.40),
     # int4 (15 levels per block) on i.i.d. random weights is round-to-nearest's worst case (every weight
     # carries information, nothing is redundant): measured 0.45 top-1 and 3.4 std. The bound only says the
     # graph still computes the same function coarsely (chance top-1 is 1/550); trained weights are measured
@@ -136,7 +137,9 @@ def test_quantized_exports_shrink_and_stay_close(request, export_compact_float, 
     out = request.getfixturevalue(f"export_compact_{quant}")
     ratio = _linear_weight_bytes(out / "decoder.onnx") / _linear_weight_bytes(export_compact_float / "decoder.onnx")
     assert ratio <= max_ratio
-    assert Manifest.load(out).quantization == quant
+    manifest = Manifest.load(out)
+    assert manifest.quantization == quant
+    assert manifest.data["quantization"]["embedding"] == ("float16" if quant == "int8" else "int4 (GatherBlockQuantized)")
     prompt = list(range(10, 40))
     ref = _teacher_forced_logits(export_compact_float, prompt, np.arange(30)[:, None] + 50)
     got = _teacher_forced_logits(out, prompt, np.arange(30)[:, None] + 50)
