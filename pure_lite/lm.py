@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .checkpoint import CheckpointFiles
-from .errors import CheckpointError
+from .errors import CheckpointError, GenerationError
 
 # Keys the checkpoint may lack: transformers builds Chameleon's own VQ-VAE inside the
 # model, which PURE never uses (it has the LlamaGen VQ-8 instead).
@@ -55,7 +55,9 @@ def load_language_model(files: CheckpointFiles, *, device: str = "cpu", dtype: t
 
 
 class _ExplicitKV:
-    """Duck-typed cache for the decoder layers: prepends given past tensors, records the results."""
+    """Duck-typed cache for the decoder layers: prepends given past tensors, records the results.
+
+    This is the export contract (past in, grown present out)."""
 
     def __init__(self, past: tuple[torch.Tensor, ...]):
         self.past = past
@@ -66,6 +68,27 @@ class _ExplicitKV:
         value = torch.cat([self.past[2 * layer_idx + 1], value], dim=2)
         self.present[2 * layer_idx], self.present[2 * layer_idx + 1] = key, value
         return key, value
+
+
+class StaticKV:
+    """Preallocated (2, heads, capacity, head_dim) keys and values per layer, written by position.
+
+    The torch backend's cache: nothing is concatenated or reallocated per step; attention
+    reads views of the first ``length + new`` positions of the first ``batch`` rows.
+    """
+
+    def __init__(self, layers: int, heads: int, capacity: int, head_dim: int, dtype, device):
+        shape = (2, heads, capacity, head_dim)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
+        self.length = 0
+
+    def update(self, key, value, layer_idx, *args, **kwargs):
+        b, _, t, _ = key.shape
+        end = self.length + t
+        self.keys[layer_idx][:b, :, self.length:end] = key
+        self.values[layer_idx][:b, :, self.length:end] = value
+        return self.keys[layer_idx][:b, :, :end], self.values[layer_idx][:b, :, :end]
 
 
 def additive_mask(attention_mask: torch.Tensor, new_tokens: int, dtype: torch.dtype) -> torch.Tensor:
@@ -94,11 +117,11 @@ class ChameleonStep(nn.Module):
         self.lm_head = lm.lm_head
         self.last_only = last_only
 
-    def forward(self, input_ids, attention_mask, position_ids, *past):
+    def run(self, input_ids, attention_mask, position_ids, cache):
+        """Logits for new tokens given any cache object with the layers' ``update`` method."""
         hidden = self.model.embed_tokens(input_ids)
         mask = additive_mask(attention_mask, input_ids.shape[1], hidden.dtype)
         rope = self.model.rotary_emb(hidden, position_ids)
-        cache = _ExplicitKV(past)
         for layer in self.model.layers:
             out = layer(hidden, attention_mask=mask, position_ids=position_ids, cache=cache,
                         use_cache=True, position_embeddings=rope)
@@ -107,7 +130,11 @@ class ChameleonStep(nn.Module):
         if self.last_only:
             hidden = hidden[:, -1:]  # (B, 1, hidden): keeps lm_head a MatMul, which weight-only quantizers handle
         logits = self.lm_head(hidden).float()
-        return (logits[:, -1] if self.last_only else logits, *cache.present)
+        return logits[:, -1] if self.last_only else logits
+
+    def forward(self, input_ids, attention_mask, position_ids, *past):
+        cache = _ExplicitKV(past)
+        return (self.run(input_ids, attention_mask, position_ids, cache), *cache.present)
 
 
 def kv_shape(config) -> tuple[int, int]:
@@ -117,9 +144,10 @@ def kv_shape(config) -> tuple[int, int]:
 
 
 class TorchDecoder:
-    """The torch backend's Decoder: CFG as batch 2 once the image starts, so weights are read once per step.
+    """The torch backend's Decoder: a static KV cache, and CFG as batch 2 once the image starts,
+    so the weights are read once per step.
 
-    The unconditional row shares the tensors' length with the conditional one but masks
+    The unconditional row shares the cache's positions with the conditional one but masks
     out the prompt positions, so it sees only the image block, at positions from 0.
     """
 
@@ -132,25 +160,27 @@ class TorchDecoder:
 
     @torch.inference_mode()
     def _run(self, ids: np.ndarray) -> np.ndarray:
-        b, t = self.mask.shape[0], len(ids)
+        b, t, p = self.batch, len(ids), self.cache.length
+        if p + t > self.mask.shape[1]:
+            raise GenerationError(f"KV cache capacity {self.mask.shape[1]} exceeded")
         input_ids = torch.tensor(ids, dtype=torch.int64, device=self.device).unsqueeze(0).expand(b, t)
-        positions = self.next_pos.unsqueeze(1) + torch.arange(t, device=self.device)
-        self.mask = torch.cat([self.mask, torch.ones(b, t, dtype=torch.int64, device=self.device)], dim=1)
-        logits, *self.past = self.step_fn(input_ids, self.mask, positions, *self.past)
-        self.next_pos = self.next_pos + t
+        positions = self.next_pos[:b].unsqueeze(1) + torch.arange(t, device=self.device)
+        self.mask[:b, p:p + t] = 1
+        logits = self.step_fn.run(input_ids, self.mask[:b, :p + t], positions, self.cache)
+        self.cache.length += t
+        self.next_pos[:b] += t
         return logits.cpu().numpy()
 
     def prefill(self, ids: np.ndarray, capacity: int) -> np.ndarray:
-        empty = torch.zeros(1, self.heads, 0, self.head_dim, dtype=self.dtype, device=self.device)
-        self.past = [empty] * (2 * self.layers)
-        self.mask = torch.zeros(1, 0, dtype=torch.int64, device=self.device)
-        self.next_pos = torch.zeros(1, dtype=torch.int64, device=self.device)
+        capacity = max(capacity, len(ids))
+        self.cache = StaticKV(self.layers, self.heads, capacity, self.head_dim, self.dtype, self.device)
+        self.mask = torch.zeros(2, capacity, dtype=torch.int64, device=self.device)
+        self.next_pos = torch.zeros(2, dtype=torch.int64, device=self.device)
+        self.batch = 1
         return self._run(ids)
 
     def begin_unconditional(self) -> None:
-        self.past = [p.expand(2, -1, -1, -1).contiguous() for p in self.past]
-        self.mask = torch.cat([self.mask, torch.zeros_like(self.mask)], dim=0)
-        self.next_pos = torch.cat([self.next_pos, torch.zeros_like(self.next_pos)])
+        self.batch = 2  # row 1: no past (mask 0 over the prompt), positions from 0
 
     def step(self, ids: np.ndarray) -> np.ndarray:
         return self._run(ids)
