@@ -76,6 +76,55 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tqdm():
+    from tqdm.auto import tqdm
+
+    return tqdm
+
+
+def _prepare_data(args: argparse.Namespace) -> int:
+    from .train.data import load_captions, prepare_data
+
+    captions = load_captions(args.captions) if args.captions else None
+    report = prepare_data(args.hq_dir, args.output, size=args.size, scale=args.scale,
+                          pairs_per_image=args.pairs_per_image, captions=captions, seed=args.seed, progress=_tqdm())
+    print(f"wrote {report.written} pairs to {args.output}; skipped {len(report.skipped)} inputs")
+    for item in report.skipped:
+        print(f"  skipped {item['path']}: {item['reason']}", file=sys.stderr)
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from .train.config import TrainConfig
+    from .train.finetune import train
+    from .train.pretokenize import pretokenize
+
+    tokens = Path(args.data) / "tokens"
+    report = pretokenize(args.data, args.model, tokens, progress=_tqdm())
+    print(f"pre-tokenized: {report.samples} samples, {len(report.skipped)} skipped")
+    for item in report.skipped:
+        print(f"  skipped sample {item['sample']} ({item['path']}): {item['reason']}", file=sys.stderr)
+    config = TrainConfig(
+        lr=args.lr, epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size,
+        grad_accum=args.grad_accum, warmup_steps=args.warmup_steps, z_loss=args.z_loss, dropout=args.dropout,
+        gradient_checkpointing=args.gradient_checkpointing, precision=args.precision, lora_rank=args.lora_rank,
+        save_every=args.save_every, seed=args.seed,
+    )
+    train(args.model, tokens, args.output, config, device=args.device)
+    return 0
+
+
+def _train_vq(args: argparse.Namespace) -> int:
+    from .train.vq_train import VQTrainConfig, train_vq
+    from .vq import VQConfig
+
+    path = train_vq(args.images, args.output,
+                    VQConfig(base_channels=args.width, z_channels=args.z_channels, codebook_size=args.codebook_size),
+                    VQTrainConfig(steps=args.steps, batch_size=args.batch_size, crop=args.crop, seed=args.seed))
+    print(f"saved {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pure-lite", description="PURE real-world image super-resolution")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -110,6 +159,53 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"quantization block size (default: {QuantizationDefaults.block_size})")
     e.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     e.set_defaults(func=_export)
+
+    from .train.degrade import DegradationConfig  # light: NumPy only at import
+
+    p = sub.add_parser("prepare-data", help="degrade HQ photos into LQ/HQ pairs and PURE conversations")
+    p.add_argument("hq_dir", metavar="HQ_DIR")
+    p.add_argument("-o", "--output", required=True, metavar="DATA_DIR")
+    p.add_argument("--size", type=int, default=512, help="HQ side in pixels (default: 512)")
+    p.add_argument("--scale", type=int, default=DegradationConfig.scale, help="downscaling factor (default: 4)")
+    p.add_argument("--pairs-per-image", type=int, default=1)
+    p.add_argument("--captions", help='JSON {"image name": "caption"} appended to the degradation text')
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_prepare_data)
+
+    from .train.config import TrainConfig
+
+    d = TrainConfig()
+    t = sub.add_parser("train", help="pre-tokenize DATA_DIR (resumable) and fine-tune a checkpoint on it")
+    t.add_argument("--model", required=True, help="checkpoint folder to start from")
+    t.add_argument("--data", required=True, help="folder written by prepare-data")
+    t.add_argument("-o", "--output", required=True, help="output folder: final model + checkpoints/")
+    t.add_argument("--lr", type=float, default=d.lr)
+    t.add_argument("--epochs", type=float, default=d.epochs)
+    t.add_argument("--max-steps", type=int, default=d.max_steps)
+    t.add_argument("--batch-size", type=int, default=d.batch_size)
+    t.add_argument("--grad-accum", type=int, default=d.grad_accum)
+    t.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
+    t.add_argument("--z-loss", type=float, default=d.z_loss)
+    t.add_argument("--dropout", type=float, default=d.dropout)
+    t.add_argument("--gradient-checkpointing", action="store_true")
+    t.add_argument("--precision", choices=["auto", "bf16", "fp32"], default=d.precision)
+    t.add_argument("--lora-rank", type=int, default=d.lora_rank, help="0 = full fine-tuning")
+    t.add_argument("--save-every", type=int, default=d.save_every)
+    t.add_argument("--seed", type=int, default=d.seed)
+    t.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    t.set_defaults(func=_train)
+
+    v = sub.add_parser("train-vq", help="train a small VQ-8 image tokenizer on a folder of images")
+    v.add_argument("images", metavar="IMAGE_DIR")
+    v.add_argument("-o", "--output", required=True)
+    v.add_argument("--width", type=int, default=32, help="base channels (release: 128)")
+    v.add_argument("--z-channels", type=int, default=32)
+    v.add_argument("--codebook-size", type=int, default=1024)
+    v.add_argument("--steps", type=int, default=2000)
+    v.add_argument("--batch-size", type=int, default=8)
+    v.add_argument("--crop", type=int, default=64)
+    v.add_argument("--seed", type=int, default=0)
+    v.set_defaults(func=_train_vq)
     return parser
 
 

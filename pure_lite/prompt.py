@@ -42,22 +42,39 @@ class TextTokenizer:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
 
 
-def prompt_ids(tokenizer: TextTokenizer, layout: TokenLayout, lq_block: np.ndarray) -> np.ndarray:
+def prompt_ids(tokenizer: TextTokenizer, layout: TokenLayout, lq_block: np.ndarray,
+               instruction: str = INSTRUCTION) -> np.ndarray:
     """Token ids of the inference prompt around an LQ image block."""
     return np.concatenate(
-        [[layout.bos], tokenizer.encode(INSTRUCTION), lq_block, [layout.end_of_turn]]
+        [[layout.bos], tokenizer.encode(instruction), lq_block, [layout.end_of_turn]]
     ).astype(np.int64)
 
 
 def training_example(
-    tokenizer: TextTokenizer, layout: TokenLayout, lq_block: np.ndarray, response: str, hq_block: np.ndarray
+    tokenizer: TextTokenizer, layout: TokenLayout, lq_block: np.ndarray, response: str, hq_block: np.ndarray,
+    instruction: str = INSTRUCTION,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(ids, labels) of one conversation; only the assistant's tokens are supervised."""
-    prompt = prompt_ids(tokenizer, layout, lq_block)
+    prompt = prompt_ids(tokenizer, layout, lq_block, instruction)
     answer = np.concatenate([tokenizer.encode(response), hq_block, [layout.end_of_turn]]).astype(np.int64)
     ids = np.concatenate([prompt, answer])
     labels = np.concatenate([np.full(len(prompt), IGNORE_INDEX, dtype=np.int64), answer])
     return ids, labels
+
+
+# The degradation sentence PURE-style models are trained to write (pure_lite.train.data), one level
+# (small / medium / large) per degradation type; parse_degradation_levels reads it back.
+DEGRADATION_TEMPLATE = "The image has {noise} noise, {blur} blur and {jpeg} JPEG artifacts."
+_LEVEL_PATTERN = re.compile(r"\b(small|medium|large)\s+(noise|blur|jpeg)\b", re.IGNORECASE)
+
+
+def degradation_sentence(levels: dict[str, str]) -> str:
+    return DEGRADATION_TEMPLATE.format(**levels)
+
+
+def parse_degradation_levels(text: str | None) -> dict[str, str]:
+    """{type: level} for every "<level> <type>" phrase found (types: noise, blur, jpeg)."""
+    return {t.lower(): lvl.lower() for lvl, t in _LEVEL_PATTERN.findall(text or "")}
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,40 @@
+"""Fine-tuning settings, importable without torch (the CLI reads its defaults from here)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Training knobs (defaults follow the reference run where it states them: SPEC §7)."""
+
+    lr: float = 4e-4
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    epochs: float = 2.0
+    max_steps: int | None = None  # overrides epochs when set
+    batch_size: int = 1
+    grad_accum: int = 1
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 4.0
+    z_loss: float = 0.0
+    dropout: float = 0.05
+    gradient_checkpointing: bool = False
+    precision: str = "auto"  # "auto" (bf16 on CUDA when supported), "bf16" or "fp32"
+    lora_rank: int = 0  # 0 = full fine-tuning
+    lora_alpha: int = 16
+    lora_targets: tuple[str, ...] = LORA_TARGETS
+    save_every: int = 500
+    log_every: int = 10
+    seed: int = 0
+    max_seq_len: int | None = None  # longer samples are skipped; default: the model's max positions
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0 or self.batch_size < 1 or self.grad_accum < 1:
+            raise ValueError("lr must be > 0, batch_size and grad_accum >= 1")
+        if self.precision not in ("auto", "bf16", "fp32"):
+            raise ValueError(f"precision must be auto, bf16 or fp32, got {self.precision!r}")

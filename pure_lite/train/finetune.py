@@ -1,0 +1,251 @@
+"""``pure-lite train``: instruction-tune a Chameleon checkpoint on pre-tokenized PURE conversations.
+
+AdamW (no decay on norms and biases), linear warm-up then cosine decay, gradient clipping and
+accumulation, optional z-loss (coefficient x logsumexp^2 of the supervised positions), attention
+dropout (the only dropout transformers' Chameleon has), optional gradient checkpointing, bf16
+autocast where the device supports it, full or LoRA (peft) fine-tuning, periodic checkpoints with
+resume, and a final checkpoint in the layout ``Restorer.from_pretrained`` loads (LoRA merged).
+
+Several GPUs: ``torchrun --nproc_per_node N -m pure_lite.cli train ...`` runs DDP (one process per
+GPU, a DistributedSampler, gradients averaged); a single process runs on CPU or one GPU.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..checkpoint import CheckpointFiles
+from ..errors import PureLiteError
+from ..lm import load_language_model
+from ..prompt import IGNORE_INDEX
+from .config import TrainConfig
+from .pretokenize import TokenDataset
+
+def lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:
+    """Linear warm-up to 1, then cosine decay to ``min_ratio`` at ``total``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class CausalLMLoss(nn.Module):
+    """Next-token cross-entropy on supervised positions (+ z-loss), through the decoder and lm_head directly.
+
+    (The stock Chameleon forward masks image tokens out of the logits, which would make the HQ
+    image block impossible to learn.)
+    """
+
+    def __init__(self, lm, z_loss: float):
+        super().__init__()
+        self.lm, self.z_loss = lm, z_loss
+
+    def forward(self, input_ids, attention_mask, labels):
+        hidden = self.lm.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        logits = self.lm.lm_head(hidden[:, :-1]).float()  # (B, T-1, V)
+        target = labels[:, 1:]
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=IGNORE_INDEX)
+        if self.z_loss:
+            lse = torch.logsumexp(logits, dim=-1)[target != IGNORE_INDEX]
+            loss = loss + self.z_loss * (lse**2).mean()
+        return loss
+
+
+def collate(batch: list[tuple[np.ndarray, np.ndarray]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest sample; padding is masked and unsupervised."""
+    n = max(len(ids) for ids, _ in batch)
+    ids = np.full((len(batch), n), pad_id, np.int64)
+    labels = np.full((len(batch), n), IGNORE_INDEX, np.int64)
+    mask = np.zeros((len(batch), n), np.int64)
+    for i, (x, y) in enumerate(batch):
+        ids[i, :len(x)], labels[i, :len(y)], mask[i, :len(x)] = x, y, 1
+    return {"input_ids": torch.from_numpy(ids), "labels": torch.from_numpy(labels),
+            "attention_mask": torch.from_numpy(mask)}
+
+
+@dataclass
+class TrainResult:
+    out_dir: Path
+    steps: int
+    losses: list[float] = field(default_factory=list)
+
+
+def _distributed() -> tuple[int, int, int]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not torch.distributed.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        torch.distributed.init_process_group(backend)
+    return world, int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def _apply_dropout(lm, p: float) -> None:
+    lm.config.attention_dropout = p
+    for module in lm.modules():
+        if hasattr(module, "attention_dropout"):
+            module.attention_dropout = p
+
+
+def _latest_checkpoint(folder: Path) -> Path | None:
+    steps = sorted(folder.glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
+    return steps[-1] if steps else None
+
+
+def train(
+    model_dir: str | os.PathLike,
+    tokens_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    config: TrainConfig = TrainConfig(),
+    *,
+    device: str | None = None,
+    resume: bool = True,
+    log: Callable[[str], None] | None = print,
+) -> TrainResult:
+    """Fine-tune; checkpoints go to OUT_DIR/checkpoints/step-N, the final model to OUT_DIR itself."""
+    from safetensors.torch import load_file, save_file
+
+    say = log or (lambda message: None)
+    world, rank, local_rank = _distributed()
+    if device is None:
+        device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    bf16 = config.precision == "bf16" or (
+        config.precision == "auto" and dev.type == "cuda" and torch.cuda.is_bf16_supported())
+    torch.manual_seed(config.seed)
+
+    files = CheckpointFiles.locate(model_dir)
+    lm = load_language_model(files, device=str(dev), attn_implementation="sdpa")
+    lm.train()
+    _apply_dropout(lm, config.dropout)
+    if config.gradient_checkpointing:
+        lm.gradient_checkpointing_enable()
+    if config.lora_rank:
+        from peft import LoraConfig, inject_adapter_in_model
+
+        lora = LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=config.dropout,
+                          target_modules=list(config.lora_targets))
+        lm = inject_adapter_in_model(lora, lm)
+        for name, param in lm.named_parameters():
+            param.requires_grad = "lora_" in name
+    module: nn.Module = CausalLMLoss(lm, config.z_loss)
+    if world > 1:
+        module = nn.parallel.DistributedDataParallel(module, device_ids=[local_rank] if dev.type == "cuda" else None)
+
+    dataset = TokenDataset(tokens_dir)
+    max_len = config.max_seq_len or lm.config.max_position_embeddings
+    keep = [i for i in range(len(dataset)) if len(dataset.items[i][0]) <= max_len]
+    if len(keep) < len(dataset):
+        say(f"skipping {len(dataset) - len(keep)} samples longer than {max_len} tokens")
+    if not keep:
+        raise PureLiteError(f"no training samples in {tokens_dir}")
+    per_step = config.batch_size * config.grad_accum * world
+    total = config.max_steps or max(1, math.ceil(config.epochs * len(keep) / per_step))
+
+    decay = [p for n, p in lm.named_parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for n, p in lm.named_parameters() if p.requires_grad and p.ndim < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=config.lr, betas=config.betas)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, total, config.warmup_steps, config.min_lr_ratio))
+
+    out = Path(out_dir)
+    ckpts = out / "checkpoints"
+    ckpts.mkdir(parents=True, exist_ok=True)
+    step = 0
+    latest = _latest_checkpoint(ckpts) if resume else None
+    if latest is not None:
+        trainable = load_file(str(latest / "trainable.safetensors"), device=str(dev))
+        missing = set(trainable) - {n for n, _ in lm.named_parameters()}
+        if missing:
+            raise PureLiteError(f"{latest} does not match this model/config (e.g. {sorted(missing)[:3]})")
+        lm.load_state_dict(trainable, strict=False)
+        optimizer.load_state_dict(torch.load(latest / "optimizer.pt", map_location=dev, weights_only=True))
+        scheduler.load_state_dict(torch.load(latest / "scheduler.pt", weights_only=True))
+        step = json.loads((latest / "state.json").read_text())["step"]
+        say(f"resumed from {latest} at step {step}")
+
+    def batches():
+        """Seeded shuffles per epoch; deterministic, so a resumed run sees what the first would have."""
+        epoch = 0
+        while True:
+            order = np.random.default_rng(config.seed + epoch).permutation(keep)
+            order = order[rank::world]
+            for i in range(0, len(order) - config.batch_size + 1, config.batch_size):
+                yield collate([dataset[int(j)] for j in order[i:i + config.batch_size]], pad_id=0)
+            epoch += 1
+
+    stream = batches()
+    for _ in range(step * config.grad_accum):  # skip what earlier steps consumed
+        next(stream)
+    losses = []
+    while step < total:
+        optimizer.zero_grad(set_to_none=True)
+        running = 0.0
+        for _ in range(config.grad_accum):
+            batch = {k: v.to(dev) for k, v in next(stream).items()}
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
+                loss = module(batch["input_ids"], batch["attention_mask"], batch["labels"]) / config.grad_accum
+            loss.backward()
+            running += float(loss.detach())
+        torch.nn.utils.clip_grad_norm_([p for p in lm.parameters() if p.requires_grad], config.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        step += 1
+        losses.append(running)
+        if rank == 0 and (step % config.log_every == 0 or step == total):
+            say(f"step {step}/{total}  loss {running:.4f}  lr {scheduler.get_last_lr()[0]:.2e}")
+        if rank == 0 and config.save_every and step % config.save_every == 0 and step < total:
+            _save_checkpoint(ckpts / f"step-{step}", lm, optimizer, scheduler, step, config, save_file)
+
+    if rank == 0:
+        _save_final(lm, files, out, config)
+        say(f"saved the fine-tuned model to {out}")
+    if world > 1:
+        torch.distributed.destroy_process_group()
+    return TrainResult(out_dir=out, steps=step, losses=losses)
+
+
+def _save_checkpoint(path: Path, lm, optimizer, scheduler, step: int, config: TrainConfig, save_file) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    trainable = {n: p.detach().contiguous().cpu() for n, p in lm.named_parameters() if p.requires_grad}
+    save_file(trainable, str(tmp / "trainable.safetensors"))
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+    (tmp / "state.json").write_text(json.dumps({"step": step, "config": asdict(config)}, indent=1))
+    os.replace(tmp, path)
+
+
+def _save_final(lm, files: CheckpointFiles, out: Path, config: TrainConfig) -> None:
+    """The released layout: config, safetensors, tokenizer.json and the VQ file, LoRA merged."""
+    if config.lora_rank:
+        lm = merge_lora(lm)
+    lm.eval()
+    _apply_dropout(lm, 0.0)
+    lm.save_pretrained(out)
+    (out / "generation_config.json").unlink(missing_ok=True)
+    shutil.copyfile(files.tokenizer, out / "tokenizer.json")
+    shutil.copyfile(files.vq, out / files.vq.name)
+
+
+def merge_lora(lm):
+    """Fold every LoRA adapter into its base weight and remove the adapter modules."""
+    from peft.tuners.lora import LoraLayer
+
+    for name, module in list(lm.named_modules()):
+        if isinstance(module, LoraLayer):
+            module.merge()
+            parent = lm.get_submodule(name.rsplit(".", 1)[0]) if "." in name else lm
+            setattr(parent, name.rsplit(".", 1)[-1], module.get_base_layer())
+    return lm

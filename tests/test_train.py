@@ -1,0 +1,308 @@
+"""Instruction tuning: degradations, data building, pre-tokenization, fine-tuning, VQ training."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pure_lite.prompt import IGNORE_INDEX, parse_degradation_levels, parse_response
+from pure_lite.train.degrade import (
+    KERNEL_TYPES, DegradationConfig, StageConfig, _draw_kernel, degrade, level_of, sinc_kernel,
+)
+
+pytest.importorskip("cv2", reason="install the [train] extra")
+
+
+def _photo(seed=0, size=80):
+    """A smooth synthetic photo with an edge and some texture."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:size, 0:size] / size
+    img = np.stack([0.3 + 0.5 * x, 0.2 + 0.6 * y, 0.5 + 0.3 * np.sin(6 * x * y)], axis=2)
+    img[size // 3: size // 2] *= 0.5
+    return np.clip(img + rng.normal(0, 0.02, img.shape), 0, 1).astype(np.float32)
+
+
+# ----------------------------------------------------------------------------- degradations
+
+def test_same_seed_same_lq_and_params():
+    hq = _photo()
+    a = degrade(hq, np.random.default_rng(5))
+    b = degrade(hq, np.random.default_rng(5))
+    c = degrade(hq, np.random.default_rng(6))
+    np.testing.assert_array_equal(a.lq, b.lq)
+    assert a.params == b.params and a.strengths == b.strengths
+    assert not np.array_equal(a.lq, c.lq)
+
+
+def test_kernels_normalised_and_odd():
+    rng = np.random.default_rng(0)
+    kinds = set()
+    for _ in range(300):
+        kernel, params = _draw_kernel(rng, StageConfig(sinc_prob=0.2), (7, 21))
+        kinds.add(params["kind"])
+        assert kernel.shape[0] == kernel.shape[1] and kernel.shape[0] % 2 == 1
+        assert 7 <= kernel.shape[0] <= 21
+        assert abs(kernel.sum() - 1) < 1e-9
+        np.testing.assert_allclose(kernel, kernel[::-1, ::-1], atol=1e-12)  # point-symmetric
+    assert kinds == set(KERNEL_TYPES) | {"sinc"}
+    assert abs(sinc_kernel(13, np.pi / 2).sum() - 1) < 1e-9
+
+
+@pytest.mark.parametrize("scale", [1, 2, 4])
+def test_outputs_in_range_and_sized(scale):
+    hq = _photo(size=64)
+    for seed in range(6):
+        out = degrade(hq, np.random.default_rng(seed), DegradationConfig(scale=scale))
+        assert out.lq.shape == (64 // scale, 64 // scale, 3) and out.lq.dtype == np.float32
+        assert out.lq.min() >= 0 and out.lq.max() <= 1
+        assert set(out.strengths) == {"noise", "blur", "jpeg"}
+        assert all(0 <= v <= 1 for v in out.strengths.values())
+        assert out.levels == {k: level_of(v) for k, v in out.strengths.items()}
+
+
+OFF = dict(blur_enabled=False, resize_enabled=False, noise_enabled=False, jpeg_enabled=False)
+
+
+def test_everything_off_leaves_the_image_untouched():
+    hq = _photo(size=64)
+    out = degrade(hq, np.random.default_rng(0), DegradationConfig(scale=1, **OFF))
+    np.testing.assert_array_equal(out.lq, hq)
+    assert out.strengths == {"noise": 0.0, "blur": 0.0, "jpeg": 0.0}
+
+
+@pytest.mark.parametrize("kind, ops", [("blur", {"blur", "sinc"}), ("resize", {"resize"}), ("noise", {"noise"}),
+                                        ("jpeg", {"jpeg"})])
+def test_each_type_is_switched_by_its_flag(kind, ops):
+    hq = _photo(size=64)
+    only = dict(OFF, **{f"{kind}_enabled": True})
+    changed = degrade(hq, np.random.default_rng(1), DegradationConfig(scale=1, final_sinc_prob=1.0, **only))
+    drawn = {step["op"] for stage in changed.params.values() for step in stage}
+    assert drawn and drawn <= ops
+    assert not np.array_equal(changed.lq, hq)
+
+
+def test_levels():
+    assert [level_of(v) for v in (0.0, 0.33, 0.34, 0.66, 0.67, 1.0)] == ["small", "small", "medium", "medium",
+                                                                          "large", "large"]
+
+
+# ----------------------------------------------------------------------------- data building
+
+@pytest.fixture(scope="module")
+def hq_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("hq")
+    for i in range(3):
+        Image.fromarray((_photo(i, 96) * 255).astype(np.uint8)).save(d / f"photo{i}.png")
+    (d / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    return d
+
+
+@pytest.fixture(scope="module")
+def data_dir(hq_dir, tmp_path_factory):
+    from pure_lite.train.data import prepare_data
+
+    out = tmp_path_factory.mktemp("data")
+    (out / "notes.txt").write_text("keep me")
+    report = prepare_data(hq_dir, out, size=64, scale=2, pairs_per_image=2, captions={"photo1.png": "A test card."})
+    assert report.written == 6
+    assert [s["path"] for s in report.skipped] == [str(hq_dir / "broken.png")]
+    return out
+
+
+def test_prepare_data_layout_and_text(data_dir):
+    assert (data_dir / "notes.txt").read_text() == "keep me"  # nothing already there is lost
+    records = json.loads((data_dir / "conversations.json").read_text())
+    assert len(records) == 6 and json.loads((data_dir / "report.json").read_text())["written"] == 6
+    for r in records:
+        lq, hq = (Image.open(data_dir / p) for p in r["image"])
+        assert lq.size == (32, 32) and hq.size == (64, 64)
+        human, gpt = r["conversations"]
+        assert human["value"].endswith("<|image|>") and gpt["value"].endswith("<|image|>")
+        text = gpt["value"].replace("<|image|>", "").strip()
+        parsed = parse_response(text)
+        assert parse_degradation_levels(parsed.degradation) == r["degradation"]
+        assert parsed.description == ("A test card." if r["id"].startswith("photo1") else None)
+
+
+# ----------------------------------------------------------------------------- pre-tokenization
+
+@pytest.fixture(scope="module")
+def train_ckpt(tmp_path_factory):
+    from pure_lite.testing import make_tiny_checkpoint
+
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("train_ckpt"), seed=3, layout="compact", init_std=0.05)
+
+
+def _bad_data(data_dir, tmp_path):
+    d = tmp_path / "bad"
+    shutil.copytree(data_dir, d)
+    records = json.loads((d / "conversations.json").read_text())
+    records[1]["image"][0] = "lq/missing.png"
+    (d / "lq" / "garbage.png").write_bytes(b"garbage")
+    records[2]["image"][1] = "lq/garbage.png"
+    records[3]["conversations"][1]["value"] = "no image here"
+    records[4]["image"] = records[4]["image"][:1]
+    (d / "conversations.json").write_text(json.dumps(records))
+    return d
+
+
+def test_pretokenize_labels_supervise_the_assistant_only(data_dir, train_ckpt, tmp_path):
+    from pure_lite.tokens import TokenLayout
+    from pure_lite.train.pretokenize import TokenDataset, pretokenize
+
+    report = pretokenize(data_dir, train_ckpt, tmp_path / "tok", shard_size=4)
+    assert report.samples == 6 and not report.skipped
+    layout = TokenLayout.from_tokenizer_file(train_ckpt / "tokenizer.json")
+    ids, labels = TokenDataset(tmp_path / "tok")[0]
+    supervised = labels != IGNORE_INDEX
+    first = int(np.argmax(supervised))
+    assert supervised[first:].all() and not supervised[:first].any()
+    # the prompt ends with the LQ block and the end of turn; the answer with the HQ block and the end of turn
+    assert ids[first - 1] == layout.end_of_turn and ids[-1] == layout.end_of_turn
+    starts = np.flatnonzero(ids == layout.image_start)
+    assert len(starts) == 2 and starts[0] < first < starts[1]
+    hq_block = ids[starts[1]:-1]
+    assert layout.parse_image(hq_block).shape == (8, 8)
+
+
+def test_pretokenize_resume_equals_uninterrupted(data_dir, train_ckpt, tmp_path):
+    from pure_lite.train.pretokenize import pretokenize
+
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    pretokenize(data_dir, train_ckpt, whole, shard_size=2)
+    first = pretokenize(data_dir, train_ckpt, parts, shard_size=2, max_shards=1)  # "interrupted"
+    assert first.shards_written == 1 and not (parts / "index.json").exists()
+    pretokenize(data_dir, train_ckpt, parts, shard_size=2)
+    names = sorted(p.name for p in whole.iterdir())
+    assert names == sorted(p.name for p in parts.iterdir())
+    for name in names:
+        assert (whole / name).read_bytes() == (parts / name).read_bytes(), name
+
+
+def test_bad_samples_reported_and_skipped(data_dir, train_ckpt, tmp_path):
+    from pure_lite.train.pretokenize import pretokenize
+
+    bad = _bad_data(data_dir, tmp_path)
+    report = pretokenize(bad, train_ckpt, tmp_path / "tok", shard_size=4)
+    assert report.samples == 2 and len(report.skipped) == 4
+    reasons = " | ".join(s["reason"] for s in report.skipped)
+    assert "missing.png" in reasons and "not a readable image" in reasons
+    assert "exactly one <|image|>" in reasons and "placeholders but 1 images" in reasons
+    assert all(s["path"].endswith("conversations.json") for s in report.skipped)
+
+
+# ----------------------------------------------------------------------------- fine-tuning
+
+@pytest.fixture(scope="module")
+def tokens(data_dir, train_ckpt, tmp_path_factory):
+    from pure_lite.train.pretokenize import pretokenize
+
+    out = tmp_path_factory.mktemp("tokens")
+    pretokenize(data_dir, train_ckpt, out, shard_size=4)
+    return out
+
+
+def _batch_loss(model_dir, tokens_dir):
+    import torch
+
+    from pure_lite.checkpoint import CheckpointFiles
+    from pure_lite.lm import load_language_model
+    from pure_lite.train.finetune import CausalLMLoss, collate
+    from pure_lite.train.pretokenize import TokenDataset
+
+    lm = load_language_model(CheckpointFiles.locate(model_dir))
+    ds = TokenDataset(tokens_dir)
+    batch = collate([ds[i] for i in range(len(ds))], pad_id=0)
+    with torch.no_grad():
+        return float(CausalLMLoss(lm, 0.0)(batch["input_ids"], batch["attention_mask"], batch["labels"]))
+
+
+def test_few_steps_reduce_loss_and_result_restores(train_ckpt, tokens, tmp_path):
+    from pure_lite import Restorer, SamplingConfig
+    from pure_lite.train.config import TrainConfig
+    from pure_lite.train.finetune import train
+
+    out = tmp_path / "tuned"
+    cfg = TrainConfig(lr=3e-3, max_steps=12, batch_size=2, warmup_steps=2, dropout=0.0, z_loss=1e-4,
+                      save_every=5, log_every=100)
+    result = train(train_ckpt, tokens, out, cfg, device="cpu", log=None)
+    assert result.steps == 12
+    assert _batch_loss(out, tokens) < _batch_loss(train_ckpt, tokens) - 0.1
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-10", "step-5"]
+    res = Restorer.from_pretrained(out).restore(np.zeros((32, 32, 3), np.uint8), seed=0, target_size=64,
+                                                sampling=SamplingConfig(max_text_tokens=4))
+    assert res.image.size == (64, 64)
+
+
+def test_resume_continues_from_the_last_checkpoint(train_ckpt, tokens, tmp_path):
+    from safetensors.numpy import load_file
+
+    from pure_lite.train.config import TrainConfig
+    from pure_lite.train.finetune import train
+
+    cfg = TrainConfig(max_steps=6, save_every=2, warmup_steps=1, dropout=0.0, log_every=100)
+    out = tmp_path / "run"
+    train(train_ckpt, tokens, out, cfg, log=None)
+    uninterrupted = load_file(str(out / "model.safetensors"))
+    shutil.rmtree(out / "checkpoints" / "step-4")  # as if stopped between steps 2 and 4
+    lines = []
+    again = train(train_ckpt, tokens, out, cfg, log=lines.append)
+    assert again.steps == 6 and len(again.losses) == 4  # steps 3..6 only
+    assert any("resumed" in line and "step-2" in line for line in lines)
+    resumed = load_file(str(out / "model.safetensors"))
+    for name, value in uninterrupted.items():
+        np.testing.assert_allclose(resumed[name], value, atol=1e-5, err_msg=name)
+
+
+def test_lora_merge_gives_the_unmerged_logits(train_ckpt):
+    import torch
+    from peft import LoraConfig, inject_adapter_in_model
+
+    from pure_lite.checkpoint import CheckpointFiles
+    from pure_lite.lm import load_language_model
+    from pure_lite.train.finetune import merge_lora
+
+    lm = load_language_model(CheckpointFiles.locate(train_ckpt), attn_implementation="eager")
+    lm = inject_adapter_in_model(LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]), lm)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in lm.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)  # B starts at zero; make the adapters matter
+    ids = torch.arange(3, 40).unsqueeze(0)
+
+    def logits(model):
+        with torch.no_grad():
+            return model.lm_head(model.model(input_ids=ids, use_cache=False).last_hidden_state)
+
+    lm.eval()
+    before = logits(lm)
+    merged = merge_lora(lm)
+    assert not any("lora_" in n for n, _ in merged.named_parameters())
+    torch.testing.assert_close(logits(merged), before, atol=1e-4, rtol=1e-4)
+
+
+# ----------------------------------------------------------------------------- VQ training
+
+def test_vq_training_reduces_reconstruction_and_saves_release_format(hq_dir, tmp_path):
+    import torch
+
+    from pure_lite.checkpoint import load_vq_state_dict
+    from pure_lite.train.vq_train import VQTrainConfig, _crops, load_training_images, train_vq, vq_losses
+    from pure_lite.vq import VQConfig, VQModel
+
+    vq_cfg = VQConfig(base_channels=32, z_channels=32, codebook_size=64)
+    x = _crops(load_training_images(hq_dir, 32, lambda m: None), np.random.default_rng(123), 8, 32)
+    torch.manual_seed(0)  # train_vq seeds the same way, so this is its starting point
+    with torch.no_grad():
+        start = vq_losses(VQModel(vq_cfg), x, 0.25)[1].item()
+    path = train_vq(hq_dir, tmp_path, vq_cfg, VQTrainConfig(steps=80, batch_size=4, crop=32, lr=1e-3, disc_start=60),
+                    log=None)
+    state = load_vq_state_dict(path)
+    vq = VQModel(VQConfig.from_state_dict(state))
+    vq.load_state_dict(state, strict=True)
+    with torch.no_grad():
+        end = vq_losses(vq.eval(), x, 0.25)[1].item()
+    assert end < 0.85 * start, (start, end)
