@@ -7,14 +7,16 @@
       tokenizer.json                       copied from the checkpoint
       pure_lite_manifest.json              dimensions, I/O names, token layout, sha256 of every file
 
-Decoder I/O (fixed contract, deterministic names):
-  inputs   input_ids (B, T) int64, attention_mask (B, P+T) int64, position_ids (B, T) int64,
-           past_key_values.{i}.key / .value (B, heads, P, head_dim)
+Decoder I/O (fixed contract, deterministic names; see pure_lite.lm.ChameleonStep):
+  inputs   input_ids (B, T) int64, attention_mask (B, S+T) int64, position_ids (B, T) int64,
+           past_key_values.{i}.key / .value (B, heads, S, head_dim): the caller's whole cache buffer
   outputs  logits (B, V) float32 for the last position (or (B, T, V) with all_logits=True),
-           present.{i}.key / .value (B, heads, P+T, head_dim)
-B, T and P are dynamic, so the same graph serves the prompt, single steps and batch 2 (CFG).
-The decoder's weights always live in external data (``decoder.onnx.data``), which has no
-2 GB protobuf limit.
+           new_key_values.{i}.key / .value (B, heads, T, head_dim): the new tokens' keys and values
+attention_mask marks which of the S cache slots are real positions, then the T new tokens.
+The graph never concatenates or copies the cache: the runtime allocates it once and writes
+the new keys and values into it. B, T and S are dynamic, so the same graph serves the
+prompt, single steps and batch 2 (CFG). The decoder's weights always live in external
+data (``decoder.onnx.data``), which has no 2 GB protobuf limit.
 """
 
 from __future__ import annotations
@@ -43,11 +45,11 @@ DECODER_FILE, VQ_ENCODER_FILE, VQ_DECODER_FILE = "decoder.onnx", "vq_encoder.onn
 def decoder_io_names(layers: int) -> tuple[list[str], list[str]]:
     kv = [f"{i}.{kind}" for i in range(layers) for kind in ("key", "value")]
     return (["input_ids", "attention_mask", "position_ids"] + [f"past_key_values.{n}" for n in kv],
-            ["logits"] + [f"present.{n}" for n in kv])
+            ["logits"] + [f"new_key_values.{n}" for n in kv])
 
 
 def _rename_dims(path: Path, names: dict[str, str]) -> None:
-    """Give the exporter's symbolic dims (s12, 's3 + s7') readable names: batch, seq, past_seq, total_seq."""
+    """Give the exporter's symbolic dims (s12, 's3 + s7') readable names: batch, seq, cache_slots."""
     import onnx
 
     model = onnx.load(str(path), load_external_data=False)
@@ -102,7 +104,7 @@ def export_decoder(lm, path: Path, *, all_logits: bool = False, opset: int = OPS
                           dynamic_shapes=dynamic, opset_version=opset, external_data=True, verbose=False)
     sym = _symbols(path)
     _rename_dims(path, {sym["input_ids"][0]: "batch", sym["input_ids"][1]: "seq",
-                        sym["attention_mask"][1]: "total_seq", sym["past_key_values.0.key"][2]: "past_seq"})
+                        sym["past_key_values.0.key"][2]: "cache_slots"})
 
 
 def export_vq(vq, encoder_path: Path, decoder_path: Path, *, opset: int = OPSET) -> None:
@@ -166,7 +168,7 @@ def export_onnx(
     """
     import torch
 
-    from pure_lite.lm import load_language_model
+    from pure_lite.lm import SPLIT_ATTENTION, load_language_model
     from pure_lite.torch_backend import load_vq
 
     qconfig = QuantizationConfig(weights=quantization, block_size=block_size)
@@ -182,7 +184,7 @@ def export_onnx(
     try:
         started = time.perf_counter()
         say(f"[1/4] loading {files.root}")
-        lm = load_language_model(files, attn_implementation="eager", dtype=torch.float32)
+        lm = load_language_model(files, attn_implementation=SPLIT_ATTENTION, dtype=torch.float32)
         say(f"[2/4] exporting the decoder graph (opset {opset})")
         if qconfig.weights is None:
             export_decoder(lm, work / DECODER_FILE, all_logits=all_logits, opset=opset)
@@ -208,6 +210,7 @@ def export_onnx(
                 "num_hidden_layers": config["num_hidden_layers"], "num_attention_heads": config["num_attention_heads"],
                 "num_key_value_heads": heads, "head_dim": config["hidden_size"] // config["num_attention_heads"],
                 "max_position_embeddings": config["max_position_embeddings"], "kv_dtype": "float32",
+                "kv_contract": "split-cache-v1",
             },
             "graphs": {
                 "decoder": {"file": DECODER_FILE, "logits": "all" if all_logits else "last",

@@ -59,10 +59,13 @@ class EngineProfile:
 
 
 def default_profiles(max_prompt: int, max_total: int) -> list[EngineProfile]:
-    """Prefill: batch 1, the whole prompt. Decode: batch 1-2 (CFG), 1-3 new tokens (header, code + row end)."""
+    """Prefill: batch 1, the whole prompt. Decode: batch 1-2 (CFG), 1-3 new tokens (header, code + row end).
+
+    ``total`` is the number of cache slots the runtime allocates (the restoration's whole length).
+    """
     return [
-        EngineProfile("prefill", batch=(1, 1, 1), seq=(1, max_prompt // 2, max_prompt), total=(1, max_prompt // 2, max_prompt)),
-        EngineProfile("decode", batch=(1, 2, 2), seq=(1, 1, 3), total=(2, max_total // 2, max_total)),
+        EngineProfile("prefill", batch=(1, 1, 1), seq=(1, max_prompt // 2, max_prompt), total=(1, max_total // 2, max_total)),
+        EngineProfile("decode", batch=(1, 2, 2), seq=(1, 1, 3), total=(1, max_total // 2, max_total)),
     ]
 
 
@@ -131,15 +134,15 @@ def build_tensorrt(
 
     decoder_shapes = []
     for p in profiles:
-        shapes = {}
-        for i, name in enumerate(("min", "opt", "max")):
-            b, t, n = p.batch[i], p.seq[i], max(p.total[i], p.seq[i])
+        shapes: dict[str, list] = {}
+        for i in range(3):  # min, opt, max
+            b, t, slots = p.batch[i], p.seq[i], p.total[i]
             shapes.setdefault("input_ids", []).append((b, t))
             shapes.setdefault("position_ids", []).append((b, t))
-            shapes.setdefault("attention_mask", []).append((b, n))
+            shapes.setdefault("attention_mask", []).append((b, slots + t))
             for layer in range(model["num_hidden_layers"]):
                 for kind in ("key", "value"):
-                    shapes.setdefault(f"past_key_values.{layer}.{kind}", []).append((b, heads, n - t, head_dim))
+                    shapes.setdefault(f"past_key_values.{layer}.{kind}", []).append((b, heads, slots, head_dim))
         decoder_shapes.append({k: tuple(v) for k, v in shapes.items()})
     side = 2 * max(int(k) for k in manifest.data["tokens"]["grid_ids"]) * 32 if manifest.data["tokens"]["grid_ids"] else 512
     build("decoder", decoder_shapes)

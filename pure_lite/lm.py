@@ -1,10 +1,16 @@
 """The Chameleon language model in torch: loading, and one decoder call with explicit KV tensors.
 
-``ChameleonStep`` is the contract every backend shares: (input_ids, attention_mask,
-position_ids, past keys/values) -> (last-position logits, present keys/values). The
-torch backend calls it directly and the ONNX export traces it, so both run the same
-maths. It calls the decoder layers and ``lm_head`` itself because the stock
-``ChameleonForConditionalGeneration.forward`` masks every image token out of the logits.
+``ChameleonStep`` defines the graph contract the ONNX export traces and the runtime serves:
+
+    (input_ids, attention_mask, position_ids, past keys/values) -> (last-position logits, new keys/values)
+
+where the past is the runtime's whole preallocated cache (B, heads, S, head_dim) and
+attention_mask (B, S + T) marks which of its S slots hold real positions, then the T new
+tokens. Attention scores the past and the new tokens separately and joins only the small
+score matrices, so no step ever copies the cache; the caller writes the returned new keys
+and values into its buffer. The torch backend runs the same layers over a static cache of
+its own (``StaticKV``). Both call the decoder layers and ``lm_head`` directly because the
+stock ``ChameleonForConditionalGeneration.forward`` masks every image token out of the logits.
 """
 
 from __future__ import annotations
@@ -35,6 +41,8 @@ def load_language_model(files: CheckpointFiles, *, device: str = "cpu", dtype: t
         vocab = dict(data["model"]["vocab"])
         vocab.update({t["content"]: t["id"] for t in data.get("added_tokens", [])})
         config.vocabulary_map = vocab
+    if attn_implementation == SPLIT_ATTENTION:
+        _register_split_attention()
     kwargs = {}
     if quantization_config is not None:
         kwargs["quantization_config"] = quantization_config
@@ -54,18 +62,39 @@ def load_language_model(files: CheckpointFiles, *, device: str = "cpu", dtype: t
     return model.eval()
 
 
-class _ExplicitKV:
-    """Duck-typed cache for the decoder layers: prepends given past tensors, records the results.
+SPLIT_ATTENTION = "pure_lite_split_cache"
 
-    This is the export contract (past in, grown present out)."""
+
+def split_cache_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
+                          split_cache=None, **kwargs):
+    """Attention over (past cache slots, new tokens) without concatenating keys or values.
+
+    query (B, H, T, D); key/value: the new tokens' (B, H, T, D); the layer's past comes from
+    ``split_cache``; attention_mask is additive (B, 1, T, S + T).
+    """
+    past_k = split_cache.past[2 * module.layer_idx]
+    past_v = split_cache.past[2 * module.layer_idx + 1]
+    slots = past_k.shape[2]
+    scores = torch.cat([torch.matmul(query, past_k.transpose(2, 3)), torch.matmul(query, key.transpose(2, 3))], dim=-1)
+    probs = torch.softmax(scores * scaling + attention_mask, dim=-1, dtype=torch.float32).to(query.dtype)
+    out = torch.matmul(probs[..., :slots], past_v) + torch.matmul(probs[..., slots:], value)  # (B, H, T, D)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _register_split_attention() -> None:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(SPLIT_ATTENTION, split_cache_attention)
+
+
+class _SplitCache:
+    """Duck-typed cache for the decoder layers: hands the past to split_cache_attention, keeps the new keys."""
 
     def __init__(self, past: tuple[torch.Tensor, ...]):
         self.past = past
         self.present: list[torch.Tensor] = [None] * len(past)  # type: ignore[list-item]
 
     def update(self, key, value, layer_idx, *args, **kwargs):
-        key = torch.cat([self.past[2 * layer_idx], key], dim=2)
-        value = torch.cat([self.past[2 * layer_idx + 1], value], dim=2)
         self.present[2 * layer_idx], self.present[2 * layer_idx + 1] = key, value
         return key, value
 
@@ -91,24 +120,41 @@ class StaticKV:
         return self.keys[layer_idx][:b, :, :end], self.values[layer_idx][:b, :, :end]
 
 
+def _additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    zero = torch.zeros((), dtype=dtype, device=allowed.device)
+    low = torch.tensor(torch.finfo(dtype).min, dtype=dtype, device=allowed.device)
+    return torch.where(allowed, zero, low).unsqueeze(1)
+
+
 def additive_mask(attention_mask: torch.Tensor, new_tokens: int, dtype: torch.dtype) -> torch.Tensor:
-    """(B, P+T) 0/1 key mask to a (B, 1, T, P+T) additive mask that is also causal."""
+    """(B, P+T) 0/1 key mask over a growing sequence to a (B, 1, T, P+T) additive mask that is also causal."""
     total = attention_mask.shape[1]
     past = total - new_tokens
     q = torch.arange(new_tokens, device=attention_mask.device).unsqueeze(1) + past  # (T, 1)
     k = torch.arange(total, device=attention_mask.device).unsqueeze(0)  # (1, P+T)
-    allowed = (k <= q).unsqueeze(0) & attention_mask.bool().unsqueeze(1)  # (B, T, P+T)
-    zero = torch.zeros((), dtype=dtype, device=attention_mask.device)
-    low = torch.tensor(torch.finfo(dtype).min, dtype=dtype, device=attention_mask.device)
-    return torch.where(allowed, zero, low).unsqueeze(1)
+    return _additive((k <= q).unsqueeze(0) & attention_mask.bool().unsqueeze(1), dtype)
+
+
+def split_additive_mask(attention_mask: torch.Tensor, new_tokens: int, dtype: torch.dtype) -> torch.Tensor:
+    """(B, S+T) 0/1 mask over (cache slots, new tokens) to (B, 1, T, S+T); causal among the new tokens.
+
+    Every valid slot holds an earlier position, so the past needs no causal part.
+    """
+    slots = attention_mask.shape[1] - new_tokens
+    i = torch.arange(new_tokens, device=attention_mask.device).unsqueeze(1)  # (T, 1)
+    j = torch.arange(slots + new_tokens, device=attention_mask.device).unsqueeze(0) - slots  # (1, S+T)
+    return _additive((j <= i).unsqueeze(0) & attention_mask.bool().unsqueeze(1), dtype)
 
 
 class ChameleonStep(nn.Module):
-    """One decoder call: forward(input_ids, attention_mask, position_ids, *past) -> (logits, *present).
+    """One decoder call.
 
-    Shapes: input_ids, position_ids (B, T) int64; attention_mask (B, P+T) int64;
-    past_key/value per layer (B, heads, P, head_dim); logits (B, V) of the last position
-    (``last_only=False``: (B, T, V)); present (B, heads, P+T, head_dim).
+    ``forward(input_ids, attention_mask, position_ids, *past) -> (logits, *new)`` is the export
+    contract (the model must be loaded with ``attn_implementation=SPLIT_ATTENTION``):
+    input_ids, position_ids (B, T) int64; attention_mask (B, S+T) int64; past key/value per
+    layer (B, heads, S, head_dim); logits (B, V) of the last position (``last_only=False``:
+    (B, T, V)); new key/value per layer (B, heads, T, head_dim).
+    ``run`` serves any cache object with the layers' ``update`` method and a prepared mask.
     """
 
     def __init__(self, lm, last_only: bool = True):
@@ -117,14 +163,13 @@ class ChameleonStep(nn.Module):
         self.lm_head = lm.lm_head
         self.last_only = last_only
 
-    def run(self, input_ids, attention_mask, position_ids, cache):
-        """Logits for new tokens given any cache object with the layers' ``update`` method."""
+    def run(self, input_ids, mask, position_ids, cache, **layer_kwargs):
+        """Logits for new tokens; ``mask`` is additive (B, 1, T, keys)."""
         hidden = self.model.embed_tokens(input_ids)
-        mask = additive_mask(attention_mask, input_ids.shape[1], hidden.dtype)
         rope = self.model.rotary_emb(hidden, position_ids)
         for layer in self.model.layers:
             out = layer(hidden, attention_mask=mask, position_ids=position_ids, cache=cache,
-                        use_cache=True, position_embeddings=rope)
+                        use_cache=True, position_embeddings=rope, **layer_kwargs)
             hidden = out[0] if isinstance(out, tuple) else out
         hidden = self.model.norm(hidden)
         if self.last_only:
@@ -133,8 +178,9 @@ class ChameleonStep(nn.Module):
         return logits[:, -1] if self.last_only else logits
 
     def forward(self, input_ids, attention_mask, position_ids, *past):
-        cache = _ExplicitKV(past)
-        return (self.run(input_ids, attention_mask, position_ids, cache), *cache.present)
+        cache = _SplitCache(past)
+        mask = split_additive_mask(attention_mask, input_ids.shape[1], past[0].dtype)
+        return (self.run(input_ids, mask, position_ids, cache, split_cache=cache), *cache.present)
 
 
 def kv_shape(config) -> tuple[int, int]:
@@ -154,7 +200,7 @@ class TorchDecoder:
     def __init__(self, lm, device: str = "cpu"):
         self.step_fn = ChameleonStep(lm).eval()
         self.device = torch.device(device)
-        self.dtype = lm.dtype
+        self.dtype = lm.model.embed_tokens.weight.dtype
         self.layers = lm.config.num_hidden_layers
         self.heads, self.head_dim = kv_shape(lm.config)
 
@@ -166,7 +212,8 @@ class TorchDecoder:
         input_ids = torch.tensor(ids, dtype=torch.int64, device=self.device).unsqueeze(0).expand(b, t)
         positions = self.next_pos[:b].unsqueeze(1) + torch.arange(t, device=self.device)
         self.mask[:b, p:p + t] = 1
-        logits = self.step_fn.run(input_ids, self.mask[:b, :p + t], positions, self.cache)
+        mask = additive_mask(self.mask[:b, :p + t], t, self.dtype)
+        logits = self.step_fn.run(input_ids, mask, positions, self.cache)
         self.cache.length += t
         self.next_pos[:b] += t
         return logits.cpu().numpy()

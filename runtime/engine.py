@@ -1,11 +1,11 @@
 """The deploy-time engine: an exported folder served with NumPy + ONNX Runtime, never torch.
 
-The KV cache is allocated once per restoration, for the whole sequence, as two
-ping-pong buffers per layer and per key/value. Each call binds the first
-B*heads*P*head_dim elements of one buffer as ``past`` (shape (B, heads, P, head_dim)) and
-the first B*heads*(P+T)*head_dim of the other as ``present``: the graph writes the grown
-cache straight into preallocated memory, nothing is concatenated or reallocated in
-Python, and the buffers swap roles for the next call.
+The KV cache is allocated once per restoration, for the whole sequence: one
+(2, heads, capacity, head_dim) buffer per layer and key/value (batch 2 reserved for CFG).
+Every call binds those buffers as the graph's ``past`` input and a small preallocated
+scratch as its ``new_key_values`` output; the graph attends over the cache slots without
+copying them (see pure_lite.lm.ChameleonStep), and the engine then writes the T new keys
+and values into their slots. Nothing is concatenated or reallocated per step.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Sequence
 import numpy as np
 
 from pure_lite.components import Components
-from pure_lite.errors import GenerationError, ManifestError
+from pure_lite.errors import GenerationError, ManifestError, MissingDependencyError
 from pure_lite.manifest import Manifest
 from pure_lite.prompt import TextTokenizer
 from pure_lite.tokens import TokenLayout
@@ -25,63 +25,60 @@ from .providers import device_of, onnxruntime, select_providers
 
 
 class KVBuffers:
-    """Ping-pong KV storage for one restoration: 2 buffers x (key, value) x layers, allocated once."""
+    """The cache of one restoration: (2, heads, capacity, head_dim) per layer and key/value, plus a
+    scratch output for the newest tokens, allocated once."""
 
     allocations = 0  # class-wide count, so tests can assert one allocation per restoration
 
-    def __init__(self, layers: int, batch: int, heads: int, capacity: int, head_dim: int, device: str):
+    def __init__(self, layers: int, heads: int, capacity: int, head_dim: int, max_new: int, device: str):
         KVBuffers.allocations += 1
-        self.shape_unit = heads * head_dim
-        size = batch * heads * capacity * head_dim
-        ort = onnxruntime()
         if device == "cpu":
-            self.buffers = [[np.zeros(size, np.float32) for _ in range(2 * layers)] for _ in range(2)]
-            self.ptrs = [[b.ctypes.data for b in side] for side in self.buffers]
+            xp = np
         else:
-            zeros = np.zeros(size, np.float32)  # zero-filled so never-written rows hold finite values
-            self.buffers = [[ort.OrtValue.ortvalue_from_numpy(zeros, device, 0)
-                             for _ in range(2 * layers)] for _ in range(2)]
-            self.ptrs = [[b.data_ptr() for b in side] for side in self.buffers]
-        self.capacity, self.batch, self.device = capacity, batch, device
-        self.current = 0  # which side holds ``past``
+            try:
+                import cupy as xp
+            except ImportError as exc:
+                raise MissingDependencyError(
+                    "serving on CUDA keeps the KV cache on the GPU with CuPy: pip install cupy-cuda12x"
+                ) from exc
+        self.xp, self.device = xp, device
+        self.cache = [xp.zeros((2, heads, capacity, head_dim), dtype=xp.float32) for _ in range(2 * layers)]
+        self.scratch = [xp.zeros(2 * heads * max_new * head_dim, dtype=xp.float32) for _ in range(2 * layers)]
+        self.capacity, self.max_new = capacity, max_new
+
+    def pointer(self, array) -> int:
+        return array.ctypes.data if self.xp is np else array.data.ptr
 
 
 class OnnxDecoder:
-    """The runtime's Decoder (see pure_lite.generate): prefill, CFG as batch 2, in-place KV cache."""
+    """The runtime's Decoder (see pure_lite.generate): prefill, CFG as batch 2, cache written in place."""
 
     def __init__(self, session, manifest: Manifest, device: str):
         model = manifest.model
+        if model.get("kv_contract") != "split-cache-v1":
+            raise ManifestError("this export predates the split-cache decoder contract; export it again")
         self.session, self.device = session, device
         self.layers = model["num_hidden_layers"]
         self.heads, self.head_dim = model["num_key_value_heads"], model["head_dim"]
         self.vocab = model["vocab_size"]
         inputs, outputs = manifest.graphs["decoder"]["inputs"], manifest.graphs["decoder"]["outputs"]
-        self.past_names, self.present_names = inputs[3:], outputs[1:]
+        self.past_names, self.new_names = inputs[3:], outputs[1:]
         self.binding = session.io_binding()
         self.kv: KVBuffers | None = None
 
     def prefill(self, ids: np.ndarray, capacity: int) -> np.ndarray:
-        # Batch 2 is reserved from the start: the unconditional branch joins inside the same buffers.
-        self.kv = KVBuffers(self.layers, 2, self.heads, capacity, self.head_dim, self.device)
+        capacity = max(capacity, len(ids))
+        self.kv = KVBuffers(self.layers, self.heads, capacity, self.head_dim, max(len(ids), 3), self.device)
         self.logits = np.zeros((2, self.vocab), np.float32)
-        self.mask = np.zeros((2, capacity), np.int64)
+        self.valid = np.zeros((2, capacity), np.int64)  # which cache slots hold real positions, per row
         self.batch, self.length = 1, 0
         self.next_pos = np.zeros(2, np.int64)
         return self._run(ids)
 
     def begin_unconditional(self) -> None:
-        """Widen to batch 2 in place: (1, H, P, D) and row 0 of (2, H, P, D) share the same leading elements.
-
-        Row 1 holds no real past; its mask is 0 there, so its values are never weighted (any
-        finite content gives the same result; on CPU it is zeroed anyway).
-        """
-        kv, p = self.kv, self.length
-        if self.device == "cpu":
-            n = self.heads * p * self.head_dim
-            for buf in kv.buffers[kv.current]:
-                buf[n:2 * n] = 0.0
+        """Row 1 joins with no past: its slots stay invalid (mask 0) and its positions start at 0."""
         self.batch = 2
-        self.mask[1, :p] = 0
+        self.valid[1] = 0
         self.next_pos[1] = 0
 
     def step(self, ids: np.ndarray) -> np.ndarray:
@@ -90,23 +87,26 @@ class OnnxDecoder:
     def _run(self, ids: np.ndarray) -> np.ndarray:
         b, t, p = self.batch, len(ids), self.length
         kv = self.kv
-        if p + t > kv.capacity:
+        if p + t > kv.capacity or t > kv.max_new:
             raise GenerationError(f"KV cache capacity {kv.capacity} exceeded")
-        self.mask[:b, p:p + t] = 1
+        mask = np.ones((b, kv.capacity + t), np.int64)
+        mask[:, :kv.capacity] = self.valid[:b]
         bind = self.binding
         bind.bind_cpu_input("input_ids", np.ascontiguousarray(np.broadcast_to(ids, (b, t)), dtype=np.int64))
-        bind.bind_cpu_input("attention_mask", np.ascontiguousarray(self.mask[:b, :p + t]))
+        bind.bind_cpu_input("attention_mask", mask)
         bind.bind_cpu_input("position_ids", (self.next_pos[:b, None] + np.arange(t)).astype(np.int64))
-        past, present = kv.ptrs[kv.current], kv.ptrs[1 - kv.current]
-        past_shape = [b, self.heads, p, self.head_dim]
-        present_shape = [b, self.heads, p + t, self.head_dim]
-        for i, name in enumerate(self.past_names):
-            bind.bind_input(name, kv.device, 0, np.float32, past_shape, past[i])
-        for i, name in enumerate(self.present_names):
-            bind.bind_output(name, kv.device, 0, np.float32, present_shape, present[i])
+        past_shape = [b, self.heads, kv.capacity, self.head_dim]
+        new_shape = [b, self.heads, t, self.head_dim]
+        for name, buf in zip(self.past_names, kv.cache):
+            bind.bind_input(name, kv.device, 0, np.float32, past_shape, kv.pointer(buf))
+        for name, buf in zip(self.new_names, kv.scratch):
+            bind.bind_output(name, kv.device, 0, np.float32, new_shape, kv.pointer(buf))
         bind.bind_output("logits", "cpu", 0, np.float32, [b, self.vocab], self.logits.ctypes.data)
         self.session.run_with_iobinding(bind)
-        kv.current = 1 - kv.current
+        n = b * self.heads * t * self.head_dim
+        for buf, new in zip(kv.cache, kv.scratch):
+            buf[:b, :, p:p + t] = new[:n].reshape(b, self.heads, t, self.head_dim)
+        self.valid[:b, p:p + t] = 1
         self.length = p + t
         self.next_pos[:b] += t
         return self.logits[:b]

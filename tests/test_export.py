@@ -10,7 +10,7 @@ import torch
 
 from pure_lite.checkpoint import CheckpointFiles
 from pure_lite.errors import ManifestError, MissingDependencyError
-from pure_lite.lm import ChameleonStep, load_language_model
+from pure_lite.lm import SPLIT_ATTENTION, ChameleonStep, load_language_model
 from pure_lite.manifest import MANIFEST_FILE, Manifest, write_manifest
 from pure_lite.torch_backend import load_vq
 
@@ -32,27 +32,37 @@ def _run_torch(step, ids, mask, pos, past):
 
 
 def _drive(fn, lm_config, prompts, steps, feed=None):
-    """Left-padded prefill of ``prompts`` then ``steps`` greedy (or ``feed``) decode steps; all logits."""
+    """Left-padded prefill of ``prompts`` then ``steps`` greedy (or ``feed``) decode steps; all logits.
+
+    Plays the runtime's part of the contract in plain NumPy: a cache of S slots, a mask over
+    (slots, new tokens), and the new keys/values written into their slots after each call.
+    """
     b = len(prompts)
     n = max(len(p) for p in prompts)
+    slots = n + steps
     ids = np.zeros((b, n), np.int64)
-    mask = np.zeros((b, n), np.int64)
+    new_mask = np.zeros((b, n), np.int64)
     for r, p in enumerate(prompts):
-        ids[r, n - len(p):], mask[r, n - len(p):] = p, 1
-    pos = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
-    heads = lm_config["num_key_value_heads"]
-    head_dim = lm_config["head_dim"]
-    past = [np.zeros((b, heads, 0, head_dim), np.float32)] * (2 * lm_config["num_hidden_layers"])
-    all_logits = []
+        ids[r, n - len(p):], new_mask[r, n - len(p):] = p, 1
+    pos = np.clip(np.cumsum(new_mask, axis=1) - 1, 0, None)
+    heads, head_dim = lm_config["num_key_value_heads"], lm_config["head_dim"]
+    cache = [np.zeros((b, heads, slots, head_dim), np.float32) for _ in range(2 * lm_config["num_hidden_layers"])]
+    valid = np.zeros((b, slots), np.int64)
+    length, all_logits = 0, []
     for s in range(steps + 1):
-        logits, past = fn(ids, mask, pos, past)
+        t = ids.shape[1]
+        logits, new = fn(ids, np.concatenate([valid, new_mask], axis=1), pos, cache)
+        for buf, kv in zip(cache, new):
+            buf[:, :, length:length + t] = kv
+        valid[:, length:length + t] = new_mask
+        length += t
         all_logits.append(logits)
         if s == steps:
             break
         nxt = logits.argmax(-1) if feed is None else feed[s]
         ids = nxt.reshape(b, 1).astype(np.int64)
+        new_mask = np.ones((b, 1), np.int64)
         pos = pos[:, -1:] + 1
-        mask = np.concatenate([mask, np.ones((b, 1), np.int64)], axis=1)
     return np.stack(all_logits)
 
 
@@ -60,7 +70,7 @@ def _drive(fn, lm_config, prompts, steps, feed=None):
 def exported(request):
     ckpt = request.getfixturevalue(f"tiny_{request.param}")
     out = request.getfixturevalue(f"export_{request.param}_float")
-    lm = load_language_model(CheckpointFiles.locate(ckpt), attn_implementation="eager")
+    lm = load_language_model(CheckpointFiles.locate(ckpt), attn_implementation=SPLIT_ATTENTION)
     return ckpt, out, lm
 
 
@@ -99,8 +109,8 @@ def test_manifest_contents(export_pure_float, pure_layout):
     sess = _session(export_pure_float / "decoder.onnx")
     assert [i.name for i in sess.get_inputs()][:4] == ["input_ids", "attention_mask", "position_ids",
                                                         "past_key_values.0.key"]
-    assert [o.name for o in sess.get_outputs()][:2] == ["logits", "present.0.key"]
-    assert sess.get_inputs()[3].shape == ["batch", 4, "past_seq", 8]
+    assert [o.name for o in sess.get_outputs()][:2] == ["logits", "new_key_values.0.key"]
+    assert sess.get_inputs()[3].shape == ["batch", 4, "cache_slots", 8]
 
 
 def _linear_weight_bytes(path):

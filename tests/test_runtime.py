@@ -52,7 +52,7 @@ def test_kv_cache_allocated_once_per_restoration(export_compact_float, rgb_image
 
         def recording_run(ids):
             out = run(ids)
-            seen.append((id(dec.kv), tuple(p for side in dec.kv.ptrs for p in side)))
+            seen.append((id(dec.kv), tuple(dec.kv.pointer(b) for b in dec.kv.cache + dec.kv.scratch)))
             return out
 
         dec._run = recording_run
