@@ -23,7 +23,7 @@ def main() -> None:
     import torch
     from transformers import ChameleonConfig, ChameleonForConditionalGeneration, DynamicCache
 
-    from pure_lite.lm import TorchDecoder
+    from pure_lite.lm import ImageHead, TorchDecoder
 
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--steps", type=int, default=128)
@@ -58,13 +58,14 @@ def main() -> None:
     prompt = np.random.default_rng(0).integers(4, 8196, args.prompt)
     for quant in ("fp16", "nf4"):
         model = build(quant)
-        dec = TorchDecoder(model, "cuda")
+        image_ids = np.concatenate([np.arange(4, 8196), np.arange(65536, 73728)])
+        dec = TorchDecoder(model, ImageHead(model, image_ids), "cuda")
         dec.prefill(prompt, capacity=args.prompt + args.steps + 4)
         dec.begin_unconditional()
         torch.cuda.synchronize()
         t = time.perf_counter()
         for i in range(args.steps):
-            dec.step(np.array([4 + i % 8192]))
+            dec.step(np.array([4 + i % 8192]), image=True)
         torch.cuda.synchronize()
         ours = args.steps / (time.perf_counter() - t)
 

@@ -2,6 +2,8 @@
 
     OUT_DIR/
       decoder.onnx (+ decoder.onnx.data)   one graph for prefill and decode, KV cache as explicit I/O
+      lm_head.onnx (+ .data)               hidden (B, hidden) -> logits (B, V): text steps
+      image_head.onnx (+ .data)            hidden -> image_logits (B, codebook), image tokens in code order
       vq_encoder.onnx                      pixels (B, 3, H, W) in [-1, 1] -> codes (B, H/8, W/8)
       vq_decoder.onnx                      codes -> pixels in [-1, 1]
       tokenizer.json                       copied from the checkpoint
@@ -10,8 +12,13 @@
 Decoder I/O (fixed contract, deterministic names; see pure_lite.lm.ChameleonStep):
   inputs   input_ids (B, T) int64, attention_mask (B, S+T) int64, position_ids (B, T) int64,
            past_key_values.{i}.key / .value (B, heads, S, head_dim): the caller's whole cache buffer
-  outputs  logits (B, V) float32 for the last position (or (B, T, V) with all_logits=True),
-           new_key_values.{i}.key / .value (B, heads, T, head_dim): the new tokens' keys and values
+  outputs  hidden (B, hidden) float32: the final-norm state of the last position (or (B, T, hidden)
+           with all_logits=True), new_key_values.{i}.key / .value (B, heads, T, head_dim): the new
+           tokens' keys and values
+then one of the two heads turns ``hidden`` into logits. Inside an image every non-image id is
+masked anyway, so the image head (the 16384 image rows of lm_head) is exact there and skips
+three quarters of the head's work; ONNX Runtime runs every node of a graph whatever outputs are
+asked for, so the heads are separate graphs.
 attention_mask marks which of the S cache slots are real positions, then the T new tokens.
 The graph never concatenates or copies the cache: the runtime allocates it once and writes
 the new keys and values into it. B, T and S are dynamic, so the same graph serves the
@@ -21,6 +28,7 @@ data (``decoder.onnx.data``), which has no 2 GB protobuf limit.
 
 from __future__ import annotations
 
+import gc
 import os
 import re
 import shutil
@@ -40,12 +48,14 @@ from .quantize import QuantizationConfig, quantize_decoder
 
 OPSET = 18
 DECODER_FILE, VQ_ENCODER_FILE, VQ_DECODER_FILE = "decoder.onnx", "vq_encoder.onnx", "vq_decoder.onnx"
+TEXT_HEAD_FILE, IMAGE_HEAD_FILE = "lm_head.onnx", "image_head.onnx"
+LM_GRAPHS = (DECODER_FILE, TEXT_HEAD_FILE, IMAGE_HEAD_FILE)
 
 
 def decoder_io_names(layers: int) -> tuple[list[str], list[str]]:
     kv = [f"{i}.{kind}" for i in range(layers) for kind in ("key", "value")]
     return (["input_ids", "attention_mask", "position_ids"] + [f"past_key_values.{n}" for n in kv],
-            ["logits"] + [f"new_key_values.{n}" for n in kv])
+            ["hidden"] + [f"new_key_values.{n}" for n in kv])
 
 
 def _rename_dims(path: Path, names: dict[str, str]) -> None:
@@ -105,6 +115,24 @@ def export_decoder(lm, path: Path, *, all_logits: bool = False, opset: int = OPS
     sym = _symbols(path)
     _rename_dims(path, {sym["input_ids"][0]: "batch", sym["input_ids"][1]: "seq",
                         sym["past_key_values.0.key"][2]: "cache_slots"})
+
+
+def export_heads(lm, image_ids, text_path: Path, image_path: Path, *, all_positions: bool = False,
+                 opset: int = OPSET) -> None:
+    """The two heads as graphs: hidden (B[, T], hidden) -> logits (B[, T], V) and -> image_logits (B[, T], codebook)."""
+    import torch
+    from torch.export import Dim
+
+    from pure_lite.lm import ImageHead, TextHead
+
+    shape = (2, 3, lm.config.hidden_size) if all_positions else (2, lm.config.hidden_size)
+    hidden = torch.zeros(shape, dtype=lm.dtype)
+    dims = {0: Dim.AUTO, 1: Dim.AUTO} if all_positions else {0: Dim.AUTO}
+    for module, path, output in ((TextHead(lm), text_path, "logits"), (ImageHead(lm, image_ids), image_path, "image_logits")):
+        with torch.no_grad():
+            torch.onnx.export(module.eval(), (hidden,), str(path), dynamo=True, input_names=["hidden"],
+                              output_names=[output], opset_version=opset, external_data=True,
+                              dynamic_shapes={"hidden": dims}, verbose=False)
 
 
 def export_vq(vq, encoder_path: Path, decoder_path: Path, *, opset: int = OPSET) -> None:
@@ -185,16 +213,18 @@ def export_onnx(
         started = time.perf_counter()
         say(f"[1/4] loading {files.root}")
         lm = load_language_model(files, attn_implementation=SPLIT_ATTENTION, dtype=torch.float32)
-        say(f"[2/4] exporting the decoder graph (opset {opset})")
-        if qconfig.weights is None:
-            export_decoder(lm, work / DECODER_FILE, all_logits=all_logits, opset=opset)
-        else:
-            float_dir = work / "float"
-            float_dir.mkdir()
-            export_decoder(lm, float_dir / DECODER_FILE, all_logits=all_logits, opset=opset)
+        say(f"[2/4] exporting the decoder and head graphs (opset {opset})")
+        float_dir = work if qconfig.weights is None else work / "float"
+        float_dir.mkdir(exist_ok=True)
+        export_decoder(lm, float_dir / DECODER_FILE, all_logits=all_logits, opset=opset)
+        export_heads(lm, layout.image_ids, float_dir / TEXT_HEAD_FILE, float_dir / IMAGE_HEAD_FILE,
+                     all_positions=all_logits, opset=opset)
+        if qconfig.weights is not None:
             del lm
-            say(f"      quantizing decoder weights to {qconfig.weights} (block {qconfig.block_size})")
-            quantize_decoder(float_dir / DECODER_FILE, work / DECODER_FILE, qconfig)
+            gc.collect()
+            for name in LM_GRAPHS:
+                say(f"      quantizing {name} weights to {qconfig.weights} (block {qconfig.block_size})")
+                quantize_decoder(float_dir / name, work / name, qconfig)
             shutil.rmtree(float_dir)
         say("[3/4] exporting the VQ encoder and decoder graphs")
         export_vq(load_vq(files), work / VQ_ENCODER_FILE, work / VQ_DECODER_FILE, opset=opset)
@@ -213,8 +243,11 @@ def export_onnx(
                 "kv_contract": "split-cache-v1",
             },
             "graphs": {
-                "decoder": {"file": DECODER_FILE, "logits": "all" if all_logits else "last",
+                "decoder": {"file": DECODER_FILE, "positions": "all" if all_logits else "last",
                             "inputs": decoder_io_names(config["num_hidden_layers"])[0], "outputs": outputs},
+                "lm_head": {"file": TEXT_HEAD_FILE, "inputs": ["hidden"], "outputs": ["logits"]},
+                "image_head": {"file": IMAGE_HEAD_FILE, "inputs": ["hidden"], "outputs": ["image_logits"],
+                               "rows": "image token ids in code order (TokenLayout.image_ids)"},
                 "vq_encoder": {"file": VQ_ENCODER_FILE, "inputs": ["pixels"], "outputs": ["codes"], "downsample": 8},
                 "vq_decoder": {"file": VQ_DECODER_FILE, "inputs": ["codes"], "outputs": ["pixels"]},
             },

@@ -79,7 +79,7 @@ def build_tensorrt(
     workspace_gib: float = 8.0,
     progress: Callable[[str], None] | None = print,
 ) -> Path:
-    """Build ``decoder.engine``, ``vq_encoder.engine`` and ``vq_decoder.engine`` from a float export."""
+    """Build ``decoder``, ``lm_head``, ``image_head``, ``vq_encoder`` and ``vq_decoder`` engines from a float export."""
     manifest = Manifest.load(onnx_dir)
     if manifest.quantization != "float":
         raise ManifestError(
@@ -146,6 +146,9 @@ def build_tensorrt(
         decoder_shapes.append({k: tuple(v) for k, v in shapes.items()})
     side = 2 * max(int(k) for k in manifest.data["tokens"]["grid_ids"]) * 32 if manifest.data["tokens"]["grid_ids"] else 512
     build("decoder", decoder_shapes)
+    hidden = model["hidden_size"]
+    for head in ("lm_head", "image_head"):
+        build(head, [{"hidden": ((1, hidden), (2, hidden), (2, hidden))}])
     build("vq_encoder", [{"pixels": ((1, 3, 32, 32), (1, 3, 512, 512), (1, 3, side, side))}])
     build("vq_decoder", [{"codes": ((1, 4, 4), (1, 64, 64), (1, side // 8, side // 8))}])
     info = {"source": str(Path(onnx_dir).resolve()), "fp16": fp16,

@@ -1,7 +1,8 @@
 """The decode loop: prompt -> text -> one image block, shared by every backend.
 
 A backend only has to provide a ``Decoder`` (prefill, one unconditional branch, steps
-that feed the same tokens to every live branch). Forced tokens cost nothing extra: the
+that feed the same tokens to every live branch, with logits over the whole vocabulary or
+over the image tokens only). Forced tokens cost nothing extra: the
 image header is fed in one call, and each row end rides along with the row's last code,
 so an h x w image takes h*w decoder calls, not h*(w+1)+3.
 """
@@ -34,8 +35,13 @@ class Decoder(Protocol):
         """Open the unconditional (CFG) branch: an empty context with positions starting at 0."""
         ...
 
-    def step(self, ids: np.ndarray) -> np.ndarray:
-        """Append the same tokens to every live branch; returns (branches, V) logits of the last position."""
+    def step(self, ids: np.ndarray, image: bool = False) -> np.ndarray:
+        """Append the same tokens to every live branch; returns logits of the last position.
+
+        ``image=False``: (branches, V) over the whole vocabulary. ``image=True``: (branches,
+        codebook) over the image tokens only, in code order — exact inside an image, where
+        every other id is masked, and the head does a quarter of the work.
+        """
         ...
 
 
@@ -104,20 +110,19 @@ def generate(
     cfg = config.uses_cfg
     if cfg:
         decoder.begin_unconditional()
-    logits = decoder.step(header)
+    logits = decoder.step(header, image=True)
     image_ids = layout.image_ids
     codes = np.empty((h, w), dtype=np.int64)
     entropy = np.empty((h, w), dtype=np.float32)
     for r in range(h):
         for c in range(w):
-            rows = layout.image_logits(logits)
-            cond, uncond = rows[0], (rows[1] if cfg else None)
+            cond, uncond = logits[0], (logits[1] if cfg else None)
             code, ent = sampler.image_code(cond, uncond, config, rng)
             codes[r, c], entropy[r, c] = code, ent
             if c < w - 1:
-                logits = decoder.step(image_ids[code : code + 1])
+                logits = decoder.step(image_ids[code : code + 1], image=True)
             elif r < h - 1:
-                logits = decoder.step(np.array([image_ids[code], layout.row_end], dtype=np.int64))
+                logits = decoder.step(np.array([image_ids[code], layout.row_end], dtype=np.int64), image=True)
         if on_step is not None:
             on_step(r + 1, h)
         if cancel is not None and r < h - 1 and cancel():

@@ -2,7 +2,10 @@
 
 ``ChameleonStep`` defines the graph contract the ONNX export traces and the runtime serves:
 
-    (input_ids, attention_mask, position_ids, past keys/values) -> (last-position logits, new keys/values)
+    (input_ids, attention_mask, position_ids, past keys/values) -> (last hidden state, new keys/values)
+
+followed by one of two heads: ``lm_head`` (all logits, for text) or ``ImageHead`` (the
+image tokens' rows of ``lm_head`` only, for image steps, where every other id is masked anyway).
 
 where the past is the runtime's whole preallocated cache (B, heads, S, head_dim) and
 attention_mask (B, S + T) marks which of its S slots hold real positions, then the T new
@@ -164,7 +167,8 @@ class ChameleonStep(nn.Module):
         self.last_only = last_only
 
     def run(self, input_ids, mask, position_ids, cache, **layer_kwargs):
-        """Logits for new tokens; ``mask`` is additive (B, 1, T, keys)."""
+        """Final-norm hidden states of the new tokens ((B, hidden) for the last one with ``last_only``);
+        ``mask`` is additive (B, 1, T, keys)."""
         hidden = self.model.embed_tokens(input_ids)
         rope = self.model.rotary_emb(hidden, position_ids)
         for layer in self.model.layers:
@@ -172,15 +176,35 @@ class ChameleonStep(nn.Module):
                         use_cache=True, position_embeddings=rope, **layer_kwargs)
             hidden = out[0] if isinstance(out, tuple) else out
         hidden = self.model.norm(hidden)
-        if self.last_only:
-            hidden = hidden[:, -1:]  # (B, 1, hidden): keeps lm_head a MatMul, which weight-only quantizers handle
-        logits = self.lm_head(hidden).float()
-        return logits[:, -1] if self.last_only else logits
+        return hidden[:, -1] if self.last_only else hidden
 
     def forward(self, input_ids, attention_mask, position_ids, *past):
         cache = _SplitCache(past)
         mask = split_additive_mask(attention_mask, input_ids.shape[1], past[0].dtype)
         return (self.run(input_ids, mask, position_ids, cache, split_cache=cache), *cache.present)
+
+
+class ImageHead(nn.Module):
+    """``lm_head`` restricted to the image tokens, rows in code order: hidden -> (..., codebook) logits."""
+
+    def __init__(self, lm, image_ids: np.ndarray):
+        super().__init__()
+        rows = torch.as_tensor(np.asarray(image_ids), device=lm.lm_head.weight.device)
+        self.weight = nn.Parameter(lm.lm_head.weight.detach()[rows].clone(), requires_grad=False)
+
+    def forward(self, hidden):
+        return torch.matmul(hidden.unsqueeze(-2), self.weight.t()).squeeze(-2).float()  # MatMul for quantizers
+
+
+class TextHead(nn.Module):
+    """The full ``lm_head`` as its own graph: hidden -> (..., V) float32 logits."""
+
+    def __init__(self, lm):
+        super().__init__()
+        self.lm_head = lm.lm_head
+
+    def forward(self, hidden):
+        return self.lm_head(hidden.unsqueeze(-2)).squeeze(-2).float()
 
 
 def kv_shape(config) -> tuple[int, int]:
@@ -190,22 +214,24 @@ def kv_shape(config) -> tuple[int, int]:
 
 
 class TorchDecoder:
-    """The torch backend's Decoder: a static KV cache, and CFG as batch 2 once the image starts,
-    so the weights are read once per step.
+    """The torch backend's Decoder: a static KV cache, CFG as batch 2 once the image starts (so the
+    weights are read once per step), and the image-rows head inside the image.
 
     The unconditional row shares the cache's positions with the conditional one but masks
     out the prompt positions, so it sees only the image block, at positions from 0.
     """
 
-    def __init__(self, lm, device: str = "cpu"):
+    def __init__(self, lm, image_head: ImageHead, device: str = "cpu"):
         self.step_fn = ChameleonStep(lm).eval()
+        self.text_head = TextHead(lm).eval()
+        self.image_head = image_head.eval()
         self.device = torch.device(device)
         self.dtype = lm.model.embed_tokens.weight.dtype
         self.layers = lm.config.num_hidden_layers
         self.heads, self.head_dim = kv_shape(lm.config)
 
     @torch.inference_mode()
-    def _run(self, ids: np.ndarray) -> np.ndarray:
+    def _run(self, ids: np.ndarray, image: bool) -> np.ndarray:
         b, t, p = self.batch, len(ids), self.cache.length
         if p + t > self.mask.shape[1]:
             raise GenerationError(f"KV cache capacity {self.mask.shape[1]} exceeded")
@@ -213,10 +239,10 @@ class TorchDecoder:
         positions = self.next_pos[:b].unsqueeze(1) + torch.arange(t, device=self.device)
         self.mask[:b, p:p + t] = 1
         mask = additive_mask(self.mask[:b, :p + t], t, self.dtype)
-        logits = self.step_fn.run(input_ids, mask, positions, self.cache)
+        hidden = self.step_fn.run(input_ids, mask, positions, self.cache)
         self.cache.length += t
         self.next_pos[:b] += t
-        return logits.cpu().numpy()
+        return (self.image_head if image else self.text_head)(hidden).cpu().numpy()
 
     def prefill(self, ids: np.ndarray, capacity: int) -> np.ndarray:
         capacity = max(capacity, len(ids))
@@ -224,10 +250,10 @@ class TorchDecoder:
         self.mask = torch.zeros(2, capacity, dtype=torch.int64, device=self.device)
         self.next_pos = torch.zeros(2, dtype=torch.int64, device=self.device)
         self.batch = 1
-        return self._run(ids)
+        return self._run(ids, image=False)
 
     def begin_unconditional(self) -> None:
         self.batch = 2  # row 1: no past (mask 0 over the prompt), positions from 0
 
-    def step(self, ids: np.ndarray) -> np.ndarray:
-        return self._run(ids)
+    def step(self, ids: np.ndarray, image: bool = False) -> np.ndarray:
+        return self._run(ids, image)

@@ -10,7 +10,7 @@ import torch
 from .checkpoint import CheckpointFiles, load_vq_state_dict
 from .components import Components
 from .errors import CheckpointError, MissingDependencyError
-from .lm import TorchDecoder, load_language_model
+from .lm import ImageHead, TorchDecoder, load_language_model
 from .prompt import TextTokenizer
 from .tokens import TokenLayout
 from .vq import VQConfig, VQModel
@@ -70,11 +70,12 @@ def load_components(path, *, device: str = "cpu", dtype: torch.dtype | None = No
         raise CheckpointError(
             f"the VQ codebook has {vq.config.codebook_size} codes but the tokenizer has {layout.codebook_size} image tokens"
         )
+    image_head = ImageHead(lm, layout.image_ids)  # built once: the image rows of lm_head, in code order
     return Components(
         layout=layout,
         tokenizer=TextTokenizer(files.tokenizer),
         codec=TorchCodec(vq, device),
-        new_decoder=lambda: TorchDecoder(lm, device),
+        new_decoder=lambda: TorchDecoder(lm, image_head, device),
         max_positions=config["max_position_embeddings"],
         description=f"torch ({device}, {str(dtype).removeprefix('torch.')}{', ' + quantization if quantization else ''})",
     )

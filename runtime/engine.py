@@ -5,7 +5,9 @@ The KV cache is allocated once per restoration, for the whole sequence: one
 Every call binds those buffers as the graph's ``past`` input and a small preallocated
 scratch as its ``new_key_values`` output; the graph attends over the cache slots without
 copying them (see pure_lite.lm.ChameleonStep), and the engine then writes the T new keys
-and values into their slots. Nothing is concatenated or reallocated per step.
+and values into their slots. Nothing is concatenated or reallocated per step. The decoder's
+last hidden state then goes through the text head (all logits) or, inside an image, the
+image head (the image tokens' logits only).
 """
 
 from __future__ import annotations
@@ -53,27 +55,32 @@ class KVBuffers:
 class OnnxDecoder:
     """The runtime's Decoder (see pure_lite.generate): prefill, CFG as batch 2, cache written in place."""
 
-    def __init__(self, session, manifest: Manifest, device: str):
+    def __init__(self, sessions: dict, manifest: Manifest, device: str):
         model = manifest.model
-        if model.get("kv_contract") != "split-cache-v1":
+        if model.get("kv_contract") != "split-cache-v1" or "image_head" not in manifest.graphs:
             raise ManifestError("this export predates the split-cache decoder contract; export it again")
-        self.session, self.device = session, device
+        self.session, self.device = sessions["decoder"], device
         self.layers = model["num_hidden_layers"]
         self.heads, self.head_dim = model["num_key_value_heads"], model["head_dim"]
-        self.vocab = model["vocab_size"]
+        self.hidden_size = model["hidden_size"]
         inputs, outputs = manifest.graphs["decoder"]["inputs"], manifest.graphs["decoder"]["outputs"]
         self.past_names, self.new_names = inputs[3:], outputs[1:]
-        self.binding = session.io_binding()
+        self.binding = self.session.io_binding()
+        # (session, binding, output name, width) per head
+        self.text_head = (sessions["lm_head"], sessions["lm_head"].io_binding(), "logits", model["vocab_size"])
+        codebook = manifest.data["tokens"]["codebook_size"]
+        self.image_head = (sessions["image_head"], sessions["image_head"].io_binding(), "image_logits", codebook)
         self.kv: KVBuffers | None = None
 
     def prefill(self, ids: np.ndarray, capacity: int) -> np.ndarray:
         capacity = max(capacity, len(ids))
         self.kv = KVBuffers(self.layers, self.heads, capacity, self.head_dim, max(len(ids), 3), self.device)
-        self.logits = np.zeros((2, self.vocab), np.float32)
+        self.hidden = np.zeros((2, self.hidden_size), np.float32)
+        self.outputs = {head[2]: np.zeros((2, head[3]), np.float32) for head in (self.text_head, self.image_head)}
         self.valid = np.zeros((2, capacity), np.int64)  # which cache slots hold real positions, per row
         self.batch, self.length = 1, 0
         self.next_pos = np.zeros(2, np.int64)
-        return self._run(ids)
+        return self._run(ids, image=False)
 
     def begin_unconditional(self) -> None:
         """Row 1 joins with no past: its slots stay invalid (mask 0) and its positions start at 0."""
@@ -81,10 +88,10 @@ class OnnxDecoder:
         self.valid[1] = 0
         self.next_pos[1] = 0
 
-    def step(self, ids: np.ndarray) -> np.ndarray:
-        return self._run(ids)
+    def step(self, ids: np.ndarray, image: bool = False) -> np.ndarray:
+        return self._run(ids, image)
 
-    def _run(self, ids: np.ndarray) -> np.ndarray:
+    def _run(self, ids: np.ndarray, image: bool) -> np.ndarray:
         b, t, p = self.batch, len(ids), self.length
         kv = self.kv
         if p + t > kv.capacity or t > kv.max_new:
@@ -101,7 +108,7 @@ class OnnxDecoder:
             bind.bind_input(name, kv.device, 0, np.float32, past_shape, kv.pointer(buf))
         for name, buf in zip(self.new_names, kv.scratch):
             bind.bind_output(name, kv.device, 0, np.float32, new_shape, kv.pointer(buf))
-        bind.bind_output("logits", "cpu", 0, np.float32, [b, self.vocab], self.logits.ctypes.data)
+        bind.bind_output("hidden", "cpu", 0, np.float32, [b, self.hidden_size], self.hidden.ctypes.data)
         self.session.run_with_iobinding(bind)
         n = b * self.heads * t * self.head_dim
         for buf, new in zip(kv.cache, kv.scratch):
@@ -109,7 +116,11 @@ class OnnxDecoder:
         self.valid[:b, p:p + t] = 1
         self.length = p + t
         self.next_pos[:b] += t
-        return self.logits[:b]
+        session, head_bind, name, width = self.image_head if image else self.text_head
+        head_bind.bind_input("hidden", "cpu", 0, np.float32, [b, self.hidden_size], self.hidden.ctypes.data)
+        head_bind.bind_output(name, "cpu", 0, np.float32, [b, width], self.outputs[name].ctypes.data)
+        session.run_with_iobinding(head_bind)
+        return self.outputs[name][:b]
 
 
 class OnnxCodec:
@@ -145,13 +156,13 @@ def load_components(export_dir: str | Path, *, providers: Sequence[str] | None =
     layout = TokenLayout.from_tokenizer_file(manifest.root / tokens["tokenizer"], vocab_size=tokens["vocab_size"])
     if (layout.image_start, layout.end_of_turn) != (tokens["image_start"], tokens["end_of_turn"]):
         raise ManifestError(f"{export_dir}: tokenizer.json disagrees with the manifest's token layout")
-    decoder = session("decoder")
+    lm_sessions = {name: session(name) for name in ("decoder", "lm_head", "image_head")}
     codec = OnnxCodec(session("vq_encoder"), session("vq_decoder"))
     return Components(
         layout=layout,
         tokenizer=TextTokenizer(manifest.root / tokens["tokenizer"]),
         codec=codec,
-        new_decoder=lambda: OnnxDecoder(decoder, manifest, device),
+        new_decoder=lambda: OnnxDecoder(lm_sessions, manifest, device),
         max_positions=manifest.model["max_position_embeddings"],
         description=f"onnxruntime ({', '.join(chosen)}; weights {manifest.quantization})",
     )

@@ -6,7 +6,7 @@ import torch
 
 from pure_lite.checkpoint import CheckpointFiles
 from pure_lite.generate import generate
-from pure_lite.lm import TorchDecoder, load_language_model
+from pure_lite.lm import ImageHead, TorchDecoder, load_language_model
 from pure_lite.prompt import TextTokenizer, prompt_ids
 from pure_lite.sampling import SamplingConfig
 from pure_lite.tokens import TokenLayout
@@ -17,8 +17,8 @@ from conftest import TARGET
 class RecomputeDecoder:
     """No cache at all: every call runs the whole sequence of each branch through ``lm.model``."""
 
-    def __init__(self, lm):
-        self.lm = lm
+    def __init__(self, lm, layout):
+        self.lm, self.layout = lm, layout
 
     @torch.no_grad()
     def _logits(self, seq):
@@ -32,10 +32,11 @@ class RecomputeDecoder:
     def begin_unconditional(self):
         self.seqs.append([])
 
-    def step(self, ids):
+    def step(self, ids, image=False):
         for s in self.seqs:
             s.extend(int(i) for i in ids)
-        return np.concatenate([self._logits(s) for s in self.seqs])
+        logits = np.concatenate([self._logits(s) for s in self.seqs])
+        return self.layout.image_logits(logits) if image else logits
 
 
 @pytest.fixture(scope="module", params=["eager", "sdpa"])
@@ -55,7 +56,7 @@ def test_kv_cache_equals_full_recompute_greedy(loaded, cfg_scale):
     config = SamplingConfig(temperature=0.0, cfg_scale=cfg_scale, max_text_tokens=6)
     runs = [
         generate(dec, prompt, layout, TARGET, config, np.random.default_rng(0), max_positions=4096)
-        for dec in (TorchDecoder(lm), RecomputeDecoder(lm))
+        for dec in (TorchDecoder(lm, ImageHead(lm, layout.image_ids)), RecomputeDecoder(lm, layout))
     ]
     np.testing.assert_array_equal(runs[0].tokens, runs[1].tokens)
     np.testing.assert_allclose(runs[0].entropy, runs[1].entropy, rtol=1e-4, atol=1e-4)
@@ -63,8 +64,9 @@ def test_kv_cache_equals_full_recompute_greedy(loaded, cfg_scale):
 
 def test_step_logits_match_recompute(loaded):
     lm, layout, prompt = loaded
-    a, b = TorchDecoder(lm), RecomputeDecoder(lm)
+    a, b = TorchDecoder(lm, ImageHead(lm, layout.image_ids)), RecomputeDecoder(lm, layout)
     np.testing.assert_allclose(a.prefill(prompt, len(prompt) + 16), b.prefill(prompt, 0), atol=1e-4, rtol=1e-4)
     a.begin_unconditional(), b.begin_unconditional()
-    for ids in (layout.header(TARGET, TARGET), layout.image_ids[[3]], layout.image_ids[[5, 7]]):
-        np.testing.assert_allclose(a.step(ids), b.step(ids), atol=1e-4, rtol=1e-4)
+    for ids, image in ((layout.header(TARGET, TARGET), True), (layout.image_ids[[3]], False),
+                       (layout.image_ids[[5, 7]], True)):
+        np.testing.assert_allclose(a.step(ids, image), b.step(ids, image), atol=1e-4, rtol=1e-4)

@@ -19,16 +19,24 @@ def _session(path):
     return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
 
 
-def _run_onnx(sess, ids, mask, pos, past):
-    names = [i.name for i in sess.get_inputs()]
-    out = sess.run(None, dict(zip(names, [ids, mask, pos, *past])))
-    return out[0], out[1:]
+def _run_onnx(sessions, ids, mask, pos, past):
+    """Decoder graph, then the full-vocabulary head graph."""
+    decoder, head = sessions
+    names = [i.name for i in decoder.get_inputs()]
+    out = decoder.run(None, dict(zip(names, [ids, mask, pos, *past])))
+    return head.run(None, {"hidden": out[0]})[0], out[1:]
+
+
+def _onnx_sessions(folder):
+    manifest = Manifest.load(folder)
+    return _session(manifest.path("decoder")), _session(manifest.path("lm_head"))
 
 
 def _run_torch(step, ids, mask, pos, past):
     with torch.no_grad():
         out = step(*(torch.from_numpy(x) for x in (ids, mask, pos, *past)))
-    return out[0].numpy(), [p.numpy() for p in out[1:]]
+        logits = step.lm_head(out[0])
+    return logits.numpy(), [p.numpy() for p in out[1:]]
 
 
 def _drive(fn, lm_config, prompts, steps, feed=None):
@@ -79,9 +87,9 @@ def exported(request):
 def test_decoder_graph_matches_torch(exported, prompts):
     ckpt, out, lm = exported
     manifest = Manifest.load(out)
-    sess = _session(manifest.path("decoder"))
+    sessions = _onnx_sessions(out)
     step = ChameleonStep(lm).eval()
-    a = _drive(lambda *x: _run_onnx(sess, *x), manifest.model, prompts, 10)
+    a = _drive(lambda *x: _run_onnx(sessions, *x), manifest.model, prompts, 10)
     b = _drive(lambda *x: _run_torch(step, *x), manifest.model, prompts, 10)
     np.testing.assert_allclose(a, b, atol=1e-4, rtol=0)
 
@@ -104,12 +112,13 @@ def test_manifest_contents(export_pure_float, pure_layout):
     tokens = data["tokens"]
     assert (tokens["image_start"], tokens["row_end"], tokens["end_of_turn"]) == (8197, 8803, 8710)
     assert tokens["vocab_size"] == 73728 and tokens["codebook_size"] == 16384
-    assert set(data["files"]) >= {"decoder.onnx", "decoder.onnx.data", "tokenizer.json"}
+    assert set(data["files"]) >= {"decoder.onnx", "decoder.onnx.data", "tokenizer.json", "lm_head.onnx",
+                                  "image_head.onnx"}
     assert data["sampling"]["temperature"] == 0.9
     sess = _session(export_pure_float / "decoder.onnx")
     assert [i.name for i in sess.get_inputs()][:4] == ["input_ids", "attention_mask", "position_ids",
                                                         "past_key_values.0.key"]
-    assert [o.name for o in sess.get_outputs()][:2] == ["logits", "new_key_values.0.key"]
+    assert [o.name for o in sess.get_outputs()][:2] == ["hidden", "new_key_values.0.key"]
     assert sess.get_inputs()[3].shape == ["batch", 4, "cache_slots", 8]
 
 
@@ -128,8 +137,8 @@ def _linear_weight_bytes(path):
 
 
 def _teacher_forced_logits(out, prompt, feed):
-    sess = _session(Manifest.load(out).path("decoder"))
-    return _drive(lambda *x: _run_onnx(sess, *x), Manifest.load(out).model, [prompt], len(feed), feed=feed)
+    sessions = _onnx_sessions(out)
+    return _drive(lambda *x: _run_onnx(sessions, *x), Manifest.load(out).model, [prompt], len(feed), feed=feed)
 
 
 @pytest.mark.parametrize("quant, max_ratio, min_top1, max_err", [
@@ -145,7 +154,9 @@ def _teacher_forced_logits(out, prompt, feed):
 ])
 def test_quantized_exports_shrink_and_stay_close(request, export_compact_float, quant, max_ratio, min_top1, max_err):
     out = request.getfixturevalue(f"export_compact_{quant}")
-    ratio = _linear_weight_bytes(out / "decoder.onnx") / _linear_weight_bytes(export_compact_float / "decoder.onnx")
+    graphs = ("decoder.onnx", "lm_head.onnx", "image_head.onnx")
+    ratio = (sum(_linear_weight_bytes(out / g) for g in graphs)
+             / sum(_linear_weight_bytes(export_compact_float / g) for g in graphs))
     assert ratio <= max_ratio
     manifest = Manifest.load(out)
     assert manifest.quantization == quant
@@ -238,3 +249,12 @@ def test_export_refuses_non_empty_output(tiny_compact, tmp_path):
     with pytest.raises(PureLiteError, match="not empty"):
         export_onnx(tiny_compact, tmp_path, progress=None)
     assert (tmp_path / "keep.txt").read_text() == "mine"
+
+
+def test_image_head_equals_the_image_columns_of_the_full_head(export_pure_float, pure_layout):
+    manifest = Manifest.load(export_pure_float)
+    hidden = np.random.default_rng(0).normal(size=(2, manifest.model["hidden_size"])).astype(np.float32)
+    full = _session(manifest.path("lm_head")).run(None, {"hidden": hidden})[0]
+    image = _session(manifest.path("image_head")).run(None, {"hidden": hidden})[0]
+    assert image.shape == (2, 16384)
+    np.testing.assert_allclose(image, pure_layout.image_logits(full), atol=1e-5, rtol=0)

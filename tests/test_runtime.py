@@ -50,8 +50,8 @@ def test_kv_cache_allocated_once_per_restoration(export_compact_float, rgb_image
         dec = make()
         run = dec._run
 
-        def recording_run(ids):
-            out = run(ids)
+        def recording_run(ids, image):
+            out = run(ids, image)
             seen.append((id(dec.kv), tuple(dec.kv.pointer(b) for b in dec.kv.cache + dec.kv.scratch)))
             return out
 

@@ -73,9 +73,10 @@ class FakeDecoder:
     def begin_unconditional(self):
         self.branches = 2
 
-    def step(self, ids):
+    def step(self, ids, image=False):
         self.fed.append(np.asarray(ids).copy())
-        return self._logits()
+        logits = self._logits()
+        return self.layout.image_logits(logits) if image else logits
 
 
 def test_structure_forced_and_text_greedy(compact_layout):
