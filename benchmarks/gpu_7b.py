@@ -56,9 +56,9 @@ def main() -> None:
         return model
 
     prompt = np.random.default_rng(0).integers(4, 8196, args.prompt)
-    for quant in ("fp16", "nf4"):
-        model = build(quant)
-        image_ids = np.concatenate([np.arange(4, 8196), np.arange(65536, 73728)])
+    image_ids = np.concatenate([np.arange(4, 8196), np.arange(65536, 73728)])
+
+    def measure(model) -> dict:
         dec = TorchDecoder(model, ImageHead(model, image_ids), "cuda")
         dec.prefill(prompt, capacity=args.prompt + args.steps + 4)
         dec.begin_unconditional()
@@ -84,10 +84,12 @@ def main() -> None:
             fwd([4 + i % 8192], uncond)
         torch.cuda.synchronize()
         ref = args.steps / (time.perf_counter() - t)
-        results["variants"][quant] = {"pure_lite_steps_per_s": ours, "reference_steps_per_s": ref,
-                                      "peak_gpu_mem_gb": torch.cuda.max_memory_allocated() / 1e9}
+        return {"pure_lite_steps_per_s": ours, "reference_steps_per_s": ref,
+                "peak_gpu_mem_gb": torch.cuda.max_memory_allocated() / 1e9}
+
+    for quant in ("fp16", "nf4"):
+        results["variants"][quant] = measure(build(quant))
         print(quant, results["variants"][quant], flush=True)
-        del model, dec
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     print("RESULT " + json.dumps(results))

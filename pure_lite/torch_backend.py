@@ -43,7 +43,7 @@ class TorchCodec:
 
 def _bnb_config(quantization: Quantization, compute_dtype: torch.dtype):
     try:
-        import bitsandbytes  # noqa: F401
+        import bitsandbytes  # noqa: F401  (transformers needs it installed; fail here with a clear message)
         from transformers import BitsAndBytesConfig
     except ImportError as exc:
         raise MissingDependencyError(
