@@ -145,6 +145,9 @@ def load_components(export_dir: str | Path, *, providers: Sequence[str] | None =
     device = device_of(chosen)
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # Decoder and head sessions run back to back: threads that spin-wait after one session's run
+    # steal the cores from the next (measured on 2 cores: 43 -> 69 image steps/s with spinning off).
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
 
     def session(graph: str):
         try:
