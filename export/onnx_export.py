@@ -44,7 +44,7 @@ from pure_lite.manifest import write_manifest
 from pure_lite.sampling import SamplingConfig
 from pure_lite.tokens import TokenLayout
 
-from .quantize import QuantizationConfig, quantize_decoder
+from .quantize import QuantizationConfig, quantize_graph
 
 OPSET = 18
 DECODER_FILE, VQ_ENCODER_FILE, VQ_DECODER_FILE = "decoder.onnx", "vq_encoder.onnx", "vq_decoder.onnx"
@@ -224,7 +224,7 @@ def export_onnx(
             gc.collect()
             for name in LM_GRAPHS:
                 say(f"      quantizing {name} weights to {qconfig.weights} (block {qconfig.block_size})")
-                quantize_decoder(float_dir / name, work / name, qconfig)
+                quantize_graph(float_dir / name, work / name, qconfig)
             shutil.rmtree(float_dir)
         say("[3/4] exporting the VQ encoder and decoder graphs")
         export_vq(load_vq(files), work / VQ_ENCODER_FILE, work / VQ_DECODER_FILE, opset=opset)

@@ -59,7 +59,7 @@ class QuantizationConfig:
         }
 
 
-def quantize_decoder(src: Path, dst: Path, config: QuantizationConfig) -> None:
+def quantize_graph(src: Path, dst: Path, config: QuantizationConfig) -> None:
     """Write a weight-quantized copy of a float language-model graph (decoder or head) to ``dst`` (+ ``.data``)."""
     import onnx
     from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
