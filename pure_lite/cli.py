@@ -125,6 +125,22 @@ def _train_vq(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval(args: argparse.Namespace) -> int:
+    from .evaluate import evaluate, write_report
+    from .restorer import Restorer
+    from .train.data import IMAGE_SUFFIXES
+
+    images = sorted(p for p in Path(args.images).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not images:
+        raise PureLiteError(f"no images in {args.images}")
+    report = evaluate(Restorer.from_pretrained(args.model), images, size=args.size, scale=args.scale,
+                      seed=args.seed, progress=_tqdm())
+    json_path, md_path = write_report(report, args.output)
+    print(report.markdown())
+    print(f"wrote {json_path} and {md_path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pure-lite", description="PURE real-world image super-resolution")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -206,6 +222,15 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--crop", type=int, default=64)
     v.add_argument("--seed", type=int, default=0)
     v.set_defaults(func=_train_vq)
+
+    ev = sub.add_parser("eval", help="PSNR/SSIM of restorations vs bicubic on degraded HQ images")
+    ev.add_argument("--model", required=True, help="checkpoint or exported folder")
+    ev.add_argument("--images", required=True, help="folder of HQ images")
+    ev.add_argument("--size", type=int, default=512, help="HQ side in pixels (default: 512)")
+    ev.add_argument("--scale", type=int, default=4)
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("-o", "--output", required=True, help="report path (writes .json and .md)")
+    ev.set_defaults(func=_eval)
     return parser
 
 

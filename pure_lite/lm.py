@@ -189,7 +189,7 @@ class ImageHead(nn.Module):
 
     def __init__(self, lm, image_ids: np.ndarray):
         super().__init__()
-        rows = torch.as_tensor(np.asarray(image_ids), device=lm.lm_head.weight.device)
+        rows = torch.as_tensor(np.array(image_ids), device=lm.lm_head.weight.device)
         self.weight = nn.Parameter(lm.lm_head.weight.detach()[rows].clone(), requires_grad=False)
 
     def forward(self, hidden):
