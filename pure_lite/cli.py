@@ -54,7 +54,8 @@ def _restore(args: argparse.Namespace) -> int:
             print(f"error: {message}", file=sys.stderr)
             continue
         print(f"{src} -> {dst}")
-        print(f"  text: {result.text!r}")
+        text = result.text if len(result.text) <= 300 else result.text[:300] + f"... ({len(result.text)} characters)"
+        print(f"  text: {text!r}")
     return 1 if failures else 0
 
 
