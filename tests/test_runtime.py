@@ -99,6 +99,8 @@ from pure_lite import Restorer, SamplingConfig
 r = Restorer.from_pretrained({str(export_compact_float)!r})
 res = r.restore(np.zeros((32, 32, 3), np.uint8), seed=0, target_size=64, sampling=SamplingConfig(max_text_tokens=2))
 assert res.image.size == (64, 64)
+import pure_lite.cli
+pure_lite.cli.build_parser()  # the command line is torch-free too
 bad = sorted(m for m in sys.modules if m == "torch" or m.startswith(("torch.", "transformers")))
 print("LEAKED", bad)
 """
