@@ -96,13 +96,16 @@ class OnnxDecoder:
         kv = self.kv
         if p + t > kv.capacity or t > kv.max_new:
             raise GenerationError(f"KV cache capacity {kv.capacity} exceeded")
-        mask = np.ones((b, kv.capacity + t), np.int64)
-        mask[:, :kv.capacity] = self.valid[:b]
+        # The prompt needs no cache slots at all: binding none skips scoring T queries against
+        # `capacity` empty slots (most of the prefill's attention work).
+        slots = kv.capacity if p else 0
+        mask = np.ones((b, slots + t), np.int64)
+        mask[:, :slots] = self.valid[:b, :slots]
         bind = self.binding
         bind.bind_cpu_input("input_ids", np.ascontiguousarray(np.broadcast_to(ids, (b, t)), dtype=np.int64))
         bind.bind_cpu_input("attention_mask", mask)
         bind.bind_cpu_input("position_ids", (self.next_pos[:b, None] + np.arange(t)).astype(np.int64))
-        past_shape = [b, self.heads, kv.capacity, self.head_dim]
+        past_shape = [b, self.heads, slots, self.head_dim]
         new_shape = [b, self.heads, t, self.head_dim]
         for name, buf in zip(self.past_names, kv.cache):
             bind.bind_input(name, kv.device, 0, np.float32, past_shape, kv.pointer(buf))
