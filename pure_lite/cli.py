@@ -11,7 +11,7 @@ from .export.quantize import QuantizationConfig
 from .sampling import SamplingConfig
 
 _DEFAULTS = SamplingConfig()
-QuantizationDefaults = QuantizationConfig()
+_QUANT_DEFAULTS = QuantizationConfig()
 
 
 def _outputs(inputs: list[Path], output: Path) -> list[Path]:
@@ -172,8 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--quant", choices=["none", "int8", "int4"], default="none",
                    help="weight-only quantization of the decoder (default: none)")
     e.add_argument("--format", choices=["onnx", "tensorrt"], default="onnx", help="output format (default: onnx)")
-    e.add_argument("--block-size", type=int, default=QuantizationDefaults.block_size,
-                   help=f"quantization block size (default: {QuantizationDefaults.block_size})")
+    e.add_argument("--block-size", type=int, default=_QUANT_DEFAULTS.block_size,
+                   help=f"quantization block size (default: {_QUANT_DEFAULTS.block_size})")
     e.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     e.set_defaults(func=_export)
 
