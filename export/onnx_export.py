@@ -185,13 +185,15 @@ def export_onnx(
     quantization: Literal["int8", "int4"] | None = None,
     block_size: int = QuantizationConfig.block_size,
     all_logits: bool = False,
+    image_size: int = 512,
     opset: int = OPSET,
     overwrite: bool = False,
     progress: Callable[[str], None] | None = print,
 ) -> Path:
     """Export ``model_dir`` to ``out_dir``; the folder appears complete or not at all.
 
-    Peak memory is about the float model in torch plus one float copy of the decoder
+    ``image_size`` is the output side the model was trained for, recorded in the manifest as the
+    runtime's default ``target_size``. Peak memory is about the float model in torch plus one float copy of the decoder
     graph (during quantization, the float graph and its quantized copy).
     """
     import torch
@@ -199,6 +201,8 @@ def export_onnx(
     from pure_lite.lm import SPLIT_ATTENTION, load_language_model
     from pure_lite.torch_backend import load_vq
 
+    if image_size <= 0 or image_size % 8:
+        raise ValueError(f"image_size must be a positive multiple of 8, got {image_size}")
     qconfig = QuantizationConfig(weights=quantization, block_size=block_size)
     say = progress or (lambda message: None)
     out = Path(out_dir)
@@ -240,7 +244,7 @@ def export_onnx(
                 "num_hidden_layers": config["num_hidden_layers"], "num_attention_heads": config["num_attention_heads"],
                 "num_key_value_heads": heads, "head_dim": config["hidden_size"] // config["num_attention_heads"],
                 "max_position_embeddings": config["max_position_embeddings"], "kv_dtype": "float32",
-                "kv_contract": "split-cache-v1",
+                "kv_contract": "split-cache-v1", "image_size": image_size,
             },
             "graphs": {
                 "decoder": {"file": DECODER_FILE, "positions": "all" if all_logits else "last",

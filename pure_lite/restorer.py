@@ -19,10 +19,17 @@ from PIL import Image
 
 from . import images
 from .components import Components
+from .errors import CheckpointError
 from .generate import generate
 from .prompt import parse_response, prompt_ids
 from .sampling import SamplingConfig
 from .tokens import GRID_PIXELS
+
+# PURE-tiny (docs/pure-tiny.md): trained by examples/train_pure_tiny.py, shipped as an int8 export so
+# that the package restores something real with no download. It is a demonstration, not PURE's quality.
+DEFAULT_MODEL = Path(__file__).parent / "models" / "pure_tiny"
+DEFAULT_MODEL_NOTICE = ("using PURE-tiny, a small demonstration model shipped with pure-lite (128x128 output); "
+                        "pass --model for a real PURE checkpoint or export")
 
 
 @dataclass(frozen=True)
@@ -48,7 +55,7 @@ class Restorer:
     @classmethod
     def from_pretrained(
         cls,
-        path: str | Path,
+        path: str | Path | None = None,
         *,
         backend: Literal["auto", "torch", "onnx"] = "auto",
         device: str = "cpu",
@@ -56,7 +63,7 @@ class Restorer:
         quantization: Literal["nf4", "int8"] | None = None,
         providers: Sequence[str] | None = None,
     ) -> "Restorer":
-        """Load a PURE checkpoint folder (SPEC §1) or a pure-lite export.
+        """Load a PURE checkpoint folder (SPEC §1) or a pure-lite export (None: the shipped PURE-tiny).
 
         ``backend="auto"`` serves a folder with ``pure_lite_manifest.json`` through the
         torch-free runtime (ONNX Runtime; ``providers`` overrides the CUDA-else-CPU choice)
@@ -65,6 +72,10 @@ class Restorer:
         """
         from .manifest import MANIFEST_FILE
 
+        if path is None:
+            if not (DEFAULT_MODEL / MANIFEST_FILE).is_file():
+                raise CheckpointError(f"this installation has no default model at {DEFAULT_MODEL}; pass a model path")
+            path = DEFAULT_MODEL
         if backend == "auto":
             backend = "onnx" if (Path(path) / MANIFEST_FILE).is_file() else "torch"
         if backend == "onnx":
@@ -85,20 +96,21 @@ class Restorer:
         *,
         seed: int | None = None,
         sampling: SamplingConfig = SamplingConfig(),
-        target_size: int = 512,
+        target_size: int | None = None,
         color_fix: bool = True,
         progress: bool = False,
         cancel: Callable[[], bool] | None = None,
     ) -> Restoration:
-        """Restore one image to ``target_size`` x ``target_size`` pixels.
+        """Restore one image to ``target_size`` x ``target_size`` pixels (default: the model's own size).
 
         ``seed`` makes sampling reproducible (None draws fresh entropy). ``progress``
         shows a bar over image rows. ``cancel`` is polled during decoding; returning True
         stops it with GenerationCancelled.
         """
+        c = self.components
+        target_size = c.image_size if target_size is None else target_size
         if target_size <= 0 or target_size % GRID_PIXELS:
             raise ValueError(f"target_size must be a positive multiple of {GRID_PIXELS}, got {target_size}")
-        c = self.components
         c.layout.header(target_size, target_size)  # fails early if the vocabulary lacks this grid size
         timings: dict[str, float] = {}
         t0 = time.perf_counter()

@@ -170,5 +170,6 @@ def load_components(export_dir: str | Path, *, providers: Sequence[str] | None =
         codec=codec,
         new_decoder=lambda: OnnxDecoder(lm_sessions, manifest, device),
         max_positions=manifest.model["max_position_embeddings"],
+        image_size=manifest.model.get("image_size", 512),
         description=f"onnxruntime ({', '.join(chosen)}; weights {manifest.quantization})",
     )

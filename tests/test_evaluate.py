@@ -37,3 +37,25 @@ def test_eval_reports_unavailable_metrics_as_unavailable(tiny_compact, tmp_path)
     assert set(report.degradation_accuracy) == {"noise", "blur", "jpeg"}
     json_path, md_path = write_report(report, tmp_path / "report")
     assert "unavailable" in md_path.read_text() and json_path.exists()
+
+
+def test_eval_reports_lpips_when_a_metric_is_given(tiny_compact, tmp_path):
+    from PIL import Image
+
+    from pure_lite import Restorer
+
+    a, _ = _pair()
+    path = tmp_path / "card.png"
+    Image.fromarray((a * 255).astype(np.uint8)).save(path)
+    calls = []
+
+    def fake_lpips(x, y):
+        calls.append(x.shape)
+        return float(np.abs(x - y).mean())
+
+    report = evaluate(Restorer.from_pretrained(tiny_compact), [path], size=64, scale=2, seed=0, lpips=fake_lpips)
+    assert calls == [(64, 64, 3), (64, 64, 3)]  # the restoration and the bicubic upscale
+    assert "lpips" not in report.unavailable and "niqe" in report.unavailable
+    assert report.mean["lpips"] == pytest.approx(report.images[0]["lpips"])
+    assert report.images[0]["bicubic_lpips"] != report.images[0]["lpips"]
+    assert "LPIPS" in report.markdown()
