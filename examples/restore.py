@@ -1,6 +1,8 @@
-"""Restore one image with the Python API and print what PURE perceived.
+"""Restore one image with the Python API and print what the model perceived.
 
-    python examples/restore.py MODEL_DIR examples/images/example.png out/restored.png [TARGET_SIZE]
+    python examples/restore.py examples/images/example.png out/restored.png [MODEL_DIR]
+
+Without MODEL_DIR the shipped PURE-tiny demonstration model is used, at its own size (128x128).
 """
 
 import sys
@@ -8,11 +10,10 @@ import sys
 import pure_lite
 
 if __name__ == "__main__":
-    model, src, dst = sys.argv[1:4]
-    size = int(sys.argv[4]) if len(sys.argv) > 4 else 512
+    src, dst = sys.argv[1:3]
+    model = sys.argv[3] if len(sys.argv) > 3 else None
     restorer = pure_lite.Restorer.from_pretrained(model)
-    result = restorer.restore(src, seed=0, target_size=size, progress=True,
-                              sampling=pure_lite.SamplingConfig(max_text_tokens=64))
+    result = restorer.restore(src, seed=0, progress=True)
     result.image.save(dst)
     print("degradation:", result.degradation)
     print("description:", result.description)

@@ -131,6 +131,16 @@ def _train_vq(args: argparse.Namespace) -> int:
     return 0
 
 
+def _default_eval_images() -> list[Path]:
+    """scikit-image's bundled photos that PURE-tiny never saw in training (chelsea, coffee)."""
+    try:
+        import skimage
+    except ImportError as exc:
+        raise PureLiteError("no --images given and scikit-image (the default photos) is not installed") from exc
+    folder = Path(skimage.__file__).parent / "data"
+    return [folder / "chelsea.png", folder / "coffee.png"]
+
+
 def _eval(args: argparse.Namespace) -> int:
     from .evaluate import evaluate, write_report
     from .restorer import Restorer
@@ -138,7 +148,10 @@ def _eval(args: argparse.Namespace) -> int:
 
     from .lpips import LPIPS, default_weights_path
 
-    images = sorted(p for p in Path(args.images).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if args.images is None:
+        images = _default_eval_images()
+    else:
+        images = sorted(p for p in Path(args.images).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not images:
         raise PureLiteError(f"no images in {args.images}")
     weights = Path(args.lpips_weights) if args.lpips_weights else default_weights_path()
@@ -259,7 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("eval", help="PSNR/SSIM of restorations vs bicubic on degraded HQ images")
     ev.add_argument("--model", help="checkpoint or exported folder (default: the shipped PURE-tiny demo)")
-    ev.add_argument("--images", required=True, help="folder of HQ images")
+    ev.add_argument("--images", help="folder of HQ images (default: scikit-image's chelsea and coffee photos, "
+                                     "held out from PURE-tiny's training)")
     ev.add_argument("--size", type=int, default=None, help="HQ side in pixels (default: the model's own)")
     ev.add_argument("--scale", type=int, default=4)
     ev.add_argument("--seed", type=int, default=0)

@@ -1,0 +1,49 @@
+"""The shipped default model, PURE-tiny (an int8 ONNX export inside the package)."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pure_lite import Restorer
+from pure_lite.manifest import Manifest
+from pure_lite.prompt import parse_degradation_levels
+from pure_lite.restorer import DEFAULT_MODEL
+
+pytest.importorskip("onnxruntime", reason="the default model runs on the runtime: install the [runtime] extra")
+
+EXAMPLE = Path(__file__).parents[1] / "examples" / "images" / "example.png"
+
+
+def test_shipped_manifest_checksums_verify_and_size_is_within_budget():
+    manifest = Manifest.load(DEFAULT_MODEL, verify_checksums=True)
+    assert manifest.quantization == "int8"
+    assert manifest.model["image_size"] == 128
+    total = sum(entry["bytes"] for entry in manifest.data["files"].values())
+    assert total <= 25 * 1024 * 1024, f"the default model grew to {total / 2**20:.1f} MiB (budget 25 MiB)"
+
+
+@pytest.fixture(scope="module")
+def default_restorer():
+    return Restorer.from_pretrained()
+
+
+def test_default_restore_is_deterministic_per_seed(default_restorer):
+    lq = np.asarray(Image.open(EXAMPLE).convert("RGB"))
+    a = default_restorer.restore(lq, seed=0)
+    b = default_restorer.restore(lq, seed=0)
+    assert a.image.size == (128, 128)  # the model's own size, from its manifest
+    np.testing.assert_array_equal(a.tokens, b.tokens)
+    np.testing.assert_array_equal(np.asarray(a.image), np.asarray(b.image))
+    # A trained model answers in the training template: every degradation type gets a level.
+    assert set(parse_degradation_levels(a.degradation)) == {"noise", "blur", "jpeg"}, a.text
+
+
+def test_cli_without_model_uses_the_default_and_says_so(tmp_path, capsys):
+    from pure_lite.cli import main
+
+    out = tmp_path / "restored.png"
+    assert main(["restore", str(EXAMPLE), "-o", str(out), "--seed", "0", "-q"]) == 0
+    assert "PURE-tiny" in capsys.readouterr().err
+    assert Image.open(out).size == (128, 128)
