@@ -1,7 +1,7 @@
 """Train PURE-tiny, the package's default demonstration model, from photos that ship inside packages.
 
-    pip install -e ".[torch,export,runtime,quant,train]" scikit-learn matplotlib
-    python examples/train_pure_tiny.py build/pure-tiny            # about an hour on 2 CPU cores
+    pip install torch==2.13.0 && pip install -e ".[export,train,pure-tiny]"
+    python examples/train_pure_tiny.py build/pure-tiny --install int8   # about an hour on 2 CPU cores
 
 Every stage uses the project's own pipeline and a fixed seed, and is skipped when its output
 already exists, so an interrupted run picks up where it stopped:
@@ -10,15 +10,18 @@ already exists, so an interrupted run picks up where it stopped:
                training and held-out sets (HELD_OUT below); the held-out photos never reach training
  2. crops      random square windows of the training photos (128 px up to the photo's short side),
                area-resized to 128x128, random horizontal flips: the HQ training set
- 3. vq         ``train_vq``: a narrow LlamaGen-architecture VQ-8 (channels 32/32/64/64, 1024 codes)
+ 3. vq         ``train_vq``: a narrow LlamaGen-architecture VQ-8 (channels 32/32/64/64, 1024 codes),
+               L1 + VQ losses only (the patch-GAN term made held-out reconstructions worse here)
  4. init       a narrow Chameleon (hidden 256, 6 layers, 4 heads) with a compact vocabulary
                (byte-level text, 1024 image codes), random init, plus the trained VQ
  5. data       ``prepare_data``: Real-ESRGAN-style degradation, 128x128 HQ from 32x32 LQ
  6. lm         ``pretokenize`` + ``train`` (full fine-tuning from scratch)
- 7. export     ``export_onnx`` float / int8 / int4, and held-out evaluation crops
+ 7. export     ``export_onnx`` float / int8 / int4 (manifest image_size 128)
 
-Then ``python benchmarks/pure_tiny.py BUILD`` measures it, and ``--install`` copies the chosen
-export into ``pure_lite/models/pure_tiny`` (what ``pure-lite restore`` uses without ``--model``).
+The held-out evaluation crops (BUILD/heldout, 4 windows per held-out photo) are written in stage 2.
+``--install`` copies the chosen export into ``pure_lite/models/pure_tiny`` (what ``pure-lite
+restore`` uses without ``--model``) and remakes ``examples/images/example.png`` and the README
+picture. Then ``python benchmarks/pure_tiny.py BUILD`` measures it (docs/pure-tiny.md).
 """
 
 from __future__ import annotations

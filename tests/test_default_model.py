@@ -47,3 +47,17 @@ def test_cli_without_model_uses_the_default_and_says_so(tmp_path, capsys):
     assert main(["restore", str(EXAMPLE), "-o", str(out), "--seed", "0", "-q"]) == 0
     assert "PURE-tiny" in capsys.readouterr().err
     assert Image.open(out).size == (128, 128)
+
+
+def test_eval_command_defaults_to_pure_tiny_and_held_out_photos(tmp_path, monkeypatch):
+    pytest.importorskip("skimage", reason="the default evaluation photos ship with scikit-image")
+    import json
+
+    from pure_lite.cli import main
+
+    monkeypatch.setenv("PURE_LITE_LPIPS_WEIGHTS", str(tmp_path / "no-weights.safetensors"))
+    assert main(["eval", "-o", str(tmp_path / "report")]) == 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert [r["name"] for r in report["images"]] == ["chelsea.png", "coffee.png"]
+    assert "lpips" in report["unavailable"] and "lpips" not in report["mean"]
+    assert 5 < report["mean"]["psnr"] < 60 and 5 < report["mean"]["bicubic_psnr"] < 60
