@@ -10,9 +10,11 @@ from .errors import PureLiteError
 from .export.quantize import QuantizationConfig
 from .lpips import SDIST as LPIPS_SDIST
 from .sampling import SamplingConfig
+from .train.config import VQTrainConfig
 
 _DEFAULTS = SamplingConfig()
 _QUANT_DEFAULTS = QuantizationConfig()
+_VQ_DEFAULTS = VQTrainConfig()
 
 
 def _outputs(inputs: list[Path], output: Path) -> list[Path]:
@@ -121,12 +123,13 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _train_vq(args: argparse.Namespace) -> int:
-    from .train.vq_train import VQTrainConfig, train_vq
+    from .train.vq_train import train_vq
     from .vq import VQConfig
 
     path = train_vq(args.images, args.output,
                     VQConfig(base_channels=args.width, z_channels=args.z_channels, codebook_size=args.codebook_size),
-                    VQTrainConfig(steps=args.steps, batch_size=args.batch_size, crop=args.crop, seed=args.seed))
+                    VQTrainConfig(steps=args.steps, batch_size=args.batch_size, crop=args.crop, lr=args.lr,
+                                  disc_weight=args.disc_weight, seed=args.seed))
     print(f"saved {path}")
     return 0
 
@@ -267,6 +270,9 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--steps", type=int, default=2000)
     v.add_argument("--batch-size", type=int, default=8)
     v.add_argument("--crop", type=int, default=64)
+    v.add_argument("--lr", type=float, default=_VQ_DEFAULTS.lr)
+    v.add_argument("--disc-weight", type=float, default=_VQ_DEFAULTS.disc_weight,
+                   help="weight of the patch-GAN term, 0 = L1 + VQ losses only (PURE-tiny used 0)")
     v.add_argument("--seed", type=int, default=0)
     v.set_defaults(func=_train_vq)
 

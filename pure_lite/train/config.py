@@ -1,4 +1,4 @@
-"""Fine-tuning settings, importable without torch (the CLI reads its defaults from here)."""
+"""Training settings (language model and VQ), importable without torch: the CLI reads its defaults here."""
 
 from __future__ import annotations
 
@@ -38,3 +38,23 @@ class TrainConfig:
             raise ValueError("lr must be > 0, batch_size and grad_accum >= 1")
         if self.precision not in ("auto", "bf16", "fp32"):
             raise ValueError(f"precision must be auto, bf16 or fp32, got {self.precision!r}")
+
+
+@dataclass(frozen=True)
+class VQTrainConfig:
+    """``pure-lite train-vq`` knobs (vq_train.py)."""
+
+    steps: int = 2000
+    batch_size: int = 8
+    crop: int = 64  # training crops, a multiple of 8
+    lr: float = 2e-4
+    beta: float = 0.25  # commitment weight
+    disc_weight: float = 0.1
+    disc_start: int = 500
+    restart_every: int = 20  # re-seed codes unused over this many steps from current encoder outputs
+    seed: int = 0
+    log_every: int = 50
+
+    def __post_init__(self) -> None:
+        if self.crop % 8:
+            raise ValueError(f"crop must be a multiple of 8, got {self.crop}")

@@ -13,7 +13,6 @@ The result is saved as ``vq_ds8_c2i.pt`` ({"model": state_dict}), the released f
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -26,25 +25,8 @@ from ..checkpoint import VQ_PICKLE_FILE
 from ..errors import InvalidImageError, PureLiteError
 from ..images import load_image
 from ..vq import VQConfig, VQModel
+from .config import VQTrainConfig
 from .data import IMAGE_SUFFIXES
-
-
-@dataclass(frozen=True)
-class VQTrainConfig:
-    steps: int = 2000
-    batch_size: int = 8
-    crop: int = 64  # training crops, a multiple of 8
-    lr: float = 2e-4
-    beta: float = 0.25  # commitment weight
-    disc_weight: float = 0.1
-    disc_start: int = 500
-    restart_every: int = 20  # re-seed codes unused over this many steps from current encoder outputs
-    seed: int = 0
-    log_every: int = 50
-
-    def __post_init__(self) -> None:
-        if self.crop % 8:
-            raise ValueError(f"crop must be a multiple of 8, got {self.crop}")
 
 
 class PatchDiscriminator(nn.Module):
