@@ -39,7 +39,7 @@ def quality(build: Path, restorers: dict, lpips) -> dict:
     images = sorted((build / "heldout").glob("*.png"))
     out = {}
     for name, restorer in restorers.items():
-        r = evaluate(restorer, images, size=restorer.components.image_size, scale=4, seed=0, lpips=lpips)
+        r = evaluate(restorer, images, scale=4, seed=0, lpips=lpips)
         out[name] = {"mean": r.mean, "degradation_accuracy": r.degradation_accuracy, "images": r.images}
     return out
 
@@ -60,6 +60,7 @@ def vq_ceiling(build: Path, restorer) -> float:
 
 def fidelity(restorers: dict, inputs: list[np.ndarray]) -> dict:
     from pure_lite import SamplingConfig
+    from pure_lite.evaluate import psnr
 
     greedy = SamplingConfig(temperature=0.0)
     agree = {v: [] for v in restorers}
@@ -67,17 +68,12 @@ def fidelity(restorers: dict, inputs: list[np.ndarray]) -> dict:
     for lq in inputs:
         results = {v: r.restore(lq, sampling=greedy, color_fix=False) for v, r in restorers.items()}
         ref = results["float"]
-        forced = ref.tokens
-        layout = restorers["float"].components.layout
         for v, r in restorers.items():
-            logits = _teacher_forced(r.components.new_decoder(), ref.prompt_tokens, forced, layout)
+            logits = _teacher_forced(r.components.new_decoder(), ref.prompt_tokens, ref.tokens, r.components.layout)
             if v == "float":
                 base = logits
             agree[v].append(float((logits.argmax(-1) == base.argmax(-1)).mean()))
-            a = np.asarray(results[v].image, np.float64)
-            b = np.asarray(ref.image, np.float64)
-            mse = np.mean((a - b) ** 2)
-            image_psnr[v].append(float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse))
+            image_psnr[v].append(psnr(np.asarray(results[v].image), np.asarray(ref.image), data_range=255.0))
     return {v: {"top1": float(np.mean(agree[v])), "psnr_vs_float_db": float(np.mean(image_psnr[v]))} for v in agree}
 
 

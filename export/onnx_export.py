@@ -39,10 +39,11 @@ from pathlib import Path
 from typing import Callable, Literal
 
 from pure_lite.checkpoint import CheckpointFiles
+from pure_lite.components import PURE_IMAGE_SIZE
 from pure_lite.errors import PureLiteError
 from pure_lite.manifest import write_manifest
 from pure_lite.sampling import SamplingConfig
-from pure_lite.tokens import TokenLayout
+from pure_lite.tokens import GRID_PIXELS, TokenLayout
 
 from .quantize import QuantizationConfig, quantize_graph
 
@@ -185,7 +186,7 @@ def export_onnx(
     quantization: Literal["int8", "int4"] | None = None,
     block_size: int = QuantizationConfig.block_size,
     all_logits: bool = False,
-    image_size: int = 512,
+    image_size: int = PURE_IMAGE_SIZE,
     opset: int = OPSET,
     overwrite: bool = False,
     progress: Callable[[str], None] | None = print,
@@ -201,8 +202,8 @@ def export_onnx(
     from pure_lite.lm import SPLIT_ATTENTION, load_language_model
     from pure_lite.torch_backend import load_vq
 
-    if image_size <= 0 or image_size % 8:
-        raise ValueError(f"image_size must be a positive multiple of 8, got {image_size}")
+    if image_size <= 0 or image_size % GRID_PIXELS:
+        raise ValueError(f"image_size must be a positive multiple of {GRID_PIXELS}, got {image_size}")
     qconfig = QuantizationConfig(weights=quantization, block_size=block_size)
     say = progress or (lambda message: None)
     out = Path(out_dir)

@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from .components import PURE_IMAGE_SIZE
 from .errors import PureLiteError
 from .export.quantize import QuantizationConfig
 from .lpips import SDIST as LPIPS_SDIST
@@ -162,7 +163,7 @@ def _eval(args: argparse.Namespace) -> int:
         raise PureLiteError(f"no LPIPS weights at {weights}")
     lpips = LPIPS(weights) if weights.is_file() else None
     restorer = Restorer.from_pretrained(args.model)
-    report = evaluate(restorer, images, size=args.size or restorer.components.image_size, scale=args.scale,
+    report = evaluate(restorer, images, size=args.size, scale=args.scale,
                       seed=args.seed, lpips=lpips, progress=_tqdm())
     json_path, md_path = write_report(report, args.output)
     print(report.markdown())
@@ -221,8 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--format", choices=["onnx", "tensorrt"], default="onnx", help="output format (default: onnx)")
     e.add_argument("--block-size", type=int, default=_QUANT_DEFAULTS.block_size,
                    help=f"quantization block size (default: {_QUANT_DEFAULTS.block_size})")
-    e.add_argument("--image-size", type=int, default=512,
-                   help="output side the model was trained for, the runtime's default (default: 512)")
+    e.add_argument("--image-size", type=int, default=PURE_IMAGE_SIZE,
+                   help=f"output side the model was trained for, the runtime's default (default: {PURE_IMAGE_SIZE})")
     e.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     e.set_defaults(func=_export)
 

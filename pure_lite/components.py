@@ -20,6 +20,9 @@ class ImageCodec(Protocol):
     def decode(self, codes: np.ndarray) -> np.ndarray: ...
 
 
+PURE_IMAGE_SIZE = 512  # the released PURE's output side; models that say nothing else are taken to have it
+
+
 @dataclass(frozen=True)
 class Components:
     layout: TokenLayout
@@ -28,4 +31,4 @@ class Components:
     new_decoder: Callable[[], Decoder]  # fresh KV state for each restoration
     max_positions: int
     description: str
-    image_size: int = 512  # the output side the model was trained for: restore()'s default target_size
+    image_size: int = PURE_IMAGE_SIZE  # the output side the model was trained for: restore()'s default target_size

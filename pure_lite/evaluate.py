@@ -79,15 +79,17 @@ class EvalReport:
         return "\n".join(lines) + "\n"
 
 
-def evaluate(restorer, images: list[Path], *, size: int = 512, scale: int = 4, seed: int = 0,
+def evaluate(restorer, images: list[Path], *, size: int | None = None, scale: int = 4, seed: int = 0,
              lpips: Callable[[np.ndarray, np.ndarray], float] | None = None,
              progress: Callable | None = None) -> EvalReport:
-    """Degrade, restore and score every image; ``lpips`` (e.g. ``pure_lite.lpips.LPIPS()``) adds LPIPS."""
+    """Degrade, restore and score every image at ``size`` (default: the model's own); ``lpips``
+    (e.g. ``pure_lite.lpips.LPIPS()``) adds LPIPS."""
     from .images import load_image, resize
     from .prompt import parse_degradation_levels
     from .train.data import square_crop
     from .train.degrade import DegradationConfig, degrade
 
+    size = size or restorer.components.image_size
     report = EvalReport()
     if lpips is not None:
         del report.unavailable["lpips"]

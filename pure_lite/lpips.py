@@ -141,19 +141,16 @@ def _max_pool(x: np.ndarray, k: int = 3, stride: int = 2) -> np.ndarray:
 class LPIPS:
     """``LPIPS()(a, b)``: perceptual distance of two H x W x 3 float images in [0, 1] (H, W >= 32)."""
 
-    def __init__(self, weights: str | os.PathLike | dict[str, np.ndarray] | None = None):
-        if isinstance(weights, dict):
-            self.weights = {k: np.asarray(v, np.float32) for k, v in weights.items()}
-        else:
-            from safetensors.numpy import load_file
+    def __init__(self, weights: str | os.PathLike | None = None):
+        from safetensors.numpy import load_file
 
-            path = Path(weights) if weights is not None else default_weights_path()
-            if not path.is_file():
-                raise FileNotFoundError(f"no LPIPS weights at {path}; run `pure-lite convert-lpips` to make them")
-            try:
-                self.weights = load_file(str(path))
-            except Exception as exc:
-                raise CheckpointError(f"cannot read LPIPS weights {path}: {exc}") from exc
+        path = Path(weights) if weights is not None else default_weights_path()
+        if not path.is_file():
+            raise FileNotFoundError(f"no LPIPS weights at {path}; run `pure-lite convert-lpips` to make them")
+        try:
+            self.weights = load_file(str(path))
+        except Exception as exc:
+            raise CheckpointError(f"cannot read LPIPS weights {path}: {exc}") from exc
         _check_shapes(self.weights)
 
     def features(self, img: np.ndarray) -> list[np.ndarray]:
