@@ -2,8 +2,8 @@
 
     OUT_DIR/
       decoder.onnx (+ decoder.onnx.data)   one graph for prefill and decode, KV cache as explicit I/O
-      lm_head.onnx (+ .data)               hidden (B, hidden) -> logits (B, V): text steps
-      image_head.onnx (+ .data)            hidden -> image_logits (B, codebook), image tokens in code order
+      lm_head.onnx (+ .data)               hidden (N, hidden) -> logits (N, V): text steps
+      image_head.onnx (+ .data)            hidden -> image_logits (N, codebook), image tokens in code order
       vq_encoder.onnx                      pixels (B, 3, H, W) in [-1, 1] -> codes (B, H/8, W/8)
       vq_decoder.onnx                      codes -> pixels in [-1, 1]
       tokenizer.json                       copied from the checkpoint
@@ -12,17 +12,17 @@
 Decoder I/O (fixed contract, deterministic names; see pure_lite.lm.ChameleonStep):
   inputs   input_ids (B, T) int64, attention_mask (B, S+T) int64, position_ids (B, T) int64,
            past_key_values.{i}.key / .value (B, heads, S, head_dim): the caller's whole cache buffer
-  outputs  hidden (B, hidden) float32: the final-norm state of the last position (or (B, T, hidden)
-           with all_logits=True), new_key_values.{i}.key / .value (B, heads, T, head_dim): the new
-           tokens' keys and values
-then one of the two heads turns ``hidden`` into logits. Inside an image every non-image id is
+  outputs  hidden (B, T, hidden) float32: the final-norm state of every new position (speculative
+           decoding checks all of them; manifest ``"positions": "all"``),
+           new_key_values.{i}.key / .value (B, heads, T, head_dim): the new tokens' keys and values
+then one of the two heads turns the positions the caller needs, flattened to (N, hidden), into logits. Inside an image every non-image id is
 masked anyway, so the image head (the 16384 image rows of lm_head) is exact there and skips
 three quarters of the head's work; ONNX Runtime runs every node of a graph whatever outputs are
 asked for, so the heads are separate graphs.
 attention_mask marks which of the S cache slots are real positions, then the T new tokens.
 The graph never concatenates or copies the cache: the runtime allocates it once and writes
 the new keys and values into it. B, T and S are dynamic, so the same graph serves the
-prompt, single steps and batch 2 (CFG). The decoder's weights always live in external
+prompt, single steps, draft windows and any batch of rows (tiles, CFG). The decoder's weights always live in external
 data (``decoder.onnx.data``), which has no 2 GB protobuf limit.
 """
 
@@ -79,14 +79,14 @@ def _symbols(path: Path) -> dict[str, list[str]]:
     return {v.name: [d.dim_param for d in v.type.tensor_type.shape.dim] for v in model.graph.input}
 
 
-def export_decoder(lm, path: Path, *, all_logits: bool = False, opset: int = OPSET) -> None:
+def export_decoder(lm, path: Path, *, opset: int = OPSET) -> None:
     """Trace ``ChameleonStep`` with dynamic batch/new/past lengths into ``path`` (+ external data)."""
     import torch
     from torch.export import Dim
 
     from pure_lite.lm import ChameleonStep, kv_shape
 
-    step = ChameleonStep(lm, last_only=not all_logits).eval()
+    step = ChameleonStep(lm).eval()
     layers = lm.config.num_hidden_layers
     heads, head_dim = kv_shape(lm.config)
     dtype = lm.dtype
@@ -118,17 +118,15 @@ def export_decoder(lm, path: Path, *, all_logits: bool = False, opset: int = OPS
                         sym["past_key_values.0.key"][2]: "cache_slots"})
 
 
-def export_heads(lm, image_ids, text_path: Path, image_path: Path, *, all_positions: bool = False,
-                 opset: int = OPSET) -> None:
-    """The two heads as graphs: hidden (B[, T], hidden) -> logits (B[, T], V) and -> image_logits (B[, T], codebook)."""
+def export_heads(lm, image_ids, text_path: Path, image_path: Path, *, opset: int = OPSET) -> None:
+    """The two heads as graphs: hidden (N, hidden) -> logits (N, V) and -> image_logits (N, codebook)."""
     import torch
     from torch.export import Dim
 
     from pure_lite.lm import ImageHead, TextHead
 
-    shape = (2, 3, lm.config.hidden_size) if all_positions else (2, lm.config.hidden_size)
-    hidden = torch.zeros(shape, dtype=lm.dtype)
-    dims = {0: Dim.AUTO, 1: Dim.AUTO} if all_positions else {0: Dim.AUTO}
+    hidden = torch.zeros((2, lm.config.hidden_size), dtype=lm.dtype)
+    dims = {0: Dim.AUTO}
     for module, path, output in ((TextHead(lm), text_path, "logits"), (ImageHead(lm, image_ids), image_path, "image_logits")):
         with torch.no_grad():
             torch.onnx.export(module.eval(), (hidden,), str(path), dynamo=True, input_names=["hidden"],
@@ -185,7 +183,6 @@ def export_onnx(
     *,
     quantization: Literal["int8", "int4"] | None = None,
     block_size: int = QuantizationConfig.block_size,
-    all_logits: bool = False,
     image_size: int = PURE_IMAGE_SIZE,
     opset: int = OPSET,
     overwrite: bool = False,
@@ -221,9 +218,8 @@ def export_onnx(
         say(f"[2/4] exporting the decoder and head graphs (opset {opset})")
         float_dir = work if qconfig.weights is None else work / "float"
         float_dir.mkdir(exist_ok=True)
-        export_decoder(lm, float_dir / DECODER_FILE, all_logits=all_logits, opset=opset)
-        export_heads(lm, layout.image_ids, float_dir / TEXT_HEAD_FILE, float_dir / IMAGE_HEAD_FILE,
-                     all_positions=all_logits, opset=opset)
+        export_decoder(lm, float_dir / DECODER_FILE, opset=opset)
+        export_heads(lm, layout.image_ids, float_dir / TEXT_HEAD_FILE, float_dir / IMAGE_HEAD_FILE, opset=opset)
         if qconfig.weights is not None:
             del lm
             gc.collect()
@@ -248,7 +244,7 @@ def export_onnx(
                 "kv_contract": "split-cache-v1", "image_size": image_size,
             },
             "graphs": {
-                "decoder": {"file": DECODER_FILE, "positions": "all" if all_logits else "last",
+                "decoder": {"file": DECODER_FILE, "positions": "all",
                             "inputs": decoder_io_names(config["num_hidden_layers"])[0], "outputs": outputs},
                 "lm_head": {"file": TEXT_HEAD_FILE, "inputs": ["hidden"], "outputs": ["logits"]},
                 "image_head": {"file": IMAGE_HEAD_FILE, "inputs": ["hidden"], "outputs": ["image_logits"],

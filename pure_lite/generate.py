@@ -1,47 +1,68 @@
-"""The decode loop: prompt -> text -> one image block, shared by every backend.
+"""The decode loop: prompts -> text -> one image block each, shared by every backend.
 
-A backend only has to provide a ``Decoder`` (prefill, one unconditional branch, steps
-that feed the same tokens to every live branch, with logits over the whole vocabulary or
-over the image tokens only). Forced tokens cost nothing extra: the
-image header is fed in one call, and each row end rides along with the row's last code,
-so an h x w image takes h*w decoder calls, not h*(w+1)+3.
+A batch of B restorations (the tiles of a photo, or several photos) decodes together:
+one decoder call per step serves all their rows, so the weights are read once per step.
+Restoration i's conditional branch is row i and, once its image starts, its
+unconditional (CFG) branch is row B + i.
+
+Every row keeps its own length: its tokens sit in cache slots 0..length-1, and a token's
+slot is also its position. A call feeds the same number T of tokens to every live row; a
+row with fewer real tokens (a restoration that finished its text early, or a shorter
+Jacobi window) is padded, and the padding is taken back with ``Decoder.rewind`` — the
+same pointer move that drops rejected speculative drafts. Nothing is copied.
+
+The image is decoded by one loop for plain and speculative Jacobi decoding (SJD,
+``SamplingConfig.jacobi_window``). Each call feeds a restoration's *lead* (tokens already
+chosen but not yet in the cache: the image header, or the last code with its row end)
+followed by up to ``jacobi_window`` draft codes, with the forced row ends in place. The
+output before each draft gives the distribution p the draft is checked against (accept
+with probability min(1, p/q), q being what the draft was drawn from); at the first
+rejection a code is drawn from max(p - q, 0), otherwise one more code from the output
+after the last draft. So every call commits at least one code, and with a window of 0
+this is exactly plain decoding. Unchecked outputs (after a rejection) become the next
+drafts; the rest of the window is refilled uniformly at random from the image tokens.
 """
 
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from typing import Callable, Protocol, Sequence
 
 import numpy as np
 
 from .errors import GenerationCancelled, GenerationError
-from .sampling import NumpySampler, Sampler, SamplingConfig
-from .tokens import CODES_PER_GRID, GRID_PIXELS, TokenLayout, image_block_length
+from .sampling import NumpySampler, Sampler, SamplingConfig, draw, image_distributions
+from .tokens import LATENT_STRIDE, TokenLayout, image_block_length
 
 
 class Decoder(Protocol):
-    """One restoration's model state (KV caches) behind a NumPy interface."""
+    """The model state (KV caches) of a batch of restorations behind a NumPy interface."""
 
-    def prefill(self, ids: np.ndarray, capacity: int) -> np.ndarray:
-        """Start the conditional branch with the prompt; returns (1, V) logits of its last position.
+    def prefill(self, prompts: Sequence[np.ndarray], capacity: int, max_step: int) -> np.ndarray:
+        """Open one conditional row per prompt; returns (B, V) logits at each prompt's last token.
 
-        ``capacity`` is the most positions this restoration will hold, for backends that
-        allocate their cache once.
+        ``capacity``: the most slots any row will hold; ``max_step``: the most tokens a later
+        call feeds. Backends allocate their cache once from these.
         """
         ...
 
     def begin_unconditional(self) -> None:
-        """Open the unconditional (CFG) branch: an empty context with positions starting at 0."""
+        """Open rows B..2B-1 (the CFG branches): empty, positions from 0."""
         ...
 
-    def step(self, ids: np.ndarray, image: bool = False) -> np.ndarray:
-        """Append the same tokens to every live branch; returns logits of the last position.
+    def step(self, ids: np.ndarray, image: bool = False, all_positions: bool = False) -> np.ndarray:
+        """Append ``ids`` (rows, T) to the live rows, each at its own length.
 
-        ``image=False``: (branches, V) over the whole vocabulary. ``image=True``: (branches,
-        codebook) over the image tokens only, in code order — exact inside an image, where
-        every other id is masked, and the head does a quarter of the work.
+        Returns the logits of the last new position, (rows, V), or with ``all_positions``
+        of every new position, (rows, T, V). ``image=True``: over the image tokens only, in
+        code order (exact inside an image, where every other id is masked) — V is the codebook.
         """
+        ...
+
+    def rewind(self, counts: np.ndarray) -> None:
+        """Forget the last ``counts[r]`` tokens of each live row r; their slots are reused."""
         ...
 
 
@@ -50,86 +71,236 @@ class Generation:
     tokens: np.ndarray  # generated ids: text, image block, end of turn
     text_tokens: np.ndarray  # the text part only
     codes: np.ndarray  # h x w VQ codes
-    entropy: np.ndarray  # h x w entropy (nats) measured when each code was drawn
+    entropy: np.ndarray  # h x w entropy (nats) of the distribution each code was drawn from
     timings: dict[str, float] = field(default_factory=dict)
 
 
-def generate(
+def decode_budget(prompt_length: int, size_px: int, config: SamplingConfig, max_positions: int) -> int:
+    """Text tokens allowed before the image; refuses a budget that cannot hold the image block.
+
+    The text is cut short so that the whole answer stays within ``max_positions`` when it
+    can. That is the context the model was trained at, not a limit of its rotary positions
+    (the reference generates past it too), so an image that does not fit even without
+    text still runs, with a warning.
+    """
+    block_len = image_block_length(size_px, size_px)
+    if config.max_new_tokens < block_len + 1:
+        raise GenerationError(
+            f"a {size_px}x{size_px} image block needs {block_len + 1} new tokens, "
+            f"but max_new_tokens is {config.max_new_tokens}"
+        )
+    room = max_positions - prompt_length - block_len - 1
+    if room < 0:
+        warnings.warn(
+            f"a {size_px}x{size_px} restoration needs {prompt_length + block_len + 1} positions, beyond the "
+            f"{max_positions} the model was trained at; it runs, but quality may suffer", RuntimeWarning, stacklevel=3,
+        )
+    return max(0, min(config.max_text_tokens, config.max_new_tokens - block_len - 1, room))
+
+
+def generate(decoder: Decoder, prompt: np.ndarray, layout: TokenLayout, size_px: int, config: SamplingConfig,
+             rng: np.random.Generator, **kwargs) -> Generation:
+    """One restoration: ``generate_batch`` with a batch of one."""
+    return generate_batch(decoder, [prompt], layout, size_px, config, [rng], **kwargs)[0]
+
+
+def generate_batch(
     decoder: Decoder,
-    prompt: np.ndarray,
+    prompts: Sequence[np.ndarray],
     layout: TokenLayout,
     size_px: int,
     config: SamplingConfig,
-    rng: np.random.Generator,
+    rngs: Sequence[np.random.Generator],
     *,
     max_positions: int,
     sampler: Sampler | None = None,
     on_step: Callable[[int, int], None] | None = None,
     cancel: Callable[[], bool] | None = None,
-) -> Generation:
-    """Generate PURE's answer: free text, then a size_px x size_px image block (grid forced).
+) -> list[Generation]:
+    """Generate PURE's answer for each prompt: free text, then a size_px x size_px image block.
 
-    ``on_step(done, total)`` is called after each image row (for progress bars);
-    ``cancel()`` is polled at the same points and a True answer raises GenerationCancelled.
-    Raises GenerationError when the budget cannot hold the image, before any decoding:
-    a started image is always finished, so a malformed block never reaches the VQ decoder.
+    Restoration i draws only from ``rngs[i]``, so its result does not depend on the batch it
+    is in. ``on_step(done, total)`` reports image codes committed over the batch after every
+    call; ``cancel()`` is polled as often and a True answer raises GenerationCancelled.
+    Budget errors are raised before any decoding: a started image is always finished, so a
+    malformed block never reaches the VQ decoder.
     """
+    if len(prompts) != len(rngs) or not prompts:
+        raise ValueError("generate_batch needs one random generator per prompt, and at least one prompt")
     sampler = sampler or NumpySampler()
-    h = w = size_px // GRID_PIXELS * CODES_PER_GRID
-    block_len = image_block_length(size_px, size_px)
-    room = min(config.max_new_tokens, max_positions - len(prompt)) - block_len - 1
-    if room < 0:
-        raise GenerationError(
-            f"a {size_px}x{size_px} image block needs {block_len + 1} new tokens after a prompt of {len(prompt)}, "
-            f"but the limit is {min(config.max_new_tokens, max_positions - len(prompt))} "
-            f"(max_new_tokens={config.max_new_tokens}, model max positions={max_positions})"
-        )
-    text_budget = min(config.max_text_tokens, room)
-    header = layout.header(size_px, size_px)
-    # Text may not contain image tokens (the stock model masks them too) nor end the turn before the image.
-    banned = np.concatenate([layout.image_ids, [layout.end_of_turn, layout.image_end, layout.row_end]])
+    text_budget = decode_budget(max(len(p) for p in prompts), size_px, config, max_positions)
+    side = size_px // LATENT_STRIDE
+    window = config.jacobi_window
+    # header (3) + drafts + the row ends among them (+1 for a lead code that ends its row)
+    max_step = 3 + window + window // side + 1
+    capacity = max(len(p) for p in prompts) + text_budget + image_block_length(size_px, size_px) + max_step
     timings: dict[str, float] = {}
 
     t0 = time.perf_counter()
-    logits = decoder.prefill(prompt, capacity=len(prompt) + text_budget + block_len)
+    logits = decoder.prefill([np.asarray(p, dtype=np.int64) for p in prompts], capacity, max_step)
     timings["prefill_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    text: list[int] = []
-    while len(text) < text_budget:
-        if cancel is not None and len(text) % 16 == 0 and cancel():
-            raise GenerationCancelled("cancelled while writing text")
-        token = sampler.text_token(logits[0], banned, config, rng)
-        if token == layout.image_start:
-            break
-        text.append(token)
-        logits = decoder.step(np.array([token], dtype=np.int64))
+    texts = _write_text(decoder, logits, layout, config, rngs, sampler, text_budget, cancel)
     timings["text_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    cfg = config.uses_cfg
+    images = [_ImageDecode(side, layout, config, rng) for rng in rngs]
+    calls = _decode_images(decoder, images, layout, size_px, config, sampler, on_step, cancel)
+    timings["image_s"] = time.perf_counter() - t0
+    timings["image_steps_per_s"] = len(images) * side * side / max(timings["image_s"], 1e-9)
+    timings["decoder_calls"] = calls
+    timings["batch"] = len(images)
+
+    out = []
+    for text, image in zip(texts, images):
+        text_tokens = np.array(text, dtype=np.int64)
+        codes = image.codes.reshape(side, side)
+        tokens = np.concatenate([text_tokens, layout.encode_image(codes), [layout.end_of_turn]]).astype(np.int64)
+        own = dict(timings, decoder_calls=image.calls, accepted_per_call=side * side / max(image.calls, 1))
+        out.append(Generation(tokens=tokens, text_tokens=text_tokens, codes=codes,
+                              entropy=image.entropy.reshape(side, side), timings=own))
+    return out
+
+
+def _write_text(decoder, logits, layout, config, rngs, sampler, budget, cancel) -> list[list[int]]:
+    """The text before each image: one call per token for the rows still writing."""
+    batch = len(rngs)
+    # Text may not contain image tokens (the stock model masks them too) nor end the turn before the image.
+    banned = np.concatenate([layout.image_ids, [layout.end_of_turn, layout.image_end, layout.row_end]])
+    texts: list[list[int]] = [[] for _ in range(batch)]
+    writing = np.full(batch, budget > 0)
+    steps = 0
+    while writing.any():
+        if cancel is not None and steps % 16 == 0 and cancel():
+            raise GenerationCancelled("cancelled while writing text")
+        ids = np.full(batch, layout.image_start, dtype=np.int64)  # padding for rows not writing: rewound
+        fed = np.zeros(batch, bool)
+        for i in np.flatnonzero(writing):
+            token = sampler.text_token(logits[i], banned, config, rngs[i])
+            if token == layout.image_start:
+                writing[i] = False
+                continue
+            texts[i].append(token)
+            ids[i], fed[i] = token, True
+            writing[i] = len(texts[i]) < budget
+        if not fed.any():
+            break
+        logits = decoder.step(ids[:, None])
+        decoder.rewind((~fed).astype(np.int64))
+        steps += 1
+    return texts
+
+
+class _ImageDecode:
+    """One restoration's image in progress: committed codes, the lead still to feed, the drafts."""
+
+    def __init__(self, side: int, layout: TokenLayout, config: SamplingConfig, rng: np.random.Generator):
+        self.side, self.layout, self.config, self.rng = side, layout, config, rng
+        self.total, self.codebook = side * side, layout.codebook_size
+        self.codes = np.zeros(self.total, np.int64)
+        self.entropy = np.zeros(self.total, np.float32)
+        self.done = 0  # codes committed
+        self.lead: list[int] = []  # committed tokens whose keys are not in the cache yet
+        self.drafts: list[tuple[int, np.ndarray | None]] = []  # (code, q); q None: uniform
+        self.calls = 0
+
+    @property
+    def finished(self) -> bool:
+        return self.done == self.total
+
+    def ends_row(self, index: int) -> bool:
+        """A row end follows code ``index`` (none after the last code: ``<eoss>`` is never fed)."""
+        return index % self.side == self.side - 1 and index < self.total - 1
+
+    def start(self, header: list[int]) -> None:
+        self.lead = list(header)
+        self._redraft(None, None, [])
+
+    def commit(self, code: int, entropy: float) -> None:
+        self.codes[self.done], self.entropy[self.done] = code, entropy
+        self.lead = [int(self.layout.image_ids[code])] + ([self.layout.row_end] if self.ends_row(self.done) else [])
+        self.done += 1
+
+    def inputs(self) -> tuple[list[int], list[int]]:
+        """This call's tokens (lead, then drafts with their row ends) and each draft's position."""
+        tokens, where = list(self.lead), []
+        for j, (code, _) in enumerate(self.drafts[: self.total - self.done]):
+            where.append(len(tokens))
+            tokens.append(int(self.layout.image_ids[code]))
+            if self.ends_row(self.done + j):
+                tokens.append(self.layout.row_end)
+        return tokens, where
+
+    def advance(self, cond: np.ndarray, uncond: np.ndarray | None, sampler: Sampler) -> int:
+        """Check the drafts against this call's outputs (T, codebook); returns the tokens to keep."""
+        tokens, where = self.inputs()
+        self.calls += 1
+        config, rng = self.config, self.rng
+        checked = [i - 1 for i in where]
+        probs = ents = None
+        if checked:
+            probs, ents = image_distributions(cond[checked], None if uncond is None else uncond[checked], config)
+        codebook = self.codebook
+        for j, (code, q) in enumerate(self.drafts[: len(where)]):
+            p = probs[j]
+            ratio = p[code] * codebook if q is None else p[code] / q[code]
+            if rng.random() < ratio:
+                self.commit(code, ents[j])
+                continue
+            residual = np.maximum(p - (1.0 / codebook if q is None else q), 0.0)
+            self.commit(draw(residual if residual.sum() > 0 else p, rng), ents[j])
+            self._redraft(cond, uncond, where[j + 1:] + [len(tokens)])
+            return where[j]
+        if not self.finished:
+            last = len(tokens) - 1
+            code, ent = sampler.image_code(cond[last], None if uncond is None else uncond[last], config, rng)
+            self.commit(code, ent)
+        self._redraft(cond, uncond, [])
+        return len(tokens)
+
+    def _redraft(self, cond, uncond, after: list[int]) -> None:
+        """Next drafts: the outputs that could not be checked (their prefix held a rejected draft),
+        then uniform draws from the image tokens, up to the window."""
+        window = self.config.jacobi_window
+        self.drafts = []
+        if after:
+            rows = [i - 1 for i in after]
+            probs, _ = image_distributions(cond[rows], None if uncond is None else uncond[rows], self.config)
+            self.drafts = [(draw(p, self.rng), p) for p in probs]
+        room = min(window, self.total - self.done)
+        self.drafts = self.drafts[:room]
+        if len(self.drafts) < room:
+            self.drafts += [(int(c), None) for c in self.rng.integers(0, self.codebook, room - len(self.drafts))]
+
+
+def _decode_images(decoder, images: list[_ImageDecode], layout, size_px, config, sampler, on_step, cancel) -> int:
+    """Decode every restoration's image block; returns the number of decoder calls."""
+    batch, cfg = len(images), config.uses_cfg
     if cfg:
         decoder.begin_unconditional()
-    logits = decoder.step(header, image=True)
-    image_ids = layout.image_ids
-    codes = np.empty((h, w), dtype=np.int64)
-    entropy = np.empty((h, w), dtype=np.float32)
-    for r in range(h):
-        for c in range(w):
-            cond, uncond = logits[0], (logits[1] if cfg else None)
-            code, ent = sampler.image_code(cond, uncond, config, rng)
-            codes[r, c], entropy[r, c] = code, ent
-            if c < w - 1:
-                logits = decoder.step(image_ids[code : code + 1], image=True)
-            elif r < h - 1:
-                logits = decoder.step(np.array([image_ids[code], layout.row_end], dtype=np.int64), image=True)
+    header = [int(t) for t in layout.header(size_px, size_px)]
+    for image in images:
+        image.start(header)
+    calls = 0
+    total = batch * images[0].total
+    while not all(image.finished for image in images):
+        if cancel is not None and cancel():
+            done = sum(image.done for image in images)
+            raise GenerationCancelled(f"cancelled after {done} of {total} image codes")
+        inputs = [image.inputs()[0] if not image.finished else [] for image in images]
+        width = max(len(t) for t in inputs)
+        ids = np.full((batch, width), layout.image_start, dtype=np.int64)  # padding: rewound below
+        for i, tokens in enumerate(inputs):
+            ids[i, : len(tokens)] = tokens
+        logits = decoder.step(np.concatenate([ids, ids]) if cfg else ids, image=True, all_positions=True)
+        calls += 1
+        keep = np.zeros(batch, np.int64)
+        for i, image in enumerate(images):
+            if inputs[i]:
+                keep[i] = image.advance(logits[i], logits[batch + i] if cfg else None, sampler)
+        drop = width - keep
+        decoder.rewind(np.concatenate([drop, drop]) if cfg else drop)
         if on_step is not None:
-            on_step(r + 1, h)
-        if cancel is not None and r < h - 1 and cancel():
-            raise GenerationCancelled(f"cancelled after {r + 1} of {h} image rows")
-    timings["image_s"] = time.perf_counter() - t0
-    timings["image_steps_per_s"] = h * w / max(timings["image_s"], 1e-9)
-
-    text_tokens = np.array(text, dtype=np.int64)
-    tokens = np.concatenate([text_tokens, layout.encode_image(codes), [layout.end_of_turn]]).astype(np.int64)
-    return Generation(tokens=tokens, text_tokens=text_tokens, codes=codes, entropy=entropy, timings=timings)
+            on_step(sum(image.done for image in images), total)
+    return calls

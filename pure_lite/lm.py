@@ -2,7 +2,7 @@
 
 ``ChameleonStep`` defines the graph contract the ONNX export traces and the runtime serves:
 
-    (input_ids, attention_mask, position_ids, past keys/values) -> (last hidden state, new keys/values)
+    (input_ids, attention_mask, position_ids, past keys/values) -> (hidden states, new keys/values)
 
 followed by one of two heads: ``lm_head`` (all logits, for text) or ``ImageHead`` (the
 image tokens' rows of ``lm_head`` only, for image steps, where every other id is masked anyway).
@@ -12,7 +12,7 @@ attention_mask (B, S + T) marks which of its S slots hold real positions, then t
 tokens. Attention scores the past and the new tokens separately and joins only the small
 score matrices, so no step ever copies the cache; the caller writes the returned new keys
 and values into its buffer. The torch backend runs the same layers over a static cache of
-its own (``StaticKV``). Both call the decoder layers and ``lm_head`` directly because the
+its own (``RowKV``). Both call the decoder layers and ``lm_head`` directly because the
 stock ``ChameleonForConditionalGeneration.forward`` masks every image token out of the logits.
 """
 
@@ -102,40 +102,43 @@ class _SplitCache:
         return key, value
 
 
-class StaticKV:
-    """Preallocated (2, heads, capacity, head_dim) keys and values per layer, written by position.
+class RowKV:
+    """Preallocated (rows, heads, capacity, head_dim) keys and values per layer, each row at its own length.
 
-    The torch backend's cache: nothing is concatenated or reallocated per step; attention
-    reads views of the first ``length + new`` positions of the first ``batch`` rows.
+    The torch backend's cache: ``prepare`` places the next T tokens of row r in slots
+    lengths[r]..lengths[r]+T-1 (a token's slot is its position), the layers' ``update``
+    writes them there, and attention reads the first ``end`` slots of every live row through
+    a mask that admits, for each new token, the row's earlier slots and itself. Rewinding a
+    row is a change of its length; nothing is concatenated or reallocated per step.
     """
 
-    def __init__(self, layers: int, heads: int, capacity: int, head_dim: int, dtype, device):
-        shape = (2, heads, capacity, head_dim)
+    def __init__(self, layers: int, rows: int, heads: int, capacity: int, head_dim: int, dtype, device):
+        shape = (rows, heads, capacity, head_dim)
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
-        self.length = 0
+        self.capacity, self.dtype, self.device = capacity, dtype, device
+
+    def prepare(self, lengths: np.ndarray, new_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Slots for the next call of ``len(lengths)`` rows; returns (positions (R, T), additive mask (R, 1, T, end))."""
+        start = torch.as_tensor(lengths, device=self.device).unsqueeze(1)
+        self.slots = start + torch.arange(new_tokens, device=self.device)  # (R, T)
+        self.rows = torch.arange(len(lengths), device=self.device).unsqueeze(1)  # (R, 1)
+        self.end = int(lengths.max()) + new_tokens
+        keys = torch.arange(self.end, device=self.device)
+        allowed = keys.view(1, 1, -1) <= self.slots.unsqueeze(-1)  # earlier slots and itself
+        return self.slots, _additive(allowed, self.dtype)
 
     def update(self, key, value, layer_idx, *args, **kwargs):
-        b, _, t, _ = key.shape
-        end = self.length + t
-        self.keys[layer_idx][:b, :, self.length:end] = key
-        self.values[layer_idx][:b, :, self.length:end] = value
-        return self.keys[layer_idx][:b, :, :end], self.values[layer_idx][:b, :, :end]
+        rows = key.shape[0]
+        self.keys[layer_idx].transpose(1, 2)[self.rows, self.slots] = key.transpose(1, 2)
+        self.values[layer_idx].transpose(1, 2)[self.rows, self.slots] = value.transpose(1, 2)
+        return self.keys[layer_idx][:rows, :, :self.end], self.values[layer_idx][:rows, :, :self.end]
 
 
 def _additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     zero = torch.zeros((), dtype=dtype, device=allowed.device)
     low = torch.tensor(torch.finfo(dtype).min, dtype=dtype, device=allowed.device)
     return torch.where(allowed, zero, low).unsqueeze(1)
-
-
-def additive_mask(attention_mask: torch.Tensor, new_tokens: int, dtype: torch.dtype) -> torch.Tensor:
-    """(B, P+T) 0/1 key mask over a growing sequence to a (B, 1, T, P+T) additive mask that is also causal."""
-    total = attention_mask.shape[1]
-    past = total - new_tokens
-    q = torch.arange(new_tokens, device=attention_mask.device).unsqueeze(1) + past  # (T, 1)
-    k = torch.arange(total, device=attention_mask.device).unsqueeze(0)  # (1, P+T)
-    return _additive((k <= q).unsqueeze(0) & attention_mask.bool().unsqueeze(1), dtype)
 
 
 def split_additive_mask(attention_mask: torch.Tensor, new_tokens: int, dtype: torch.dtype) -> torch.Tensor:
@@ -152,23 +155,21 @@ def split_additive_mask(attention_mask: torch.Tensor, new_tokens: int, dtype: to
 class ChameleonStep(nn.Module):
     """One decoder call.
 
-    ``forward(input_ids, attention_mask, position_ids, *past) -> (logits, *new)`` is the export
+    ``forward(input_ids, attention_mask, position_ids, *past) -> (hidden, *new)`` is the export
     contract (the model must be loaded with ``attn_implementation=SPLIT_ATTENTION``):
     input_ids, position_ids (B, T) int64; attention_mask (B, S+T) int64; past key/value per
-    layer (B, heads, S, head_dim); logits (B, V) of the last position (``last_only=False``:
-    (B, T, V)); new key/value per layer (B, heads, T, head_dim).
+    layer (B, heads, S, head_dim); hidden (B, T, hidden): the final-norm state of every new
+    position (speculative decoding checks them all); new key/value per layer (B, heads, T, head_dim).
     ``run`` serves any cache object with the layers' ``update`` method and a prepared mask.
     """
 
-    def __init__(self, lm, last_only: bool = True):
+    def __init__(self, lm):
         super().__init__()
         self.model = lm.model
         self.lm_head = lm.lm_head
-        self.last_only = last_only
 
     def run(self, input_ids, mask, position_ids, cache, **layer_kwargs):
-        """Final-norm hidden states of the new tokens ((B, hidden) for the last one with ``last_only``);
-        ``mask`` is additive (B, 1, T, keys)."""
+        """Final-norm hidden states of the new tokens (B, T, hidden); ``mask`` is additive (B, 1, T, keys)."""
         hidden = self.model.embed_tokens(input_ids)
         rope = self.model.rotary_emb(hidden, position_ids)
         for layer in self.model.layers:
@@ -176,7 +177,7 @@ class ChameleonStep(nn.Module):
                         use_cache=True, position_embeddings=rope, **layer_kwargs)
             hidden = out[0] if isinstance(out, tuple) else out
         hidden = self.model.norm(hidden)
-        return hidden[:, -1] if self.last_only else hidden
+        return hidden
 
     def forward(self, input_ids, attention_mask, position_ids, *past):
         cache = _SplitCache(past)
@@ -214,12 +215,9 @@ def kv_shape(config) -> tuple[int, int]:
 
 
 class TorchDecoder:
-    """The torch backend's Decoder: a static KV cache, CFG as batch 2 once the image starts (so the
-    weights are read once per step), and the image-rows head inside the image.
-
-    The unconditional row shares the cache's positions with the conditional one but masks
-    out the prompt positions, so it sees only the image block, at positions from 0.
-    """
+    """The torch backend's Decoder (see pure_lite.generate): a ``RowKV`` cache, CFG rows added when
+    the image starts (so the weights are read once per step for every branch), and the image-rows
+    head inside the image."""
 
     def __init__(self, lm, image_head: ImageHead, device: str = "cpu"):
         self.step_fn = ChameleonStep(lm).eval()
@@ -231,29 +229,45 @@ class TorchDecoder:
         self.heads, self.head_dim = kv_shape(lm.config)
 
     @torch.inference_mode()
-    def _run(self, ids: np.ndarray, image: bool) -> np.ndarray:
-        b, t, p = self.batch, len(ids), self.cache.length
-        if p + t > self.mask.shape[1]:
-            raise GenerationError(f"KV cache capacity {self.mask.shape[1]} exceeded")
-        input_ids = torch.tensor(ids, dtype=torch.int64, device=self.device).unsqueeze(0).expand(b, t)
-        positions = self.next_pos[:b].unsqueeze(1) + torch.arange(t, device=self.device)
-        self.mask[:b, p:p + t] = 1
-        mask = additive_mask(self.mask[:b, :p + t], t, self.dtype)
-        hidden = self.step_fn.run(input_ids, mask, positions, self.cache)
-        self.cache.length += t
-        self.next_pos[:b] += t
+    def _forward(self, ids: np.ndarray) -> torch.Tensor:
+        """Append ids (R, T) to the live rows; returns their final-norm hidden states (R, T, hidden)."""
+        rows, t = ids.shape
+        lengths = self.lengths[:rows]
+        if int(lengths.max()) + t > self.cache.capacity:
+            raise GenerationError(f"KV cache capacity {self.cache.capacity} exceeded")
+        positions, mask = self.cache.prepare(lengths, t)
+        hidden = self.step_fn.run(torch.as_tensor(ids, device=self.device), mask, positions, self.cache)
+        lengths += t
+        return hidden
+
+    @torch.inference_mode()
+    def _logits(self, hidden: torch.Tensor, image: bool) -> np.ndarray:
         return (self.image_head if image else self.text_head)(hidden).cpu().numpy()
 
-    def prefill(self, ids: np.ndarray, capacity: int) -> np.ndarray:
-        capacity = max(capacity, len(ids))
-        self.cache = StaticKV(self.layers, self.heads, capacity, self.head_dim, self.dtype, self.device)
-        self.mask = torch.zeros(2, capacity, dtype=torch.int64, device=self.device)
-        self.next_pos = torch.zeros(2, dtype=torch.int64, device=self.device)
-        self.batch = 1
-        return self._run(ids, image=False)
+    def prefill(self, prompts, capacity: int, max_step: int) -> np.ndarray:
+        batch, longest = len(prompts), max(len(p) for p in prompts)
+        self.cache = RowKV(self.layers, 2 * batch, self.heads, max(capacity, longest), self.head_dim,
+                           self.dtype, self.device)
+        self.lengths = np.zeros(2 * batch, np.int64)
+        self.batch, self.live = batch, batch
+        ids = np.zeros((batch, longest), np.int64)  # right-padded; the padding is rewound below
+        for row, prompt in enumerate(prompts):
+            ids[row, :len(prompt)] = prompt
+        hidden = self._forward(ids)
+        last = torch.as_tensor([len(p) - 1 for p in prompts], device=self.device)
+        self.rewind(np.array([longest - len(p) for p in prompts]))
+        return self._logits(hidden[torch.arange(batch, device=self.device), last], image=False)
 
     def begin_unconditional(self) -> None:
-        self.batch = 2  # row 1: no past (mask 0 over the prompt), positions from 0
+        self.live = 2 * self.batch  # rows B..2B-1 start empty: length 0, positions from 0
+        self.lengths[self.batch:] = 0
 
-    def step(self, ids: np.ndarray, image: bool = False) -> np.ndarray:
-        return self._run(ids, image)
+    def step(self, ids: np.ndarray, image: bool = False, all_positions: bool = False) -> np.ndarray:
+        ids = np.asarray(ids, dtype=np.int64)
+        if ids.shape[0] != self.live:
+            raise ValueError(f"step got {ids.shape[0]} rows, the decoder has {self.live} live rows")
+        hidden = self._forward(ids)
+        return self._logits(hidden if all_positions else hidden[:, -1], image)
+
+    def rewind(self, counts: np.ndarray) -> None:
+        self.lengths[:self.live] -= np.asarray(counts, dtype=np.int64)

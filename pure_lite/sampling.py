@@ -35,6 +35,7 @@ class SamplingConfig:
     k_max: int = 2000
     max_new_tokens: int = 8192
     max_text_tokens: int = 512
+    jacobi_window: int = 0
 
     def __post_init__(self) -> None:
         if not (self.temperature >= 0 and math.isfinite(self.temperature)):
@@ -47,6 +48,8 @@ class SamplingConfig:
             raise ValueError(f"need 1 <= k_min <= k_max, got k_min={self.k_min}, k_max={self.k_max}")
         if self.max_new_tokens < 1 or self.max_text_tokens < 0:
             raise ValueError("max_new_tokens must be >= 1 and max_text_tokens >= 0")
+        if not 0 <= self.jacobi_window <= 256:
+            raise ValueError(f"jacobi_window must be between 0 (off) and 256, got {self.jacobi_window}")
 
     @property
     def uses_cfg(self) -> bool:
@@ -100,6 +103,40 @@ def _sample_top_k(logits: np.ndarray, k: int, temperature: float, rng: np.random
     cdf = np.cumsum(np.exp((kept - kept.max()) / temperature))
     pick = int(np.searchsorted(cdf, rng.random() * cdf[-1], side="right"))
     return int(keep[min(pick, len(keep) - 1)])
+
+
+def image_distributions(cond: np.ndarray, uncond: np.ndarray | None, config: SamplingConfig):
+    """The distribution the image sampler draws from, for a batch of positions.
+
+    ``cond``/``uncond`` are (N, codebook) image-subset logits. Returns (probs (N, codebook)
+    float64, entropy (N,) nats): CFG mix, entropy, entropy-based top-k (ties kept) and
+    temperature exactly as ``NumpySampler.image_code`` applies them; temperature 0 gives a
+    one-hot at the argmax. Speculative decoding needs the whole vector (p/q ratios and the
+    residual max(p - q, 0)), the plain sampler only one draw from it.
+    """
+    scores = cond if uncond is None else cfg_mix(cond, uncond, config.cfg_scale)
+    # Row by row with the plain sampler's own function: near a rounding boundary of k a
+    # differently summed entropy would pick another k, and another distribution.
+    entropy = np.array([softmax_entropy(row) for row in scores], np.float64)
+    probs = np.zeros(scores.shape, np.float64)
+    if config.temperature == 0:
+        probs[np.arange(len(scores)), scores.argmax(axis=-1)] = 1.0
+        return probs, entropy
+    for row, k in enumerate(np.atleast_1d(entropy_top_k(entropy, config.k_min, config.k_max))):
+        if k == 1:  # as _sample_top_k: the first maximum, even among ties
+            probs[row, scores[row].argmax()] = 1.0
+            continue
+        keep = top_k_keep(scores[row], int(k))
+        kept = scores[row, keep].astype(np.float64)
+        weights = np.exp((kept - kept.max()) / config.temperature)
+        probs[row, keep] = weights / weights.sum()
+    return probs, entropy
+
+
+def draw(probs: np.ndarray, rng: np.random.Generator) -> int:
+    """One index drawn from a probability vector (any non-negative weights)."""
+    cdf = np.cumsum(probs)
+    return int(min(np.searchsorted(cdf, rng.random() * cdf[-1], side="right"), len(cdf) - 1))
 
 
 class Sampler(Protocol):

@@ -27,12 +27,13 @@ from .providers import device_of, onnxruntime, select_providers
 
 
 class KVBuffers:
-    """The cache of one restoration: (2, heads, capacity, head_dim) per layer and key/value, plus a
-    scratch output for the newest tokens, allocated once."""
+    """The cache of a batch of restorations: (rows, heads, capacity, head_dim) per layer and key/value,
+    plus scratch outputs for one call's new keys/values and hidden states, allocated once."""
 
-    allocations = 0  # class-wide count, so tests can assert one allocation per restoration
+    allocations = 0  # class-wide count, so tests can assert one allocation per restoration batch
 
-    def __init__(self, layers: int, heads: int, capacity: int, head_dim: int, max_new: int, device: str):
+    def __init__(self, layers: int, rows: int, heads: int, capacity: int, head_dim: int, max_new: int,
+                 hidden_size: int, device: str):
         KVBuffers.allocations += 1
         if device == "cpu":
             xp = np
@@ -44,21 +45,37 @@ class KVBuffers:
                     "serving on CUDA keeps the KV cache on the GPU with CuPy: pip install cupy-cuda12x"
                 ) from exc
         self.xp, self.device = xp, device
-        self.cache = [xp.zeros((2, heads, capacity, head_dim), dtype=xp.float32) for _ in range(2 * layers)]
-        self.scratch = [xp.zeros(2 * heads * max_new * head_dim, dtype=xp.float32) for _ in range(2 * layers)]
+        self.cache = [xp.zeros((rows, heads, capacity, head_dim), dtype=xp.float32) for _ in range(2 * layers)]
+        self.scratch = [xp.zeros(rows * heads * max_new * head_dim, dtype=xp.float32) for _ in range(2 * layers)]
+        self.hidden = np.zeros(rows * max_new * hidden_size, np.float32)
         self.capacity, self.max_new = capacity, max_new
 
     def pointer(self, array) -> int:
         return array.ctypes.data if self.xp is np else array.data.ptr
 
+    def write(self, rows: int, lengths: np.ndarray, new: list, t: int) -> None:
+        """Put each row's t new keys/values (rows, heads, t, head_dim) into its slots lengths[r]..+t-1."""
+        if (lengths == lengths[0]).all():  # rows in step: one slice per buffer
+            p = int(lengths[0])
+            for buf, values in zip(self.cache, new):
+                buf[:rows, :, p:p + t] = values
+            return
+        row = self.xp.arange(rows)[:, None]
+        slot = self.xp.asarray(lengths[:, None] + np.arange(t))
+        for buf, values in zip(self.cache, new):
+            buf.transpose(0, 2, 1, 3)[row, slot] = values.transpose(0, 2, 1, 3)
+
 
 class OnnxDecoder:
-    """The runtime's Decoder (see pure_lite.generate): prefill, CFG as batch 2, cache written in place."""
+    """The runtime's Decoder (see pure_lite.generate): per-row lengths, CFG rows, cache written in place."""
 
     def __init__(self, sessions: dict, manifest: Manifest, device: str):
         model = manifest.model
         if model.get("kv_contract") != "split-cache-v1" or "image_head" not in manifest.graphs:
             raise ManifestError("this export predates the split-cache decoder contract; export it again")
+        if manifest.graphs["decoder"].get("positions") != "all":
+            raise ManifestError("this export's decoder returns only the last position (an older pure-lite); "
+                                "export it again")
         self.session, self.device = sessions["decoder"], device
         self.layers = model["num_hidden_layers"]
         self.heads, self.head_dim = model["num_key_value_heads"], model["head_dim"]
@@ -66,64 +83,88 @@ class OnnxDecoder:
         inputs, outputs = manifest.graphs["decoder"]["inputs"], manifest.graphs["decoder"]["outputs"]
         self.past_names, self.new_names = inputs[3:], outputs[1:]
         self.binding = self.session.io_binding()
-        # (session, binding, output name, width) per head
-        self.text_head = (sessions["lm_head"], sessions["lm_head"].io_binding(), "logits", model["vocab_size"])
-        codebook = manifest.data["tokens"]["codebook_size"]
-        self.image_head = (sessions["image_head"], sessions["image_head"].io_binding(), "image_logits", codebook)
+        # (session, output name, width) per head
+        self.text_head = (sessions["lm_head"], "logits", model["vocab_size"])
+        self.image_head = (sessions["image_head"], "image_logits", manifest.data["tokens"]["codebook_size"])
         self.kv: KVBuffers | None = None
 
-    def prefill(self, ids: np.ndarray, capacity: int) -> np.ndarray:
-        capacity = max(capacity, len(ids))
-        self.kv = KVBuffers(self.layers, self.heads, capacity, self.head_dim, max(len(ids), 3), self.device)
-        self.hidden = np.zeros((2, self.hidden_size), np.float32)
-        self.outputs = {head[2]: np.zeros((2, head[3]), np.float32) for head in (self.text_head, self.image_head)}
-        self.valid = np.zeros((2, capacity), np.int64)  # which cache slots hold real positions, per row
-        self.batch, self.length = 1, 0
-        self.next_pos = np.zeros(2, np.int64)
-        return self._run(ids, image=False)
+    def prefill(self, prompts, capacity: int, max_step: int) -> np.ndarray:
+        batch, longest = len(prompts), max(len(p) for p in prompts)
+        capacity = max(capacity, longest)
+        self.kv = KVBuffers(self.layers, 2 * batch, self.heads, capacity, self.head_dim, max_step,
+                            self.hidden_size, self.device)
+        self.lengths = np.zeros(2 * batch, np.int64)
+        self.batch, self.live = batch, batch
+        ids = np.zeros((batch, longest), np.int64)  # right-padded; the padding is rewound below
+        for row, prompt in enumerate(prompts):
+            ids[row, :len(prompt)] = prompt
+        hidden = self._prompt(ids)
+        self.rewind(np.array([longest - len(p) for p in prompts]))
+        last = hidden[np.arange(batch), [len(p) - 1 for p in prompts]]
+        return self._head(np.ascontiguousarray(last), image=False)
 
     def begin_unconditional(self) -> None:
-        """Row 1 joins with no past: its slots stay invalid (mask 0) and its positions start at 0."""
-        self.batch = 2
-        self.valid[1] = 0
-        self.next_pos[1] = 0
+        """Rows B..2B-1 join empty: length 0, positions from 0."""
+        self.live = 2 * self.batch
+        self.lengths[self.batch:] = 0
 
-    def step(self, ids: np.ndarray, image: bool = False) -> np.ndarray:
-        return self._run(ids, image)
-
-    def _run(self, ids: np.ndarray, image: bool) -> np.ndarray:
-        b, t, p = self.batch, len(ids), self.length
-        kv = self.kv
-        if p + t > kv.capacity or t > kv.max_new:
+    def step(self, ids: np.ndarray, image: bool = False, all_positions: bool = False) -> np.ndarray:
+        ids = np.ascontiguousarray(ids, dtype=np.int64)
+        rows, t = ids.shape
+        if rows != self.live:
+            raise ValueError(f"step got {rows} rows, the decoder has {self.live} live rows")
+        kv, lengths = self.kv, self.lengths[:rows]
+        if int(lengths.max()) + t > kv.capacity or t > kv.max_new:
             raise GenerationError(f"KV cache capacity {kv.capacity} exceeded")
-        # The prompt needs no cache slots at all: binding none skips scoring T queries against
-        # `capacity` empty slots (most of the prefill's attention work).
-        slots = kv.capacity if p else 0
-        mask = np.ones((b, slots + t), np.int64)
-        mask[:, :slots] = self.valid[:b, :slots]
-        bind = self.binding
-        bind.bind_cpu_input("input_ids", np.ascontiguousarray(np.broadcast_to(ids, (b, t)), dtype=np.int64))
-        bind.bind_cpu_input("attention_mask", mask)
-        bind.bind_cpu_input("position_ids", (self.next_pos[:b, None] + np.arange(t)).astype(np.int64))
-        past_shape = [b, self.heads, slots, self.head_dim]
-        new_shape = [b, self.heads, t, self.head_dim]
-        for name, buf in zip(self.past_names, kv.cache):
-            bind.bind_input(name, kv.device, 0, np.float32, past_shape, kv.pointer(buf))
+        slots = np.arange(kv.capacity)
+        mask = np.ones((rows, kv.capacity + t), np.int64)
+        mask[:, :kv.capacity] = slots < lengths[:, None]
+        bind = self._bind(ids, mask, lengths, kv.capacity)
+        new_shape = [rows, self.heads, t, self.head_dim]
         for name, buf in zip(self.new_names, kv.scratch):
             bind.bind_output(name, kv.device, 0, np.float32, new_shape, kv.pointer(buf))
-        bind.bind_output("hidden", "cpu", 0, np.float32, [b, self.hidden_size], self.hidden.ctypes.data)
+        bind.bind_output("hidden", "cpu", 0, np.float32, [rows, t, self.hidden_size], kv.hidden.ctypes.data)
         self.session.run_with_iobinding(bind)
-        n = b * self.heads * t * self.head_dim
-        for buf, new in zip(kv.cache, kv.scratch):
-            buf[:b, :, p:p + t] = new[:n].reshape(b, self.heads, t, self.head_dim)
-        self.valid[:b, p:p + t] = 1
-        self.length = p + t
-        self.next_pos[:b] += t
-        session, head_bind, name, width = self.image_head if image else self.text_head
-        head_bind.bind_input("hidden", "cpu", 0, np.float32, [b, self.hidden_size], self.hidden.ctypes.data)
-        head_bind.bind_output(name, "cpu", 0, np.float32, [b, width], self.outputs[name].ctypes.data)
-        session.run_with_iobinding(head_bind)
-        return self.outputs[name][:b]
+        n = rows * self.heads * t * self.head_dim
+        kv.write(rows, lengths, [buf[:n].reshape(new_shape) for buf in kv.scratch], t)
+        lengths += t
+        hidden = kv.hidden[:rows * t * self.hidden_size].reshape(rows, t, self.hidden_size)
+        if all_positions:
+            return self._head(hidden.reshape(rows * t, -1), image).reshape(rows, t, -1)
+        return self._head(np.ascontiguousarray(hidden[:, -1]), image)
+
+    def rewind(self, counts: np.ndarray) -> None:
+        self.lengths[:self.live] -= np.asarray(counts, dtype=np.int64)
+
+    def _bind(self, ids, mask, lengths, slots: int):
+        """Bind a call's inputs: ids, mask over (slots, new tokens), positions, and the cache as its past."""
+        rows, t = ids.shape
+        kv, bind = self.kv, self.binding
+        bind.bind_cpu_input("input_ids", ids)
+        bind.bind_cpu_input("attention_mask", mask)
+        bind.bind_cpu_input("position_ids", np.ascontiguousarray(lengths[:, None] + np.arange(t), dtype=np.int64))
+        past_shape = [rows, self.heads, slots, self.head_dim]
+        for name, buf in zip(self.past_names, kv.cache):
+            bind.bind_input(name, kv.device, 0, np.float32, past_shape, kv.pointer(buf))
+        return bind
+
+    def _prompt(self, ids: np.ndarray) -> np.ndarray:
+        """The prompts' call: no cache slots bound (scoring the prompt against `capacity` empty slots
+        would be most of the prefill's attention work); its keys/values come back from ONNX Runtime
+        and are written into the cache once. Returns the hidden states (rows, T, hidden)."""
+        rows, t = ids.shape
+        empty = np.zeros((rows, self.heads, 0, self.head_dim), np.float32)
+        feeds = {"input_ids": ids, "attention_mask": np.ones((rows, t), np.int64),
+                 "position_ids": np.ascontiguousarray(np.broadcast_to(np.arange(t), (rows, t)), dtype=np.int64),
+                 **{name: empty for name in self.past_names}}
+        hidden, *new = self.session.run(None, feeds)
+        self.kv.write(rows, self.lengths[:rows], [self.kv.xp.asarray(v) for v in new], t)
+        self.lengths[:rows] += t
+        return hidden
+
+    def _head(self, hidden: np.ndarray, image: bool) -> np.ndarray:
+        session, name, _ = self.image_head if image else self.text_head
+        return session.run([name], {"hidden": hidden})[0]
 
 
 class OnnxCodec:

@@ -15,28 +15,35 @@ from conftest import TARGET
 
 
 class RecomputeDecoder:
-    """No cache at all: every call runs the whole sequence of each branch through ``lm.model``."""
+    """No cache at all: every call runs each row's whole sequence through ``lm.model``."""
 
     def __init__(self, lm, layout):
         self.lm, self.layout = lm, layout
 
     @torch.no_grad()
-    def _logits(self, seq):
+    def _logits(self, seq, last):
         hidden = self.lm.model(input_ids=torch.tensor([seq]), use_cache=False).last_hidden_state
-        return self.lm.lm_head(hidden[:, -1]).float().numpy()
+        return self.lm.lm_head(hidden[0, -last:]).float().numpy()  # (last, V)
 
-    def prefill(self, ids, capacity):
-        self.seqs = [list(ids)]
-        return self._logits(self.seqs[0])
+    def prefill(self, prompts, capacity, max_step):
+        self.seqs = [list(p) for p in prompts]
+        self.batch = len(prompts)
+        return np.stack([self._logits(s, 1)[-1] for s in self.seqs])
 
     def begin_unconditional(self):
-        self.seqs.append([])
+        self.seqs += [[] for _ in range(self.batch)]
 
-    def step(self, ids, image=False):
-        for s in self.seqs:
-            s.extend(int(i) for i in ids)
-        logits = np.concatenate([self._logits(s) for s in self.seqs])
+    def step(self, ids, image=False, all_positions=False):
+        ids = np.asarray(ids)
+        for s, row in zip(self.seqs, ids):
+            s.extend(int(i) for i in row)
+        logits = np.stack([self._logits(s, ids.shape[1]) for s in self.seqs])  # (rows, T, V)
+        logits = logits if all_positions else logits[:, -1]
         return self.layout.image_logits(logits) if image else logits
+
+    def rewind(self, counts):
+        for s, n in zip(self.seqs, counts):
+            del s[len(s) - int(n):]
 
 
 @pytest.fixture(scope="module", params=["eager", "sdpa"])
@@ -65,8 +72,11 @@ def test_kv_cache_equals_full_recompute_greedy(loaded, cfg_scale):
 def test_step_logits_match_recompute(loaded):
     lm, layout, prompt = loaded
     a, b = TorchDecoder(lm, ImageHead(lm, layout.image_ids)), RecomputeDecoder(lm, layout)
-    np.testing.assert_allclose(a.prefill(prompt, len(prompt) + 16), b.prefill(prompt, 0), atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(a.prefill([prompt], len(prompt) + 16, 3), b.prefill([prompt], 0, 0),
+                               atol=1e-4, rtol=1e-4)
     a.begin_unconditional(), b.begin_unconditional()
     for ids, image in ((layout.header(TARGET, TARGET), True), (layout.image_ids[[3]], False),
                        (layout.image_ids[[5, 7]], True)):
-        np.testing.assert_allclose(a.step(ids, image), b.step(ids, image), atol=1e-4, rtol=1e-4)
+        ids = np.stack([ids, ids])
+        np.testing.assert_allclose(a.step(ids, image, all_positions=True), b.step(ids, image, all_positions=True),
+                                   atol=1e-4, rtol=1e-4)

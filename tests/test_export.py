@@ -24,7 +24,7 @@ def _run_onnx(sessions, ids, mask, pos, past):
     decoder, head = sessions
     names = [i.name for i in decoder.get_inputs()]
     out = decoder.run(None, dict(zip(names, [ids, mask, pos, *past])))
-    return head.run(None, {"hidden": out[0]})[0], out[1:]
+    return head.run(None, {"hidden": out[0][:, -1]})[0], out[1:]
 
 
 def _onnx_sessions(folder):
@@ -35,7 +35,7 @@ def _onnx_sessions(folder):
 def _run_torch(step, ids, mask, pos, past):
     with torch.no_grad():
         out = step(*(torch.from_numpy(x) for x in (ids, mask, pos, *past)))
-        logits = step.lm_head(out[0])
+        logits = step.lm_head(out[0][:, -1])
     return logits.numpy(), [p.numpy() for p in out[1:]]
 
 

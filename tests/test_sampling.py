@@ -67,16 +67,22 @@ class FakeDecoder:
         self.returned.append(out)
         return out
 
-    def prefill(self, ids, capacity):
+    def prefill(self, prompts, capacity, max_step):
         return self._logits()
 
     def begin_unconditional(self):
         self.branches = 2
 
-    def step(self, ids, image=False):
-        self.fed.append(np.asarray(ids).copy())
+    def step(self, ids, image=False, all_positions=False):
+        ids = np.asarray(ids)
+        self.fed.append(ids[0].copy())
         logits = self._logits()
+        if all_positions:
+            logits = np.repeat(logits[:, None], ids.shape[1], axis=1)
         return self.layout.image_logits(logits) if image else logits
+
+    def rewind(self, counts):
+        pass
 
 
 def test_structure_forced_and_text_greedy(compact_layout):
