@@ -215,7 +215,7 @@ class _ImageDecode:
 
     def start(self, header: list[int]) -> None:
         self.lead = list(header)
-        self._redraft(None, None, [])
+        self._redraft(np.zeros((0, self.codebook)))
 
     def commit(self, code: int, entropy: float) -> None:
         self.codes[self.done], self.entropy[self.done] = code, entropy
@@ -236,40 +236,33 @@ class _ImageDecode:
         """Check the drafts against this call's outputs (T, codebook); returns the tokens to keep."""
         tokens, where = self.inputs()
         self.calls += 1
-        config, rng = self.config, self.rng
-        checked = [i - 1 for i in where]
-        probs = ents = None
-        if checked:
-            probs, ents = image_distributions(cond[checked], None if uncond is None else uncond[checked], config)
-        codebook = self.codebook
+        config, rng, last = self.config, self.rng, len(tokens) - 1
+        if not where:  # plain decoding: one code from the last output, by the backend's sampler
+            self.commit(*sampler.image_code(cond[last], None if uncond is None else uncond[last], config, rng))
+            return len(tokens)
+        # The distribution before each draft, and after the last one (for the next code, or drafts).
+        rows = [i - 1 for i in where] + [last]
+        probs, ents = image_distributions(cond[rows], None if uncond is None else uncond[rows], config)
         for j, (code, q) in enumerate(self.drafts[: len(where)]):
             p = probs[j]
-            ratio = p[code] * codebook if q is None else p[code] / q[code]
+            ratio = p[code] * self.codebook if q is None else p[code] / q[code]
             if rng.random() < ratio:
                 self.commit(code, ents[j])
                 continue
-            residual = np.maximum(p - (1.0 / codebook if q is None else q), 0.0)
+            residual = np.maximum(p - (1.0 / self.codebook if q is None else q), 0.0)
             self.commit(draw(residual if residual.sum() > 0 else p, rng), ents[j])
-            self._redraft(cond, uncond, where[j + 1:] + [len(tokens)])
+            # The outputs after the rejected draft could not be checked (their prefix held it): next drafts.
+            self._redraft(probs[j + 1:])
             return where[j]
         if not self.finished:
-            last = len(tokens) - 1
-            code, ent = sampler.image_code(cond[last], None if uncond is None else uncond[last], config, rng)
-            self.commit(code, ent)
-        self._redraft(cond, uncond, [])
+            self.commit(draw(probs[-1], rng), ents[-1])
+        self._redraft(probs[:0])
         return len(tokens)
 
-    def _redraft(self, cond, uncond, after: list[int]) -> None:
-        """Next drafts: the outputs that could not be checked (their prefix held a rejected draft),
-        then uniform draws from the image tokens, up to the window."""
-        window = self.config.jacobi_window
-        self.drafts = []
-        if after:
-            rows = [i - 1 for i in after]
-            probs, _ = image_distributions(cond[rows], None if uncond is None else uncond[rows], self.config)
-            self.drafts = [(draw(p, self.rng), p) for p in probs]
-        room = min(window, self.total - self.done)
-        self.drafts = self.drafts[:room]
+    def _redraft(self, probs: np.ndarray) -> None:
+        """Next drafts: one from each given distribution, then uniform draws from the image tokens, up to the window."""
+        room = min(self.config.jacobi_window, self.total - self.done)
+        self.drafts = [(draw(p, self.rng), p) for p in probs[:room]]
         if len(self.drafts) < room:
             self.drafts += [(int(c), None) for c in self.rng.integers(0, self.codebook, room - len(self.drafts))]
 
