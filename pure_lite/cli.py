@@ -11,6 +11,7 @@ from .errors import PureLiteError
 from .export.quantize import QuantizationConfig
 from .lpips import SDIST as LPIPS_SDIST
 from .sampling import SamplingConfig
+from .tiles import DEFAULT_TILE_BATCH
 from .train.config import VQTrainConfig
 
 _DEFAULTS = SamplingConfig()
@@ -32,7 +33,7 @@ def _restore(args: argparse.Namespace) -> int:
     sampling = SamplingConfig(
         temperature=args.temperature, cfg_scale=args.cfg, text_top_k=_DEFAULTS.text_top_k,
         k_min=_DEFAULTS.k_min, k_max=_DEFAULTS.k_max, max_new_tokens=args.max_new_tokens,
-        max_text_tokens=args.max_text_tokens,
+        max_text_tokens=args.max_text_tokens, jacobi_window=args.jacobi_window,
     )
     inputs = [Path(p) for p in args.inputs]
     outputs = _outputs(inputs, Path(args.output))
@@ -50,8 +51,8 @@ def _restore(args: argparse.Namespace) -> int:
             if dst.resolve() in input_set:
                 raise PureLiteError(f"output {dst} is one of the inputs; refusing to overwrite it")
             result = restorer.restore(
-                src, seed=args.seed, sampling=sampling, target_size=args.target_size,
-                color_fix=not args.no_color_fix, progress=not args.quiet,
+                src, seed=args.seed, sampling=sampling, scale=args.scale, target_size=args.target_size,
+                tile_batch=args.tile_batch, color_fix=not args.no_color_fix, progress=not args.quiet,
             )
             images.save_image_atomic(result.image, dst)
         except PureLiteError as exc:
@@ -59,7 +60,8 @@ def _restore(args: argparse.Namespace) -> int:
             message = str(exc) if str(src) in str(exc) else f"{src}: {exc}"
             print(f"error: {message}", file=sys.stderr)
             continue
-        print(f"{src} -> {dst}")
+        tiles = f", {len(result.tiles)} tiles" if len(result.tiles) > 1 else ""
+        print(f"{src} -> {dst} ({result.image.width}x{result.image.height}{tiles})")
         text = result.text if len(result.text) <= 300 else result.text[:300] + f"... ({len(result.text)} characters)"
         print(f"  text: {text!r}")
     return 1 if failures else 0
@@ -204,8 +206,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"sampling temperature, 0 = greedy (default: {_DEFAULTS.temperature})")
     r.add_argument("--cfg", type=float, default=_DEFAULTS.cfg_scale,
                    help=f"classifier-free guidance scale, 1 = off (default: {_DEFAULTS.cfg_scale})")
+    r.add_argument("--scale", type=float, default=4,
+                   help="output = scale x the input's width and height, any aspect ratio, restored in overlapping "
+                        "tiles of the model's size (default: 4)")
     r.add_argument("--target-size", type=int, default=None,
-                   help="output side in pixels (default: the model's own, 512 for PURE, 128 for PURE-tiny)")
+                   help="instead of --scale: restore the whole input as one square of this side, as PURE itself "
+                        "does (the model's own size is 512 for PURE, 128 for PURE-tiny)")
+    r.add_argument("--tile-batch", type=int, default=DEFAULT_TILE_BATCH,
+                   help=f"tiles decoded together in one batch (default: {DEFAULT_TILE_BATCH})")
+    r.add_argument("--jacobi-window", type=int, default=_DEFAULTS.jacobi_window,
+                   help="draft codes checked per decoder call by speculative Jacobi decoding; 0 = plain decoding "
+                        f"(default: {_DEFAULTS.jacobi_window})")
     r.add_argument("--max-text-tokens", type=int, default=_DEFAULTS.max_text_tokens,
                    help=f"text tokens allowed before the image starts (default: {_DEFAULTS.max_text_tokens})")
     r.add_argument("--max-new-tokens", type=int, default=_DEFAULTS.max_new_tokens,

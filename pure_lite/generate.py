@@ -149,14 +149,14 @@ def generate_batch(
     calls = _decode_images(decoder, images, layout, size_px, config, sampler, on_step, cancel)
     timings["image_s"] = time.perf_counter() - t0
     timings["image_steps_per_s"] = len(images) * side * side / max(timings["image_s"], 1e-9)
-    timings["decoder_calls"] = calls
-    timings["batch"] = len(images)
+    timings["batch_calls"] = calls  # image-phase decoder calls of the whole batch
 
     out = []
     for text, image in zip(texts, images):
         text_tokens = np.array(text, dtype=np.int64)
         codes = image.codes.reshape(side, side)
         tokens = np.concatenate([text_tokens, layout.encode_image(codes), [layout.end_of_turn]]).astype(np.int64)
+        # this restoration's calls (those it had tokens in) and codes committed per call
         own = dict(timings, decoder_calls=image.calls, accepted_per_call=side * side / max(image.calls, 1))
         out.append(Generation(tokens=tokens, text_tokens=text_tokens, codes=codes,
                               entropy=image.entropy.reshape(side, side), timings=own))

@@ -85,11 +85,35 @@ def _from_array(arr: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(x, dtype=np.float32)
 
 
-def load_image(source: ImageInput) -> np.ndarray:
+def image_size(source: ImageInput) -> tuple[int, int]:
+    """(width, height) of an input without decoding its pixels (for files, from the header only)."""
+    if isinstance(source, np.ndarray):
+        if source.ndim not in (2, 3):
+            raise InvalidImageError(f"array image must be H x W or H x W x 1/3/4, got shape {source.shape}")
+        return int(source.shape[1]), int(source.shape[0])
+    if isinstance(source, Image.Image):
+        return source.size
+    if not isinstance(source, (str, os.PathLike)):
+        raise InvalidImageError(f"expected a path, PIL image or NumPy array, got {type(source).__name__}")
+    path = Path(source)
+    try:
+        with Image.open(path) as img:
+            return img.size
+    except FileNotFoundError as exc:
+        raise InvalidImageError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as exc:
+        reason = "unrecognised file format" if "cannot identify image file" in str(exc) else str(exc)
+        raise InvalidImageError(f"{path}: not a readable image ({reason})") from exc
+
+
+def load_image(source: ImageInput, reduce_to: tuple[int, int] | None = None) -> np.ndarray:
     """Read a path, Pillow image or array into float32 RGB in [0, 1], or raise InvalidImageError.
 
     Files are checked for size before their pixels are decoded, so a header that
-    declares 100k x 100k pixels is refused without allocating them.
+    declares 100k x 100k pixels is refused without allocating them. ``reduce_to`` (width,
+    height) says the caller will shrink the image to that size: a large file is then decoded
+    at a fraction of its size where the format allows (JPEG) and box-reduced by an integer
+    factor otherwise, never below that size, before it becomes float.
     """
     if isinstance(source, np.ndarray):
         return _from_array(source)
@@ -109,7 +133,13 @@ def load_image(source: ImageInput) -> np.ndarray:
                 w, h = img.size
                 if w * h > MAX_PIXELS:
                     raise InvalidImageError(f"{path}: {w}x{h} pixels exceeds the limit of {MAX_PIXELS} pixels")
+                if reduce_to is not None:
+                    img.draft("RGB", reduce_to)  # JPEG: decode at 1/2, 1/4 or 1/8 scale, still >= reduce_to
                 img.load()
+                if reduce_to is not None:
+                    factor = min(img.size[0] // reduce_to[0], img.size[1] // reduce_to[1])
+                    if factor >= 2 and img.mode in ("L", "RGB", "RGBA", "LA", "I", "I;16", "F"):
+                        img = img.reduce(factor)
                 return _from_pil(img)
     except InvalidImageError:
         raise
@@ -120,12 +150,13 @@ def load_image(source: ImageInput) -> np.ndarray:
         raise InvalidImageError(f"{path}: not a readable image ({reason})") from exc
 
 
-def resize(image: np.ndarray, size: int) -> np.ndarray:
-    """Bicubic resize of float RGB in [0, 1] to size x size (identity when already that size)."""
-    if image.shape[:2] == (size, size):
+def resize(image: np.ndarray, width: int, height: int | None = None) -> np.ndarray:
+    """Bicubic resize of float RGB in [0, 1] to width x height (a square when height is None)."""
+    height = width if height is None else height
+    if image.shape[:2] == (height, width):
         return image
     channels = [
-        np.asarray(Image.fromarray(image[..., c], mode="F").resize((size, size), Image.BICUBIC))
+        np.asarray(Image.fromarray(np.ascontiguousarray(image[..., c]), mode="F").resize((width, height), Image.BICUBIC))
         for c in range(3)
     ]
     return np.clip(np.stack(channels, axis=2), 0, 1).astype(np.float32)
