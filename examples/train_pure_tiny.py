@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -146,15 +147,12 @@ def stage_export(build: Path, model: Path) -> None:
 
 
 def install(build: Path, variant: str, example: str = "heldout_00000.png") -> Path:
-    """Copy an export into the package as the default model, and remake the README's example and picture.
+    """Copy an export into the package as the default model, and remake the examples and the README picture.
 
-    The example is a held-out crop degraded with the training pipeline (seed 0), saved at its LQ
-    size; the picture shows it upscaled (nearest), bicubic, PURE-tiny (seed 0) and the HQ crop.
+    ``examples/images/example.png`` is a held-out crop degraded with the training pipeline (seed 0),
+    saved at its LQ size; the README's photo and picture come from examples/readme_example.py.
     """
-    from PIL import Image
-
-    from pure_lite import Restorer
-    from pure_lite.images import load_image, resize, save_image_atomic, to_pil
+    from pure_lite.images import load_image, save_image_atomic, to_pil
     from pure_lite.train.degrade import DegradationConfig, degrade
 
     root = Path(__file__).resolve().parents[1]
@@ -165,14 +163,10 @@ def install(build: Path, variant: str, example: str = "heldout_00000.png") -> Pa
     hq = load_image(build / "heldout" / example)
     lq = degrade(hq, np.random.default_rng(SEED), DegradationConfig(scale=SCALE)).lq
     save_image_atomic(to_pil(lq), root / "examples" / "images" / "example.png")
-    restored = Restorer.from_pretrained(dst).restore(root / "examples" / "images" / "example.png", seed=SEED)
-    nearest = np.asarray(to_pil(lq).resize((SIZE, SIZE), Image.NEAREST), np.float32) / 255
-    panels = [nearest, resize(lq, SIZE), np.asarray(restored.image, np.float32) / 255, hq]
-    gap = np.ones((SIZE, 4, 3), np.float32)
-    strip = np.concatenate([x for p in panels for x in (p, gap)][:-1], axis=1)
-    picture = to_pil(strip).resize((strip.shape[1] * 2, SIZE * 2), Image.NEAREST)
-    save_image_atomic(picture, root / "docs" / "images" / "pure_tiny_example.png")
-    print(f"example text: {restored.text!r}")
+    sys.path.insert(0, str(root / "examples"))
+    from readme_example import make
+
+    print(f"example text: {make(dst)!r}")
     return dst
 
 

@@ -19,6 +19,8 @@ from typing import Callable
 
 import numpy as np
 
+from .sampling import SamplingConfig
+
 UNAVAILABLE = {
     "lpips": "unavailable: no converted LPIPS weights (run `pure-lite convert-lpips`)",
     "niqe": "unavailable: needs the NIQE natural-scene model, not shipped with pure-lite",
@@ -81,9 +83,9 @@ class EvalReport:
 
 def evaluate(restorer, images: list[Path], *, size: int | None = None, scale: int = 4, seed: int = 0,
              lpips: Callable[[np.ndarray, np.ndarray], float] | None = None,
-             progress: Callable | None = None) -> EvalReport:
+             progress: Callable | None = None, sampling: SamplingConfig = SamplingConfig()) -> EvalReport:
     """Degrade, restore and score every image at ``size`` (default: the model's own); ``lpips``
-    (e.g. ``pure_lite.lpips.LPIPS()``) adds LPIPS."""
+    (e.g. ``pure_lite.lpips.LPIPS()``) adds LPIPS; ``sampling`` defaults to the reference's."""
     from .images import load_image, resize
     from .prompt import parse_degradation_levels
     from .train.data import square_crop
@@ -97,7 +99,7 @@ def evaluate(restorer, images: list[Path], *, size: int | None = None, scale: in
     for i, path in enumerate(progress(images, desc="evaluating", unit="image") if progress else images):
         hq = square_crop(load_image(path), size)
         degraded = degrade(hq, np.random.default_rng(seed + i), DegradationConfig(scale=scale))
-        result = restorer.restore(degraded.lq, seed=seed + i, target_size=size)
+        result = restorer.restore(degraded.lq, seed=seed + i, target_size=size, sampling=sampling)
         out = np.asarray(result.image, dtype=np.float32) / 255.0
         bicubic = resize(degraded.lq, size)
         said = parse_degradation_levels(result.degradation)
