@@ -25,7 +25,9 @@ class SamplingConfig:
     ``temperature=0`` is greedy (argmax after CFG and masking). ``cfg_scale=1`` skips the
     unconditional branch. ``max_text_tokens`` bounds the text before the image: when it is
     spent without an image start, the image is started (a model that talks forever still
-    restores). ``max_new_tokens`` bounds text plus image block.
+    restores). ``max_new_tokens`` bounds text plus image block. ``jacobi_window`` > 0 turns on
+    speculative Jacobi decoding with that many draft codes per decoder call (docs/decoding.md):
+    the same distribution as plain decoding (greedy: the same tokens) in fewer, wider calls.
     """
 
     temperature: float = 0.9
