@@ -103,7 +103,11 @@ def _sample_top_k(logits: np.ndarray, k: int, temperature: float, rng: np.random
 
 
 class Sampler(Protocol):
-    """One implementation per array library (NumPy here; CUDA in the runtime) behind this interface."""
+    """What the decode loop asks of a sampler, one token at a time on host arrays.
+
+    ``NumpySampler`` is the implementation and the reference; ``pure_lite.torch_sampler`` is the
+    same maths on batched device tensors, for a decode step that stays on the GPU.
+    """
 
     def image_code(
         self, cond: np.ndarray, uncond: np.ndarray | None, config: SamplingConfig, rng: np.random.Generator
