@@ -185,9 +185,9 @@ class ChameleonStep(nn.Module):
         """Final-norm hidden states of the new tokens ((B, hidden) for the last one with ``last_only``);
         ``mask`` is additive (B, 1, T, keys).
 
-        The layers take the cache as ``cache=`` from transformers 5.24 on and as ``past_key_values=``
-        before; under the wrong name it lands in ``**kwargs`` and is ignored (5.17: a shape error,
-        5.0: silently wrong logits), so the name is read from the installed layer's signature.
+        The layers take the cache as ``cache=`` in transformers 5.24 and as ``past_key_values=`` in
+        5.0 and 5.17; under the wrong name it lands in ``**kwargs`` and is ignored (5.17: a shape
+        error, 5.0: silently wrong logits), so the name is read from the installed layer's signature.
         """
         hidden = self.model.embed_tokens(input_ids)
         rope = self.model.rotary_emb(hidden, position_ids)
