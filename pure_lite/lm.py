@@ -18,6 +18,8 @@ stock ``ChameleonForConditionalGeneration.forward`` masks every image token out 
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 
 import numpy as np
@@ -25,7 +27,7 @@ import torch
 from torch import nn
 
 from .checkpoint import CheckpointFiles
-from .errors import CheckpointError, GenerationError
+from .errors import CheckpointError, GenerationError, MissingDependencyError
 
 # Keys the checkpoint may lack: transformers builds Chameleon's own VQ-VAE inside the
 # model, which PURE never uses (it has the LlamaGen VQ-8 instead).
@@ -152,6 +154,19 @@ def split_additive_mask(attention_mask: torch.Tensor, new_tokens: int, dtype: to
     return _additive((j <= i).unsqueeze(0) & attention_mask.bool().unsqueeze(1), dtype)
 
 
+@functools.cache
+def _cache_keyword(layer_type: type) -> str:
+    """The keyword under which ``layer_type.forward`` takes its KV cache in the installed transformers."""
+    params = inspect.signature(layer_type.forward).parameters  # follows deprecate_kwarg's functools.wraps
+    for name in ("cache", "past_key_values"):
+        if name in params:
+            return name
+    raise MissingDependencyError(
+        f"{layer_type.__name__}.forward takes neither cache= nor past_key_values=: this transformers version "
+        "is not supported (see pyproject.toml for the tested range)"
+    )
+
+
 class ChameleonStep(nn.Module):
     """One decoder call.
 
@@ -169,12 +184,18 @@ class ChameleonStep(nn.Module):
         self.lm_head = lm.lm_head
 
     def run(self, input_ids, mask, position_ids, cache, **layer_kwargs):
-        """Final-norm hidden states of the new tokens (B, T, hidden); ``mask`` is additive (B, 1, T, keys)."""
+        """Final-norm hidden states of the new tokens (B, T, hidden); ``mask`` is additive (B, 1, T, keys).
+
+        The layers take the cache as ``cache=`` in transformers 5.24 and as ``past_key_values=`` in
+        5.0 and 5.17; under the wrong name it lands in ``**kwargs`` and is ignored (5.17: a shape
+        error, 5.0: silently wrong logits), so the name is read from the installed layer's signature.
+        """
         hidden = self.model.embed_tokens(input_ids)
         rope = self.model.rotary_emb(hidden, position_ids)
+        cache_arg = {_cache_keyword(type(self.model.layers[0])): cache}
         for layer in self.model.layers:
-            out = layer(hidden, attention_mask=mask, position_ids=position_ids, cache=cache,
-                        use_cache=True, position_embeddings=rope, **layer_kwargs)
+            out = layer(hidden, attention_mask=mask, position_ids=position_ids, use_cache=True,
+                        position_embeddings=rope, **cache_arg, **layer_kwargs)
             hidden = out[0] if isinstance(out, tuple) else out
         hidden = self.model.norm(hidden)
         return hidden

@@ -142,7 +142,11 @@ def draw(probs: np.ndarray, rng: np.random.Generator) -> int:
 
 
 class Sampler(Protocol):
-    """One implementation per array library (NumPy here; CUDA in the runtime) behind this interface."""
+    """What the decode loop asks of a sampler, one token at a time on host arrays.
+
+    ``NumpySampler`` is the implementation and the reference; ``pure_lite.torch_sampler`` is the
+    same maths on batched device tensors, for a decode step that stays on the GPU.
+    """
 
     def image_code(
         self, cond: np.ndarray, uncond: np.ndarray | None, config: SamplingConfig, rng: np.random.Generator

@@ -80,3 +80,22 @@ def test_step_logits_match_recompute(loaded):
         ids = np.stack([ids, ids])
         np.testing.assert_allclose(a.step(ids, image, all_positions=True), b.step(ids, image, all_positions=True),
                                    atol=1e-4, rtol=1e-4)
+
+
+def test_cache_keyword_follows_the_layer_signature():
+    """transformers 5.0/5.17 layers read ``past_key_values=``, 5.24 ``cache=``; other layers are refused."""
+    from transformers.models.chameleon.modeling_chameleon import ChameleonDecoderLayer
+
+    from pure_lite.errors import MissingDependencyError
+    from pure_lite.lm import _cache_keyword
+
+    class Older:
+        def forward(self, hidden_states, attention_mask=None, past_key_values=None, **kwargs): ...
+
+    class Unknown:
+        def forward(self, hidden_states, **kwargs): ...
+
+    assert _cache_keyword(Older) == "past_key_values"
+    assert _cache_keyword(ChameleonDecoderLayer) in ("cache", "past_key_values")
+    with pytest.raises(MissingDependencyError):
+        _cache_keyword(Unknown)
