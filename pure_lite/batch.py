@@ -28,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import io
+import itertools
 import json
 import os
 import time
@@ -52,8 +53,9 @@ class BatchConfig:
     workers: int | None = None  # None: one per GPU share (gpus_per_worker), or 1 on a cluster without GPUs
     gpus_per_worker: float | None = None  # None: 1 when the cluster has GPUs, else 0 (CPU)
     cpus_per_worker: float = 1.0  # Ray's CPU reservation per worker: place at most CPUs / this per node
-    address: str | None = None  # None: the Ray this process is connected to, else a new local one sized to
-    #                             this machine; "auto" (a cluster started on this node) or "ray://HOST:10001"
+    # Where to run: "auto" (a cluster started on this node with `ray start`) or "ray://HOST:10001"; None: a new
+    # local Ray sized to this machine. A process already connected to Ray (ray.init) keeps that one either way.
+    address: str | None = None
     retry_failed: bool = False  # restore inputs the journal records as failed again
     max_attempts: int = 3  # workers that may die holding one image before it is recorded as failed
 
@@ -159,9 +161,8 @@ def _settings_sha256(settings: dict) -> str:
 def _output_name(name: str, taken: set[str]) -> str:
     """``dir/stem_restored.png``; where two inputs share a stem (a.png, a.jpg) the later one gets its suffix in the name."""
     p = PurePosixPath(name)
-    candidates = [p.with_name(f"{p.stem}_restored.png"), p.with_name(f"{p.stem}_{p.suffix[1:]}_restored.png")]
-    candidates += [p.with_name(f"{p.stem}_{p.suffix[1:]}_{i}_restored.png") for i in range(2, 1000)]
-    return next(str(c) for c in candidates if str(c) not in taken)
+    stems = itertools.chain([p.stem, f"{p.stem}_{p.suffix[1:]}"], (f"{p.stem}_{p.suffix[1:]}_{i}" for i in itertools.count(2)))
+    return next(str(c) for c in (p.with_name(f"{stem}_restored.png") for stem in stems) if str(c) not in taken)
 
 
 def _provenance(path: Path) -> dict | None:
@@ -288,7 +289,7 @@ class _Pool:
         self.actors = []
 
 
-def _resolve_shape(ray, config: BatchConfig, started_here: bool) -> tuple[int, float]:
+def _resolve_shape(ray, config: BatchConfig, local: bool) -> tuple[int, float]:
     """Workers and GPUs per worker from the config, defaulting to one worker per GPU; refuse what cannot fit locally."""
     resources = ray.cluster_resources()
     gpus_total, cpus_total = resources.get("GPU", 0.0), resources.get("CPU", 0.0)
@@ -296,10 +297,10 @@ def _resolve_shape(ray, config: BatchConfig, started_here: bool) -> tuple[int, f
     workers = config.workers if config.workers is not None else (int(gpus_total // gpus) if gpus > 0 else 1)
     if workers < 1:
         raise PureLiteError(f"{gpus} GPUs per worker do not fit the cluster's {gpus_total:g} GPUs")
-    if started_here and (workers * gpus > gpus_total or workers * config.cpus_per_worker > cpus_total):
-        # On a cluster an autoscaler may add nodes; on this machine the workers would wait forever.
-        raise PureLiteError(f"{workers} workers x ({gpus:g} GPU, {config.cpus_per_worker:g} CPU) do not fit this "
-                            f"machine's {gpus_total:g} GPUs and {cpus_total:g} CPUs; lower --workers or the per-worker shares")
+    if local and (workers * gpus > gpus_total or workers * config.cpus_per_worker > cpus_total):
+        # On a cluster an autoscaler may add nodes; on a Ray of this machine the workers would wait forever.
+        raise PureLiteError(f"{workers} workers x ({gpus:g} GPU, {config.cpus_per_worker:g} CPU) do not fit the "
+                            f"{gpus_total:g} GPUs and {cpus_total:g} CPUs Ray has here; lower --workers or the per-worker shares")
     return workers, gpus
 
 
@@ -390,7 +391,7 @@ class _Run:
     def __init__(self, journal: Journal, input_dir: Path, input_paths: set[Path], model, seed: int,
                  restore_options: dict, config: BatchConfig, progress: bool, on_dispatch):
         self.journal, self.input_dir, self.input_paths = journal, input_dir, input_paths
-        self.model = None if model is None else str(model)
+        self.model = None if model is None else journal.settings["model"]  # resolved where it exists here
         self.seed, self.options, self.config = seed, restore_options, config
         self.settings_sha = _settings_sha256(journal.settings)
         self.progress, self.on_dispatch = progress, on_dispatch
@@ -407,7 +408,7 @@ class _Run:
         self.t0 = time.perf_counter()
         self.pool = None
         try:
-            count, gpus = _resolve_shape(ray, self.config, started_here)
+            count, gpus = _resolve_shape(ray, self.config, local=self.config.address is None)
             self.pool = _Pool(ray, self.model, count, gpus, self.config.cpus_per_worker)
             self.queue, self.idle = deque(pending), []
             self.workers: dict = {}  # actor -> WorkerInfo, once it has loaded the model
