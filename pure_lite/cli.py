@@ -67,6 +67,35 @@ def _restore(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
+def _restore_many(args: argparse.Namespace) -> int:
+    from .batch import BatchConfig, restore_many
+    from .journal import JOURNAL_FILE
+    from .restorer import DEFAULT_MODEL_NOTICE
+
+    options = {
+        "sampling": SamplingConfig(temperature=args.temperature, cfg_scale=args.cfg, jacobi_window=args.jacobi_window),
+        "color_fix": not args.no_color_fix, "scale": args.scale, "tile_batch": args.tile_batch,
+    }
+    if args.target_size is not None:
+        options["target_size"] = args.target_size
+    config = BatchConfig(workers=args.workers, gpus_per_worker=args.gpus_per_worker,
+                         cpus_per_worker=args.cpus_per_worker, address=args.address, retry_failed=args.retry_failed)
+    if args.model is None:
+        print(DEFAULT_MODEL_NOTICE, file=sys.stderr)
+    try:
+        report = restore_many(args.input_dir, args.output, model=args.model, restore_options=options, seed=args.seed,
+                              config=config, progress=not args.quiet)
+    except KeyboardInterrupt:
+        print(f"interrupted: {Path(args.output) / JOURNAL_FILE} records what is done; run the same command to resume",
+              file=sys.stderr)
+        return 130
+    for entry in report.entries:
+        if entry.status == "failed":
+            print(f"error: {entry.error}", file=sys.stderr)
+    print(report.summary())
+    return 1 if report.count("failed") else 0
+
+
 def _export(args: argparse.Namespace) -> int:
     from .export import build_tensorrt, export_onnx
     from .manifest import MANIFEST_FILE
@@ -224,6 +253,45 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--no-color-fix", action="store_true", help="skip the wavelet colour fix")
     r.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     r.set_defaults(func=_restore)
+
+    from .batch import BASE_SEED, BatchConfig  # light: Ray is imported only when a run starts
+
+    b = BatchConfig()
+    rm = sub.add_parser("restore-many", help="restore a folder of images on Ray workers, resumable (docs/scale.md)")
+    rm.add_argument("input_dir", metavar="INPUT_DIR", help="folder of images (searched recursively)")
+    rm.add_argument("-o", "--output", required=True, metavar="OUTPUT_DIR",
+                    help="receives sub/name_restored.png per input, the journal and the report; "
+                         "must not be INPUT_DIR or contain it")
+    rm.add_argument("--model", help="checkpoint or export folder, at this path on every node "
+                                    "(default: the shipped PURE-tiny demo)")
+    rm.add_argument("--workers", type=int, default=b.workers,
+                    help="Ray workers, each holding one loaded model (default: one per GPU, or 1 without GPUs)")
+    rm.add_argument("--gpus-per-worker", type=float, default=b.gpus_per_worker,
+                    help="GPUs per worker, fractions allowed (default: 1 when Ray sees GPUs, else 0)")
+    rm.add_argument("--cpus-per-worker", type=float, default=b.cpus_per_worker,
+                    help=f"CPUs Ray reserves per worker (default: {b.cpus_per_worker:g})")
+    rm.add_argument("--address", default=b.address,
+                    help="Ray cluster: 'auto' (started on this node with `ray start`) or ray://HOST:10001 "
+                         "(default: start a local Ray sized to this machine)")
+    rm.add_argument("--seed", type=int, default=BASE_SEED,
+                    help=f"base seed; each image's seed derives from it and the image's name (default: {BASE_SEED})")
+    rm.add_argument("--retry-failed", action="store_true", default=b.retry_failed,
+                    help="restore again the inputs the journal records as failed")
+    rm.add_argument("--temperature", type=float, default=_DEFAULTS.temperature,
+                    help=f"sampling temperature, 0 = greedy (default: {_DEFAULTS.temperature})")
+    rm.add_argument("--cfg", type=float, default=_DEFAULTS.cfg_scale,
+                    help=f"classifier-free guidance scale, 1 = off (default: {_DEFAULTS.cfg_scale})")
+    rm.add_argument("--scale", type=float, default=4,
+                    help="output = scale x each input's width and height, restored in tiles (default: 4)")
+    rm.add_argument("--tile-batch", type=int, default=DEFAULT_TILE_BATCH,
+                    help=f"tiles decoded together in one batch (default: {DEFAULT_TILE_BATCH})")
+    rm.add_argument("--jacobi-window", type=int, default=_DEFAULTS.jacobi_window,
+                    help=f"speculative Jacobi decoding: draft codes per call, 0 = off (default: {_DEFAULTS.jacobi_window})")
+    rm.add_argument("--target-size", type=int, default=None,
+                    help="instead of --scale: restore each input as one square of this side")
+    rm.add_argument("--no-color-fix", action="store_true", help="skip the wavelet colour fix")
+    rm.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    rm.set_defaults(func=_restore_many)
 
     e = sub.add_parser("export", help="export a checkpoint to ONNX (float/int8/int4) or TensorRT engines")
     e.add_argument("model_dir", metavar="MODEL_DIR", help="PURE checkpoint folder (or, for tensorrt, an ONNX export)")

@@ -126,13 +126,21 @@ def load_image(source: ImageInput, reduce_to: tuple[int, int] | None = None) -> 
         data = path.read_bytes()
     except OSError as exc:
         raise InvalidImageError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    return decode_image_bytes(data, path, reduce_to)
+
+
+def decode_image_bytes(data: bytes, name: str | os.PathLike, reduce_to: tuple[int, int] | None = None) -> np.ndarray:
+    """Decode an encoded image file's bytes (``name`` labels errors) with the same checks as ``load_image``.
+
+    For callers that hold the bytes already, such as a worker that was sent a file's content.
+    """
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data)) as img:
                 w, h = img.size
                 if w * h > MAX_PIXELS:
-                    raise InvalidImageError(f"{path}: {w}x{h} pixels exceeds the limit of {MAX_PIXELS} pixels")
+                    raise InvalidImageError(f"{name}: {w}x{h} pixels exceeds the limit of {MAX_PIXELS} pixels")
                 if reduce_to is not None:
                     img.draft("RGB", reduce_to)  # JPEG: decode at 1/2, 1/4 or 1/8 scale, still >= reduce_to
                 img.load()
@@ -144,10 +152,10 @@ def load_image(source: ImageInput, reduce_to: tuple[int, int] | None = None) -> 
     except InvalidImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise InvalidImageError(f"{path}: image is too large to decode safely ({exc})") from exc
+        raise InvalidImageError(f"{name}: image is too large to decode safely ({exc})") from exc
     except (OSError, ValueError, SyntaxError, EOFError) as exc:
         reason = "unrecognised file format" if "cannot identify image file" in str(exc) else str(exc)
-        raise InvalidImageError(f"{path}: not a readable image ({reason})") from exc
+        raise InvalidImageError(f"{name}: not a readable image ({reason})") from exc
 
 
 def resize(image: np.ndarray, width: int, height: int | None = None) -> np.ndarray:
@@ -209,11 +217,20 @@ def save_image_atomic(image: Image.Image, path: str | os.PathLike) -> None:
     fmt = Image.registered_extensions().get(path.suffix.lower())
     if fmt is None:
         raise InvalidImageError(f"cannot tell an image format from the extension of {path}")
+    _write_atomic(path, lambda f: image.save(f, format=fmt))
+
+
+def write_bytes_atomic(data: bytes, path: str | os.PathLike) -> None:
+    """``save_image_atomic`` for a file encoded elsewhere (a worker's PNG bytes)."""
+    _write_atomic(Path(path), lambda f: f.write(data))
+
+
+def _write_atomic(path: Path, write) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            image.save(f, format=fmt)
+            write(f)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
