@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import io
 import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Union
@@ -16,6 +15,7 @@ from typing import Union
 import numpy as np
 from PIL import Image
 
+from .atomic import atomic_path
 from .errors import InvalidImageError
 
 ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray]
@@ -172,18 +172,15 @@ def to_pil(image: np.ndarray) -> Image.Image:
     return Image.fromarray(np.rint(np.clip(image, 0, 1) * 255).astype(np.uint8), mode="RGB")
 
 
-def save_image_atomic(image: Image.Image, path: str | os.PathLike) -> None:
-    """Write through a temporary file in the target folder and rename, so no half-written file remains."""
+def save_image_atomic(image: Image.Image, path: str | os.PathLike, *, overwrite: bool = True) -> None:
+    """Write ``image`` atomically (pure_lite.atomic), in the format its extension names (PNG when it has none).
+
+    With ``overwrite=False`` an existing file is never replaced (OutputError); any failure to
+    write is an OutputError naming the path.
+    """
     path = Path(path)
-    fmt = Image.registered_extensions().get(path.suffix.lower())
+    fmt = Image.registered_extensions().get(path.suffix.lower()) if path.suffix else "PNG"
     if fmt is None:
         raise InvalidImageError(f"cannot tell an image format from the extension of {path}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            image.save(f, format=fmt)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path, overwrite=overwrite) as tmp:
+        image.save(tmp, format=fmt)
