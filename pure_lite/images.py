@@ -172,15 +172,21 @@ def to_pil(image: np.ndarray) -> Image.Image:
     return Image.fromarray(np.rint(np.clip(image, 0, 1) * 255).astype(np.uint8), mode="RGB")
 
 
-def save_image_atomic(image: Image.Image, path: str | os.PathLike, *, overwrite: bool = True) -> None:
-    """Write ``image`` atomically (pure_lite.atomic), in the format its extension names (PNG when it has none).
-
-    With ``overwrite=False`` an existing file is never replaced (OutputError); any failure to
-    write is an OutputError naming the path.
-    """
+def image_format(path: str | os.PathLike) -> str:
+    """The Pillow format ``path``'s extension names (PNG when it has none), or InvalidImageError."""
     path = Path(path)
     fmt = Image.registered_extensions().get(path.suffix.lower()) if path.suffix else "PNG"
     if fmt is None:
         raise InvalidImageError(f"cannot tell an image format from the extension of {path}")
+    return fmt
+
+
+def save_image_atomic(image: Image.Image, path: str | os.PathLike, *, overwrite: bool = True) -> None:
+    """Write ``image`` atomically (pure_lite.atomic) in the format of its extension (``image_format``).
+
+    With ``overwrite=False`` an existing file is never replaced; that, and any failure to write,
+    is an OutputError naming the path.
+    """
+    fmt = image_format(path)
     with atomic_path(path, overwrite=overwrite) as tmp:
         image.save(tmp, format=fmt)
