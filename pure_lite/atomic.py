@@ -66,13 +66,15 @@ def _publish(tmp: Path, path: Path, overwrite: bool) -> None:
         os.replace(tmp, path)
 
 
-def _make_folder(path: Path) -> None:
-    """Create ``path``'s folder; a file standing where a folder must be is named in the error."""
+def make_folder(path: Path) -> None:
+    """Create the folder ``path`` goes in, or raise OutputError saying why it cannot be."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError):
         blocker = next((p for p in reversed(path.parents) if p.exists() and not p.is_dir()), path.parent)
         raise OutputError(f"cannot write {path}: {blocker} is a file, not a folder") from None
+    except OSError as exc:
+        raise OutputError(f"cannot write {path}: cannot create {path.parent}: {exc.strerror or exc}") from exc
 
 
 @contextmanager
@@ -86,7 +88,7 @@ def atomic_path(path: str | os.PathLike, *, overwrite: bool = True) -> Iterator[
     path = Path(path)
     tmp = None
     try:
-        _make_folder(path)
+        make_folder(path)
         fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         os.close(fd)
         tmp = Path(name)

@@ -58,13 +58,15 @@ def _restore_one(src: Path, dst: Path, restore: Callable[[Path], "Restoration"],
     """Restore ``src`` into ``dst``. Any failure, reading or writing, is one ``error:`` line and
     False, so the caller goes on with the next input."""
     from . import images
+    from .atomic import make_folder
 
     try:
         if dst.resolve() in inputs:
             raise OutputError(f"output {dst} is one of the inputs; refusing to overwrite it")
         if not overwrite and os.path.lexists(dst):
             raise OutputError(f"output {dst} already exists; pass --overwrite to replace it")
-        images.image_format(dst)  # an unknown extension fails now, not after the restoration
+        images.image_format(dst)  # an unknown extension or an output folder that cannot be
+        make_folder(dst)  # made fails now, not after the restoration
         result = restore(src)
         images.save_image_atomic(result.image, dst, overwrite=overwrite)
     except Exception as exc:  # one input's failure, whatever it is, must not stop the others

@@ -278,3 +278,21 @@ def test_cli_reports_a_malformed_or_hostile_export_in_one_line(export, tmp_path)
         errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
         assert len(errors) == 1 and message in errors[0], result.stderr
         assert not out.exists()
+
+
+def test_an_export_folder_gets_the_modes_of_a_plain_mkdir(tmp_path):
+    """Exporters build in a private temporary folder (mkdtemp: 0700, some files 0600);
+    write_manifest, their last step, gives it the modes a plain mkdir/open would."""
+    from pure_lite.manifest import write_manifest
+
+    old = os.umask(0o027)
+    try:
+        folder = tmp_path / "work"
+        folder.mkdir(mode=0o700)
+        (folder / "graph.onnx").write_bytes(b"x")
+        (folder / "graph.onnx").chmod(0o600)
+        write_manifest(folder, {"graphs": {}}, ["graph.onnx"])
+    finally:
+        os.umask(old)
+    assert folder.stat().st_mode & 0o777 == 0o750
+    assert {p.name: p.stat().st_mode & 0o777 for p in folder.iterdir()} == {"graph.onnx": 0o640, MANIFEST_FILE: 0o640}
