@@ -1,4 +1,4 @@
-"""The on-disk layout of a PURE checkpoint (SPEC §1) and safe loading of its files.
+"""The on-disk layout of a PURE checkpoint (docs/pure-format.md §1) and safe loading of its files.
 
     MODEL_DIR/
       config.json                      Chameleon config (model_type "chameleon")

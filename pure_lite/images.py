@@ -1,4 +1,4 @@
-"""Image input and output (SPEC §3): safe loading and conversion, resizing, the wavelet colour fix.
+"""Image input and output (docs/pure-format.md §3): safe loading and conversion, resizing, the wavelet colour fix.
 
 Everything here is NumPy + Pillow so the torch backend and the torch-free runtime share it.
 Pixels travel as float32 H x W x 3 arrays in [0, 1] between these functions.
@@ -25,7 +25,7 @@ COLOR_FIX_LEVELS = 5
 
 
 def _blend_on_white(rgb: np.ndarray, alpha: np.ndarray) -> np.ndarray:
-    """Composite float RGB in [0, 1] over white with alpha in [0, 1] (SPEC: RGBA is blended onto white)."""
+    """Composite float RGB in [0, 1] over white with alpha in [0, 1] (docs/pure-format.md §3: RGBA is blended onto white)."""
     return rgb * alpha[..., None] + (1.0 - alpha[..., None])
 
 
