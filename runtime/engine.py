@@ -41,7 +41,7 @@ class KVBuffers:
                 import cupy as xp
             except ImportError as exc:
                 raise MissingDependencyError(
-                    "serving on CUDA keeps the KV cache on the GPU with CuPy: pip install cupy-cuda12x"
+                    "serving on CUDA keeps the KV cache on the GPU with CuPy: pip install 'pure-lite[gpu]' (cupy-cuda12x)"
                 ) from exc
         self.xp, self.device = xp, device
         self.cache = [xp.zeros((2, heads, capacity, head_dim), dtype=xp.float32) for _ in range(2 * layers)]
