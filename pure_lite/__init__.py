@@ -9,8 +9,8 @@ Importing this package does not import torch; the torch backend loads it on firs
 """
 
 from .errors import (
-    CheckpointError, GenerationCancelled, GenerationError, InvalidImageError, ManifestError, MissingDependencyError, PureLiteError,
-    TokenFormatError,
+    CheckpointError, GenerationCancelled, GenerationError, InvalidImageError, ManifestError, MissingDependencyError, OutputError,
+    PureLiteError, TokenFormatError,
 )
 from .restorer import Restoration, Restorer
 from .sampling import SamplingConfig
@@ -19,5 +19,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Restorer", "Restoration", "SamplingConfig", "PureLiteError", "InvalidImageError", "TokenFormatError",
-    "CheckpointError", "ManifestError", "GenerationError", "GenerationCancelled", "MissingDependencyError", "__version__",
+    "CheckpointError", "ManifestError", "GenerationError", "GenerationCancelled", "MissingDependencyError", "OutputError",
+    "__version__",
 ]

@@ -1,4 +1,4 @@
-"""The on-disk layout of a PURE checkpoint (SPEC §1) and safe loading of its files.
+"""The on-disk layout of a PURE checkpoint (docs/pure-format.md §1) and safe loading of its files.
 
     MODEL_DIR/
       config.json                      Chameleon config (model_type "chameleon")
@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from .atomic import atomic_path
 from .errors import CheckpointError, MissingDependencyError
 
 CONFIG_FILE = "config.json"
@@ -104,12 +104,6 @@ def convert_vq(src: str | os.PathLike, dst: str | os.PathLike | None = None) -> 
     src = Path(src)
     dst = Path(dst) if dst is not None else src.with_name(VQ_SAFETENSORS_FILE)
     state = {k: v.contiguous() for k, v in load_vq_state_dict(src).items()}
-    fd, tmp = tempfile.mkstemp(dir=dst.parent, suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(state, tmp)
-        os.replace(tmp, dst)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(dst) as tmp:
+        save_file(state, str(tmp))
     return dst

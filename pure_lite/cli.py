@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import time
 from pathlib import Path
+from typing import TYPE_CHECKING, Callable
 
+from . import __version__
 from .components import PURE_IMAGE_SIZE
-from .errors import PureLiteError
+from .errors import MissingDependencyError, OutputError, PureLiteError
 from .export.quantize import QuantizationConfig
 from .lpips import SDIST as LPIPS_SDIST
 from .sampling import SamplingConfig
@@ -18,53 +22,109 @@ _DEFAULTS = SamplingConfig()
 _QUANT_DEFAULTS = QuantizationConfig()
 _VQ_DEFAULTS = VQTrainConfig()
 
+if TYPE_CHECKING:
+    from .restorer import Restoration, Restorer
 
-def _outputs(inputs: list[Path], output: Path) -> list[Path]:
-    """One output per input: ``output`` itself for a single input with an image suffix, else OUTPUT/<stem>_restored.png."""
-    if len(inputs) == 1 and output.suffix and not output.is_dir():
-        return [output]
-    return [output / f"{p.stem}_restored.png" for p in inputs]
+
+def _output_paths(inputs: list[Path], output: str) -> list[Path]:
+    """One output per input, no two alike. For one input OUTPUT is the file (PNG when it has no
+    suffix) unless it is an existing folder or ends with '/'; otherwise each input goes to
+    OUTPUT/<stem>_restored.png, with _2, _3... after the stem when inputs share a name."""
+    folder = Path(output)
+    if len(inputs) == 1 and not output.endswith(("/", os.sep)) and not folder.is_dir():
+        return [folder]
+    taken: set[str] = set()
+    paths = []
+    for src in inputs:
+        n = 1
+        while (name := f"{src.stem}{f'_{n}' if n > 1 else ''}_restored.png").lower() in taken:
+            n += 1
+        taken.add(name.lower())
+        paths.append(folder / name)
+    return paths
+
+
+def _report_error(src: Path | None, exc: BaseException) -> None:
+    """One ``error:`` line: the message (with the input's name), never a traceback."""
+    message = str(exc) or type(exc).__name__
+    if not isinstance(exc, (PureLiteError, OSError, ValueError)):
+        message = f"{type(exc).__name__}: {message}"
+    if src is not None and str(src) not in message:
+        message = f"{src}: {message}"
+    print("error: " + " ".join(message.splitlines()), file=sys.stderr)
+
+
+def _restore_one(src: Path, dst: Path, restore: Callable[[Path], "Restoration"], *, overwrite: bool,
+                 inputs: set[Path], quiet: bool) -> bool:
+    """Restore ``src`` into ``dst``. Any failure, reading or writing, is one ``error:`` line and
+    False, so the caller goes on with the next input."""
+    from . import images
+    from .atomic import make_folder
+
+    try:
+        if dst.resolve() in inputs:
+            raise OutputError(f"output {dst} is one of the inputs; refusing to overwrite it")
+        if not overwrite and os.path.lexists(dst):
+            raise OutputError(f"output {dst} already exists; pass --overwrite to replace it")
+        images.image_format(dst)  # an unknown extension or an output folder that cannot be
+        make_folder(dst)  # made fails now, not after the restoration
+        result = restore(src)
+        images.save_image_atomic(result.image, dst, overwrite=overwrite)
+    except Exception as exc:  # one input's failure, whatever it is, must not stop the others
+        _report_error(src, exc)
+        return False
+    if not quiet:
+        tiles = f", {len(result.tiles)} tiles" if len(result.tiles) > 1 else ""
+        print(f"{src} -> {dst} ({result.image.width}x{result.image.height}{tiles})")
+        text = result.text if len(result.text) <= 300 else result.text[:300] + f"... ({len(result.text)} characters)"
+        print(f"  text: {text!r}")
+    return True
+
+
+def _onnx_providers(device: str | None) -> list[str] | None:
+    """``--device`` for an export: ONNX Runtime's CUDA or CPU provider (None: CUDA where available, else CPU)."""
+    if device is None:
+        return None
+    if device == "cpu":
+        return ["CPUExecutionProvider"]
+    if device == "cuda":
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    raise PureLiteError(f"--device {device}: an export runs on ONNX Runtime, which takes --device cpu or cuda")
+
+
+def _load_restorer(model: str | None, device: str | None, *, quiet: bool = False) -> "Restorer":
+    """An export (or the shipped PURE-tiny) on ONNX Runtime, a checkpoint folder on torch."""
+    from .manifest import MANIFEST_FILE
+    from .restorer import DEFAULT_MODEL_NOTICE, Restorer
+
+    if model is None:
+        if not quiet:
+            print(DEFAULT_MODEL_NOTICE, file=sys.stderr)
+        return Restorer.from_pretrained(None, backend="onnx", providers=_onnx_providers(device))
+    if (Path(model) / MANIFEST_FILE).is_file():
+        return Restorer.from_pretrained(model, backend="onnx", providers=_onnx_providers(device))
+    return Restorer.from_pretrained(model, backend="torch", device=device or "cpu")
 
 
 def _restore(args: argparse.Namespace) -> int:
-    from . import images
-    from .restorer import DEFAULT_MODEL_NOTICE, Restorer
-
     sampling = SamplingConfig(
         temperature=args.temperature, cfg_scale=args.cfg, text_top_k=_DEFAULTS.text_top_k,
         k_min=_DEFAULTS.k_min, k_max=_DEFAULTS.k_max, max_new_tokens=args.max_new_tokens,
         max_text_tokens=args.max_text_tokens, jacobi_window=args.jacobi_window,
     )
     inputs = [Path(p) for p in args.inputs]
-    outputs = _outputs(inputs, Path(args.output))
+    outputs = _output_paths(inputs, args.output)
+    restorer = _load_restorer(args.model, args.device, quiet=args.quiet)
+
+    def restore(src: Path):
+        return restorer.restore(src, seed=args.seed, sampling=sampling, scale=args.scale,
+                                target_size=args.target_size, tile_batch=args.tile_batch,
+                                color_fix=not args.no_color_fix, progress=not args.quiet)
+
     input_set = {p.resolve() for p in inputs if p.exists()}
-    if args.model is None:
-        print(DEFAULT_MODEL_NOTICE, file=sys.stderr)
-    try:
-        restorer = Restorer.from_pretrained(args.model, device=args.device)
-    except PureLiteError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    failures = 0
-    for src, dst in zip(inputs, outputs):
-        try:
-            if dst.resolve() in input_set:
-                raise PureLiteError(f"output {dst} is one of the inputs; refusing to overwrite it")
-            result = restorer.restore(
-                src, seed=args.seed, sampling=sampling, scale=args.scale, target_size=args.target_size,
-                tile_batch=args.tile_batch, color_fix=not args.no_color_fix, progress=not args.quiet,
-            )
-            images.save_image_atomic(result.image, dst)
-        except PureLiteError as exc:
-            failures += 1
-            message = str(exc) if str(src) in str(exc) else f"{src}: {exc}"
-            print(f"error: {message}", file=sys.stderr)
-            continue
-        tiles = f", {len(result.tiles)} tiles" if len(result.tiles) > 1 else ""
-        print(f"{src} -> {dst} ({result.image.width}x{result.image.height}{tiles})")
-        text = result.text if len(result.text) <= 300 else result.text[:300] + f"... ({len(result.text)} characters)"
-        print(f"  text: {text!r}")
-    return 1 if failures else 0
+    done = [_restore_one(src, dst, restore, overwrite=args.overwrite, inputs=input_set, quiet=args.quiet)
+            for src, dst in zip(inputs, outputs)]
+    return 0 if all(done) else 1
 
 
 def _restore_many(args: argparse.Namespace) -> int:
@@ -102,18 +162,51 @@ def _export(args: argparse.Namespace) -> int:
 
     quant = None if args.quant == "none" else args.quant
     source, out = Path(args.model_dir), Path(args.output)
-    if args.format == "onnx":
-        export_onnx(source, out, quantization=quant, block_size=args.block_size, image_size=args.image_size,
-                    overwrite=args.overwrite)
-        return 0
-    if quant is not None:
+    if quant is not None and args.format == "tensorrt":
         raise PureLiteError("TensorRT engines are built from the float export: use --quant none with --format tensorrt")
-    if not (source / MANIFEST_FILE).is_file():
-        source = export_onnx(source, out / "onnx", block_size=args.block_size, image_size=args.image_size,
-                             overwrite=args.overwrite)
-        out = out / "tensorrt"
-    build_tensorrt(source, out)
+
+    def run(progress: Callable[[str], None]) -> Path:
+        nonlocal source
+        options = dict(block_size=args.block_size, image_size=args.image_size, overwrite=args.overwrite,
+                       progress=progress)
+        if args.format == "onnx":
+            return export_onnx(source, out, quantization=quant, **options)
+        if (source / MANIFEST_FILE).is_file():
+            return build_tensorrt(source, out, progress=progress)
+        source = export_onnx(source, out / "onnx", **options)
+        return build_tensorrt(source, out / "tensorrt", progress=progress)
+
+    started = time.perf_counter()
+    folder = run(print) if args.verbose else _run_quietly(run, bar=not args.quiet)
+    if not args.quiet:
+        files = [p for p in folder.rglob("*") if p.is_file()]
+        size = sum(p.stat().st_size for p in files) / 1e6
+        print(f"exported {folder}: {len(files)} files, {size:.1f} MB, weights {quant or 'float'}, "
+              f"in {time.perf_counter() - started:.0f} s")
     return 0
+
+
+def _run_quietly(step: Callable[[Callable[[str], None]], Path], *, bar: bool) -> Path:
+    """Run ``step(progress)`` with the libraries' output in a log file and a stage bar on stderr;
+    the log is kept, and named, only when the step fails."""
+    import tempfile
+
+    from .console import StageBar, captured_output
+
+    fd, name = tempfile.mkstemp(prefix="pure-lite-export-", suffix=".log")
+    os.close(fd)
+    log = Path(name)
+    try:
+        with captured_output(log) as terminal, StageBar(terminal, disable=not bar) as progress:
+            result = step(progress)
+    except BaseException:
+        if log.stat().st_size:
+            print(f"the libraries' messages are in {log} (-v shows them as they come)", file=sys.stderr)
+        else:
+            log.unlink()
+        raise
+    log.unlink()
+    return result
 
 
 def _tqdm():
@@ -124,7 +217,9 @@ def _tqdm():
 
 def _prepare_data(args: argparse.Namespace) -> int:
     from .train.data import load_captions, prepare_data
+    from .train.degrade import check_dependencies
 
+    check_dependencies()
     captions = load_captions(args.captions) if args.captions else None
     report = prepare_data(args.hq_dir, args.output, size=args.size, scale=args.scale,
                           pairs_per_image=args.pairs_per_image, captions=captions, seed=args.seed, progress=_tqdm())
@@ -171,20 +266,23 @@ def _default_eval_images() -> list[Path]:
     try:
         import skimage
     except ImportError as exc:
-        raise PureLiteError("no --images given and scikit-image (the default photos) is not installed") from exc
+        raise MissingDependencyError("no --images given, and the default photos come with scikit-image: "
+                                     "pip install 'pure-lite[eval]'") from exc
     folder = Path(skimage.__file__).parent / "data"
     return [folder / "chelsea.png", folder / "coffee.png"]
 
 
 def _eval(args: argparse.Namespace) -> int:
     from .evaluate import evaluate, write_report
-    from .restorer import Restorer
-    from .train.data import IMAGE_SUFFIXES
-
     from .lpips import LPIPS, default_weights_path
+    from .train.data import IMAGE_SUFFIXES
+    from .train.degrade import check_dependencies
 
+    check_dependencies()
     if args.images is None:
         images = _default_eval_images()
+    elif not Path(args.images).is_dir():
+        raise PureLiteError(f"--images {args.images} is not a folder")
     else:
         images = sorted(p for p in Path(args.images).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not images:
@@ -193,9 +291,9 @@ def _eval(args: argparse.Namespace) -> int:
     if args.lpips_weights and not weights.is_file():
         raise PureLiteError(f"no LPIPS weights at {weights}")
     lpips = LPIPS(weights) if weights.is_file() else None
-    restorer = Restorer.from_pretrained(args.model)
-    report = evaluate(restorer, images, size=args.size, scale=args.scale,
-                      seed=args.seed, lpips=lpips, progress=_tqdm())
+    restorer = _load_restorer(args.model, None)
+    report = evaluate(restorer, images, size=args.size, scale=args.scale, seed=args.seed, lpips=lpips,
+                      progress=_tqdm(), model=args.model or "PURE-tiny (shipped with pure-lite)")
     json_path, md_path = write_report(report, args.output)
     print(report.markdown())
     print(f"wrote {json_path} and {md_path}")
@@ -220,27 +318,44 @@ def _convert_lpips(args: argparse.Namespace) -> int:
     return 0
 
 
+def _image_side(text: str) -> int:
+    """argparse type for --target-size: a positive multiple of the 32-pixel grid."""
+    from .tokens import GRID_PIXELS
+
+    value = int(text)
+    if value <= 0 or value % GRID_PIXELS:
+        raise argparse.ArgumentTypeError(f"must be a positive multiple of {GRID_PIXELS}, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pure-lite", description="PURE real-world image super-resolution")
+    parser.add_argument("--version", action="version", version=f"pure-lite {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     r = sub.add_parser("restore", help="restore one or more images")
     r.add_argument("inputs", nargs="+", metavar="INPUT", help="image files")
     r.add_argument("-o", "--output", required=True,
-                   help="output file (one input) or folder (several); never one of the inputs")
+                   help="for one input the output file (PNG unless its extension names another format), "
+                        "unless it is a folder or ends with '/'; for several, a folder that receives "
+                        "NAME_restored.png for each (names made unique); never one of the inputs")
+    r.add_argument("--overwrite", action="store_true", help="replace outputs that exist (default: refuse them)")
     r.add_argument("--model", help="PURE checkpoint folder or pure-lite export (default: the shipped PURE-tiny demo)")
-    r.add_argument("--device", default="cpu", help="torch device (default: cpu)")
-    r.add_argument("--seed", type=int, default=None, help="random seed for reproducible sampling")
+    r.add_argument("--device", default=None,
+                   help="checkpoint folder: the torch device (default: cpu); export: cpu or cuda, "
+                        "ONNX Runtime's CPU or CUDA provider (default: CUDA where onnxruntime-gpu has it, else CPU)")
+    r.add_argument("--seed", type=int, default=None, help="random seed for reproducible sampling (default: fresh)")
     r.add_argument("--temperature", type=float, default=_DEFAULTS.temperature,
                    help=f"sampling temperature, 0 = greedy (default: {_DEFAULTS.temperature})")
     r.add_argument("--cfg", type=float, default=_DEFAULTS.cfg_scale,
-                   help=f"classifier-free guidance scale, 1 = off (default: {_DEFAULTS.cfg_scale})")
+                   help="classifier-free guidance weight g: logits = uncond + g * (cond - uncond); "
+                        f"g = 1 turns guidance off (default: {_DEFAULTS.cfg_scale}, PURE's)")
     r.add_argument("--scale", type=float, default=4,
                    help="output = scale x the input's width and height, any aspect ratio, restored in overlapping "
                         "tiles of the model's size (default: 4)")
-    r.add_argument("--target-size", type=int, default=None,
-                   help="instead of --scale: restore the whole input as one square of this side, as PURE itself "
-                        "does (the model's own size is 512 for PURE, 128 for PURE-tiny)")
+    r.add_argument("--target-size", type=_image_side, default=None,
+                   help="instead of --scale: restore the whole input as one square of this side, a multiple of 32, "
+                        "as PURE itself does (the model's own size is 512 for PURE, 128 for PURE-tiny)")
     r.add_argument("--tile-batch", type=int, default=DEFAULT_TILE_BATCH,
                    help=f"tiles decoded together in one batch (default: {DEFAULT_TILE_BATCH})")
     r.add_argument("--jacobi-window", type=int, default=_DEFAULTS.jacobi_window,
@@ -251,7 +366,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--max-new-tokens", type=int, default=_DEFAULTS.max_new_tokens,
                    help=f"limit on generated tokens (default: {_DEFAULTS.max_new_tokens})")
     r.add_argument("--no-color-fix", action="store_true", help="skip the wavelet colour fix")
-    r.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    r.add_argument("-q", "--quiet", action="store_true",
+                   help="print only errors: no progress bar, no per-image lines, no PURE-tiny notice")
     r.set_defaults(func=_restore)
 
     from .batch import BASE_SEED, BatchConfig  # light: Ray is imported only when a run starts
@@ -304,18 +420,24 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--image-size", type=int, default=PURE_IMAGE_SIZE,
                    help=f"output side the model was trained for, the runtime's default (default: {PURE_IMAGE_SIZE})")
     e.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    e.add_argument("-v", "--verbose", action="store_true",
+                   help="print the exporting libraries' own messages instead of a progress bar")
+    e.add_argument("-q", "--quiet", action="store_true", help="print only errors: no progress bar, no summary")
     e.set_defaults(func=_export)
 
     from .train.degrade import DegradationConfig  # light: NumPy only at import
 
     p = sub.add_parser("prepare-data", help="degrade HQ photos into LQ/HQ pairs and PURE conversations")
-    p.add_argument("hq_dir", metavar="HQ_DIR")
-    p.add_argument("-o", "--output", required=True, metavar="DATA_DIR")
+    p.add_argument("hq_dir", metavar="HQ_DIR", help="folder of high-quality photos (unreadable ones are skipped)")
+    p.add_argument("-o", "--output", required=True, metavar="DATA_DIR",
+                   help="output folder: hq/, lq/, conversations.json, report.json")
     p.add_argument("--size", type=int, default=512, help="HQ side in pixels (default: 512)")
-    p.add_argument("--scale", type=int, default=DegradationConfig.scale, help="downscaling factor (default: 4)")
-    p.add_argument("--pairs-per-image", type=int, default=1)
+    p.add_argument("--scale", type=int, default=DegradationConfig.scale,
+                   help=f"downscaling factor from HQ to LQ (default: {DegradationConfig.scale})")
+    p.add_argument("--pairs-per-image", type=int, default=1,
+                   help="LQ versions per photo, each with its own degradations (default: 1)")
     p.add_argument("--captions", help='JSON {"image name": "caption"} appended to the degradation text')
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the degradations (default: 0)")
     p.set_defaults(func=_prepare_data)
 
     from .train.config import TrainConfig
@@ -325,44 +447,54 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--model", required=True, help="checkpoint folder to start from")
     t.add_argument("--data", required=True, help="folder written by prepare-data")
     t.add_argument("-o", "--output", required=True, help="output folder: final model + checkpoints/")
-    t.add_argument("--lr", type=float, default=d.lr)
-    t.add_argument("--epochs", type=float, default=d.epochs)
-    t.add_argument("--max-steps", type=int, default=d.max_steps)
-    t.add_argument("--batch-size", type=int, default=d.batch_size)
-    t.add_argument("--grad-accum", type=int, default=d.grad_accum)
-    t.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
-    t.add_argument("--z-loss", type=float, default=d.z_loss)
-    t.add_argument("--dropout", type=float, default=d.dropout)
-    t.add_argument("--gradient-checkpointing", action="store_true")
-    t.add_argument("--precision", choices=["auto", "bf16", "fp32"], default=d.precision)
-    t.add_argument("--lora-rank", type=int, default=d.lora_rank, help="0 = full fine-tuning")
-    t.add_argument("--save-every", type=int, default=d.save_every)
-    t.add_argument("--seed", type=int, default=d.seed)
+    t.add_argument("--lr", type=float, default=d.lr, help=f"peak learning rate, AdamW (default: {d.lr})")
+    t.add_argument("--epochs", type=float, default=d.epochs,
+                   help=f"passes over the data; --max-steps overrides (default: {d.epochs})")
+    t.add_argument("--max-steps", type=int, default=d.max_steps, help="optimizer steps (default: from --epochs)")
+    t.add_argument("--batch-size", type=int, default=d.batch_size, help=f"samples per step (default: {d.batch_size})")
+    t.add_argument("--grad-accum", type=int, default=d.grad_accum,
+                   help=f"batches accumulated per optimizer step (default: {d.grad_accum})")
+    t.add_argument("--warmup-steps", type=int, default=d.warmup_steps,
+                   help=f"linear warm-up before the cosine decay (default: {d.warmup_steps})")
+    t.add_argument("--z-loss", type=float, default=d.z_loss,
+                   help=f"weight of the logsumexp^2 auxiliary loss, 0 = off (default: {d.z_loss})")
+    t.add_argument("--dropout", type=float, default=d.dropout, help=f"attention dropout (default: {d.dropout})")
+    t.add_argument("--gradient-checkpointing", action="store_true",
+                   help="recompute activations in the backward pass: less memory, more time")
+    t.add_argument("--precision", choices=["auto", "bf16", "fp32"], default=d.precision,
+                   help="auto = bf16 on GPUs that support it, else fp32 (default: auto)")
+    t.add_argument("--lora-rank", type=int, default=d.lora_rank,
+                   help=f"LoRA rank, 0 = full fine-tuning (default: {d.lora_rank})")
+    t.add_argument("--save-every", type=int, default=d.save_every,
+                   help=f"steps between checkpoints in OUTPUT/checkpoints/ (default: {d.save_every})")
+    t.add_argument("--seed", type=int, default=d.seed, help=f"seed of initialisation and shuffling (default: {d.seed})")
     t.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     t.set_defaults(func=_train)
 
     v = sub.add_parser("train-vq", help="train a small VQ-8 image tokenizer on a folder of images")
-    v.add_argument("images", metavar="IMAGE_DIR")
-    v.add_argument("-o", "--output", required=True)
-    v.add_argument("--width", type=int, default=32, help="base channels (release: 128)")
-    v.add_argument("--z-channels", type=int, default=32)
-    v.add_argument("--codebook-size", type=int, default=1024)
-    v.add_argument("--steps", type=int, default=2000)
-    v.add_argument("--batch-size", type=int, default=8)
-    v.add_argument("--crop", type=int, default=64)
-    v.add_argument("--lr", type=float, default=_VQ_DEFAULTS.lr)
+    v.add_argument("images", metavar="IMAGE_DIR", help="folder of training photos")
+    v.add_argument("-o", "--output", required=True, help="output folder for the tokenizer's weights")
+    v.add_argument("--width", type=int, default=32, help="base channels (default: 32; the release: 128)")
+    v.add_argument("--z-channels", type=int, default=32, help="latent channels before quant_conv (default: 32)")
+    v.add_argument("--codebook-size", type=int, default=1024, help="number of codes (default: 1024; the release: 16384)")
+    v.add_argument("--steps", type=int, default=2000, help="training steps (default: 2000)")
+    v.add_argument("--batch-size", type=int, default=8, help="crops per step (default: 8)")
+    v.add_argument("--crop", type=int, default=64, help="training crop side in pixels, a multiple of 8 (default: 64)")
+    v.add_argument("--lr", type=float, default=_VQ_DEFAULTS.lr, help=f"Adam learning rate (default: {_VQ_DEFAULTS.lr})")
     v.add_argument("--disc-weight", type=float, default=_VQ_DEFAULTS.disc_weight,
                    help="weight of the patch-GAN term, 0 = L1 + VQ losses only (PURE-tiny used 0)")
-    v.add_argument("--seed", type=int, default=0)
+    v.add_argument("--seed", type=int, default=0, help="seed of initialisation and crops (default: 0)")
     v.set_defaults(func=_train_vq)
 
-    ev = sub.add_parser("eval", help="PSNR/SSIM of restorations vs bicubic on degraded HQ images")
+    ev = sub.add_parser("eval", help="PSNR, SSIM and LPIPS of restorations beside bicubic upscaling, and how "
+                                     "often the degradation text is right, on degraded HQ images")
     ev.add_argument("--model", help="checkpoint or exported folder (default: the shipped PURE-tiny demo)")
     ev.add_argument("--images", help="folder of HQ images (default: scikit-image's chelsea and coffee photos, "
                                      "held out from PURE-tiny's training)")
     ev.add_argument("--size", type=int, default=None, help="HQ side in pixels (default: the model's own)")
-    ev.add_argument("--scale", type=int, default=4)
-    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--scale", type=int, default=4, help="degradation downscaling factor, HQ to LQ (default: 4)")
+    ev.add_argument("--seed", type=int, default=0,
+                    help="seed of degradation and sampling; image i uses seed + i (default: 0)")
     ev.add_argument("--lpips-weights", default=None,
                     help="converted LPIPS weights (default: where convert-lpips writes them); LPIPS is "
                          "reported unavailable when absent")
@@ -380,9 +512,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (PureLiteError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except (PureLiteError, OSError, ValueError) as exc:
+        _report_error(None, exc)
         return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

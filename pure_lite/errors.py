@@ -23,6 +23,10 @@ class TokenFormatError(PureLiteError, ValueError):
         super().__init__(f"{message}{where}")
 
 
+class OutputError(PureLiteError, OSError):
+    """An output that cannot be written (no permission, the parent is a file) or that exists already."""
+
+
 class CheckpointError(PureLiteError, ValueError):
     """A model folder that is missing files, has wrong tensors, or refuses safe loading."""
 

@@ -64,6 +64,7 @@ METRICS = {"psnr": "PSNR (dB)", "ssim": "SSIM", "lpips": "LPIPS", "bicubic_psnr"
 
 @dataclass
 class EvalReport:
+    setup: dict = field(default_factory=dict)  # what was measured: model, backend, size, scale, seed
     images: list[dict] = field(default_factory=list)
     mean: dict = field(default_factory=dict)
     unavailable: dict = field(default_factory=lambda: dict(UNAVAILABLE))
@@ -75,7 +76,10 @@ class EvalReport:
         for r in self.images + [dict(self.mean, name="**mean**")]:
             rows.append(f"| {r['name']} | " + " | ".join(f"{r[k]:.4f}" if "ssim" in k or "lpips" in k else f"{r[k]:.2f}"
                                                        for k in keys) + " |")
-        lines = ["PSNR/SSIM on RGB in [0, 1]; LPIPS: AlexNet, lower is better.", "", *rows, ""]
+        setup = self.setup
+        lines = [f"Model: {setup.get('model')} ({setup.get('backend')}); HQ side {setup.get('size')} px, "
+                 f"degraded x{setup.get('scale')}, seed {setup.get('seed')} (image i: seed + i).", "",
+                 "PSNR/SSIM on RGB in [0, 1]; LPIPS: AlexNet, lower is better.", "", *rows, ""]
         lines += [f"- {k.upper()}: {v}" for k, v in self.unavailable.items()]
         lines += [f"- degradation level correct ({k}): {v:.0%}" for k, v in self.degradation_accuracy.items()]
         return "\n".join(lines) + "\n"
@@ -83,16 +87,19 @@ class EvalReport:
 
 def evaluate(restorer, images: list[Path], *, size: int | None = None, scale: int = 4, seed: int = 0,
              lpips: Callable[[np.ndarray, np.ndarray], float] | None = None,
-             progress: Callable | None = None, sampling: SamplingConfig = SamplingConfig()) -> EvalReport:
+             progress: Callable | None = None, model: str | None = None,
+             sampling: SamplingConfig = SamplingConfig()) -> EvalReport:
     """Degrade, restore and score every image at ``size`` (default: the model's own); ``lpips``
-    (e.g. ``pure_lite.lpips.LPIPS()``) adds LPIPS; ``sampling`` defaults to the reference's."""
+    (e.g. ``pure_lite.lpips.LPIPS()``) adds LPIPS. ``model`` names the model in the report;
+    ``sampling`` defaults to the reference's."""
     from .images import load_image, resize
     from .prompt import parse_degradation_levels
     from .train.data import square_crop
     from .train.degrade import DegradationConfig, degrade
 
     size = size or restorer.components.image_size
-    report = EvalReport()
+    report = EvalReport(setup={"model": model or "unnamed", "backend": restorer.components.description,
+                               "size": size, "scale": scale, "seed": seed})
     if lpips is not None:
         del report.unavailable["lpips"]
     hits: dict[str, list[bool]] = {"noise": [], "blur": [], "jpeg": []}
@@ -120,7 +127,7 @@ def write_report(report: EvalReport, out: str | os.PathLike) -> tuple[Path, Path
     """REPORT.json and REPORT.md (``out`` without suffix, or with either)."""
     base = Path(out).with_suffix("")
     base.parent.mkdir(parents=True, exist_ok=True)
-    data = {"images": report.images, "mean": report.mean, "unavailable": report.unavailable,
+    data = {**report.setup, "images": report.images, "mean": report.mean, "unavailable": report.unavailable,
             "degradation_accuracy": report.degradation_accuracy, "color_space": "RGB [0, 1]"}
     base.with_suffix(".json").write_text(json.dumps(data, indent=1))
     base.with_suffix(".md").write_text(report.markdown())

@@ -1,4 +1,4 @@
-"""Image input and output (SPEC §3): safe loading and conversion, resizing, the wavelet colour fix.
+"""Image input and output (docs/pure-format.md §3): safe loading and conversion, resizing, the wavelet colour fix.
 
 Everything here is NumPy + Pillow so the torch backend and the torch-free runtime share it.
 Pixels travel as float32 H x W x 3 arrays in [0, 1] between these functions.
@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import io
 import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Union
@@ -16,6 +15,7 @@ from typing import Union
 import numpy as np
 from PIL import Image
 
+from .atomic import atomic_path
 from .errors import InvalidImageError
 
 ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray]
@@ -25,7 +25,7 @@ COLOR_FIX_LEVELS = 5
 
 
 def _blend_on_white(rgb: np.ndarray, alpha: np.ndarray) -> np.ndarray:
-    """Composite float RGB in [0, 1] over white with alpha in [0, 1] (SPEC: RGBA is blended onto white)."""
+    """Composite float RGB in [0, 1] over white with alpha in [0, 1] (docs/pure-format.md §3: RGBA is blended onto white)."""
     return rgb * alpha[..., None] + (1.0 - alpha[..., None])
 
 
@@ -211,27 +211,27 @@ def to_pil(image: np.ndarray) -> Image.Image:
     return Image.fromarray(np.rint(np.clip(image, 0, 1) * 255).astype(np.uint8), mode="RGB")
 
 
-def save_image_atomic(image: Image.Image, path: str | os.PathLike) -> None:
-    """Write through a temporary file in the target folder and rename, so no half-written file remains."""
+def image_format(path: str | os.PathLike) -> str:
+    """The Pillow format ``path``'s extension names (PNG when it has none), or InvalidImageError."""
     path = Path(path)
-    fmt = Image.registered_extensions().get(path.suffix.lower())
+    fmt = Image.registered_extensions().get(path.suffix.lower()) if path.suffix else "PNG"
     if fmt is None:
         raise InvalidImageError(f"cannot tell an image format from the extension of {path}")
-    _write_atomic(path, lambda f: image.save(f, format=fmt))
+    return fmt
 
 
-def write_bytes_atomic(data: bytes, path: str | os.PathLike) -> None:
-    """``save_image_atomic`` for a file encoded elsewhere (a worker's PNG bytes)."""
-    _write_atomic(Path(path), lambda f: f.write(data))
+def save_image_atomic(image: Image.Image, path: str | os.PathLike, *, overwrite: bool = True) -> None:
+    """Write ``image`` atomically (pure_lite.atomic) in the format of its extension (``image_format``).
+
+    With ``overwrite=False`` an existing file is never replaced; that, and any failure to write,
+    is an OutputError naming the path.
+    """
+    fmt = image_format(path)
+    with atomic_path(path, overwrite=overwrite) as tmp:
+        image.save(tmp, format=fmt)
 
 
-def _write_atomic(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def write_bytes_atomic(data: bytes, path: str | os.PathLike, *, overwrite: bool = True) -> None:
+    """``save_image_atomic`` for a file encoded elsewhere (a worker's PNG bytes, a report)."""
+    with atomic_path(path, overwrite=overwrite) as tmp:
+        tmp.write_bytes(data)

@@ -14,6 +14,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from .atomic import publish_folder_modes
 from .errors import ManifestError, MissingDependencyError
 
 MANIFEST_FILE = "pure_lite_manifest.json"
@@ -33,11 +34,26 @@ def file_entries(root: Path, names: list[str]) -> dict[str, dict]:
     return {name: {"sha256": sha256_of(root / name), "bytes": (root / name).stat().st_size} for name in sorted(names)}
 
 
-def _inside(root: Path, relative: str) -> bool:
-    if os.path.isabs(relative):
-        return False
-    target = (root / relative).resolve()
-    return target == root or root in target.parents
+def inside_path(root: Path, name, where: str) -> Path:
+    """``root / name`` if ``name`` is a plain relative path that stays inside ``root`` after
+    resolving symlinks; otherwise ManifestError naming ``where``. Only the file system's
+    metadata is consulted (lstat/readlink): nothing is opened.
+    """
+    if not isinstance(name, str) or not name or "\0" in name:
+        raise ManifestError(f"{where}: {name!r} is not a file name")
+    if os.path.isabs(name) or Path(name).drive:
+        reason = "it is an absolute path"
+    elif ".." in Path(name).parts:
+        reason = "'..' can lead outside the folder"
+    else:
+        try:
+            target = (root / name).resolve()
+        except (OSError, RuntimeError) as exc:  # a symlink loop
+            raise ManifestError(f"{where}: cannot resolve {name!r}: {exc}") from None
+        if root.resolve() in target.parents:
+            return root / name
+        reason = f"it resolves to {target}, outside the folder (a symbolic link?)"
+    raise ManifestError(f"{where}: refused {name!r}: {reason}; an export's files must lie inside {root}")
 
 
 def check_external_data(graph: Path, root: Path) -> list[str]:
@@ -55,12 +71,56 @@ def check_external_data(graph: Path, root: Path) -> list[str]:
         if tensor.data_location == onnx.TensorProto.EXTERNAL:
             info = {e.key: e.value for e in tensor.external_data}
             location = info.get("location", "")
-            if not _inside(root.resolve(), location):
-                raise ManifestError(
-                    f"{graph.name}: tensor {tensor.name!r} points to external data {location!r} outside {root}"
-                )
+            inside_path(root, location, f"{graph.name}: tensor {tensor.name!r}'s external data")
             locations.add(location)
     return sorted(locations)
+
+
+def _require(container: dict, key: str, kind: type | tuple, where: str):
+    """``container[key]`` if present and of ``kind``; otherwise ManifestError naming the field."""
+    field = f"{where}.{key}" if where else key
+    if key not in container:
+        raise ManifestError(f"field {field!r} is missing")
+    value = container[key]
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+        names = " or ".join({dict: "an object", list: "a list", str: "a string", int: "an integer",
+                             type(None): "null"}[k] for k in kinds)
+        raise ManifestError(f"field {field!r} must be {names}, got {json.dumps(value)[:60]}")
+    return value
+
+
+_MODEL_INTS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_key_value_heads", "head_dim",
+               "max_position_embeddings")
+_TOKEN_INTS = ("vocab_size", "codebook_size", "image_start", "end_of_turn")
+
+
+def check_structure(data: dict) -> None:
+    """Every field the runtime reads is present and of the right type (ManifestError names the one that is not)."""
+    files = _require(data, "files", dict, "")
+    for name in files:
+        digest = _require(_require(files, name, dict, "files"), "sha256", str, f"files.{name}")
+        if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest.lower()):
+            raise ManifestError(f"field 'files.{name}.sha256' is not a sha256 hex digest")
+    graphs = _require(data, "graphs", dict, "")
+    if not graphs:
+        raise ManifestError("field 'graphs' lists no graphs")
+    for name in graphs:
+        graph = _require(graphs, name, dict, "graphs")
+        _require(graph, "file", str, f"graphs.{name}")
+        for key in ("inputs", "outputs"):
+            if not all(isinstance(v, str) for v in _require(graph, key, list, f"graphs.{name}")):
+                raise ManifestError(f"field 'graphs.{name}.{key}' must list names (strings)")
+    model = _require(data, "model", dict, "")
+    for key in _MODEL_INTS:
+        _require(model, key, int, "model")
+    if "image_size" in model:
+        _require(model, "image_size", int, "model")
+    tokens = _require(data, "tokens", dict, "")
+    _require(tokens, "tokenizer", str, "tokens")
+    for key in _TOKEN_INTS:
+        _require(tokens, key, int, "tokens")
+    _require(_require(data, "quantization", dict, ""), "weights", (str, type(None)), "quantization")
 
 
 @dataclass(frozen=True)
@@ -81,44 +141,73 @@ class Manifest:
         return self.data["quantization"]["weights"]
 
     def path(self, graph: str) -> Path:
+        if graph not in self.graphs:
+            raise ManifestError(f"{self.root}: the manifest lists no {graph!r} graph; export the model again")
         return self.root / self.graphs[graph]["file"]
+
+    @property
+    def tokenizer_path(self) -> Path:
+        return self.root / self.data["tokens"]["tokenizer"]
 
     @classmethod
     def load(cls, root: str | os.PathLike, *, verify_checksums: bool = True) -> "Manifest":
-        """Read and check a manifest: version, every file present, external data inside, checksums."""
+        """Read and check a manifest before any file it names is opened.
+
+        In order, each with its own ManifestError: the manifest's structure and format version;
+        every path (listed files, graphs, the tokenizer) a plain relative path inside ``root``
+        after resolving symlinks, and every graph and the tokenizer listed with a checksum;
+        every listed file present; the sha256 of every file; every graph's external data
+        inside ``root`` and listed.
+        """
         root = Path(root)
         path = root / MANIFEST_FILE
+        if not path.is_file():
+            raise ManifestError(f"{root} has no {MANIFEST_FILE}: not a pure-lite export")
+        inside_path(root, MANIFEST_FILE, str(root))
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError as exc:
-            raise ManifestError(f"{root} has no {MANIFEST_FILE}: not a pure-lite export") from exc
         except (OSError, ValueError) as exc:
             raise ManifestError(f"cannot read {path}: {exc}") from exc
+        if not isinstance(data, dict):
+            raise ManifestError(f"{path}: the manifest must be a JSON object, got {type(data).__name__}")
         version = data.get("format_version")
         if version not in SUPPORTED_VERSIONS:
             raise ManifestError(
                 f"{path}: format_version {version!r} is not supported by this pure-lite (supports {SUPPORTED_VERSIONS})"
             )
-        files = data.get("files", {})
+        try:
+            check_structure(data)
+            files = data["files"]
+            for name in files:
+                inside_path(root, name, "files")
+            named = {f"graphs.{g}.file": entry["file"] for g, entry in data["graphs"].items()}
+            named["tokens.tokenizer"] = data["tokens"]["tokenizer"]
+            for field, name in named.items():
+                inside_path(root, name, field)
+                if name not in files:
+                    raise ManifestError(f"{field}: {name!r} is not listed in 'files' (no checksum)")
+        except ManifestError as exc:
+            raise ManifestError(f"{path}: {exc}") from None
         missing = [name for name in files if not (root / name).is_file()]
         if missing:
             raise ManifestError(f"{root}: files listed in the manifest are missing: {', '.join(missing)}")
-        for name, graph in data.get("graphs", {}).items():
-            if graph["file"] not in files:
-                raise ManifestError(f"{path}: graph {name!r} file {graph['file']!r} has no checksum entry")
+        if verify_checksums:
+            for name, entry in files.items():
+                if sha256_of(root / name) != entry["sha256"].lower():
+                    raise ManifestError(f"{root / name} does not match its sha256 in the manifest (changed or corrupt)")
+        for graph in data["graphs"].values():
             for location in check_external_data(root / graph["file"], root):
                 if location not in files:
                     raise ManifestError(f"{graph['file']}: external data {location!r} is not listed in the manifest")
-        if verify_checksums:
-            for name, entry in files.items():
-                if sha256_of(root / name) != entry["sha256"]:
-                    raise ManifestError(f"{root / name} does not match its sha256 in the manifest (changed or corrupt)")
         return cls(root=root, data=data)
 
 
 def write_manifest(root: Path, data: dict, files: list[str]) -> Path:
-    """Write the manifest with the checksums of ``files`` (names relative to ``root``)."""
+    """Write the manifest with the checksums of ``files`` (names relative to ``root``): the last step
+    of building an export folder, so it also gives the folder and its files the modes a plain
+    mkdir/open would have (the builders work in a private temporary folder; pure_lite.atomic)."""
     data = dict(data, format_version=FORMAT_VERSION, files=file_entries(root, files))
     path = root / MANIFEST_FILE
     path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+    publish_folder_modes(root)
     return path

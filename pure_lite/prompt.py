@@ -1,4 +1,4 @@
-"""PURE's conversation format (SPEC §3, §7): prompt ids for inference, ids and labels for training.
+"""PURE's conversation format (docs/pure-format.md §3, §7): prompt ids for inference, ids and labels for training.
 
     prompt    = <s> INSTRUCTION [LQ image block] <end of turn>
     assistant = RESPONSE TEXT [HQ image block] <end of turn>

@@ -21,7 +21,7 @@ from PIL import Image
 
 from . import images
 from .components import Components
-from .errors import CheckpointError, InvalidImageError
+from .errors import CheckpointError, InvalidImageError, MissingDependencyError
 from .generate import generate_batch
 from .prompt import parse_response, prompt_ids
 from .sampling import SamplingConfig
@@ -79,7 +79,7 @@ class Restorer:
         quantization: Literal["nf4", "int8"] | None = None,
         providers: Sequence[str] | None = None,
     ) -> "Restorer":
-        """Load a PURE checkpoint folder (SPEC §1) or a pure-lite export (None: the shipped PURE-tiny).
+        """Load a PURE checkpoint folder (docs/pure-format.md §1) or a pure-lite export (None: the shipped PURE-tiny).
 
         ``backend="auto"`` serves a folder with ``pure_lite_manifest.json`` through the
         torch-free runtime (ONNX Runtime; ``providers`` overrides the CUDA-else-CPU choice)
@@ -102,7 +102,16 @@ class Restorer:
             return cls(load_runtime(path, providers=providers))
         if backend != "torch":
             raise ValueError(f"unknown backend {backend!r}; choose 'auto', 'torch' or 'onnx'")
-        from .torch_backend import load_components
+        from .checkpoint import CheckpointFiles
+
+        CheckpointFiles.locate(path)  # a missing or incomplete folder is reported before torch is needed
+        try:
+            from .torch_backend import load_components
+        except ModuleNotFoundError as exc:
+            raise MissingDependencyError(
+                f"{path} is a PURE checkpoint folder, served by the torch backend, which needs {exc.name}: "
+                "pip install torch==2.13.0 'pure-lite[torch]' (or serve an export of it with 'pure-lite[runtime]')"
+            ) from exc
 
         return cls(load_components(path, device=device, dtype=dtype, quantization=quantization))
 

@@ -1,4 +1,4 @@
-"""PURE's sampler (SPEC §5) in NumPy: CFG, structure, entropy-based top-k, temperature.
+"""PURE's sampler (docs/pure-format.md §5) in NumPy: CFG, structure, entropy-based top-k, temperature.
 
 The decode loop hands the sampler only the logits it may choose from: inside an image
 that is the image-token subset (every other id is masked by the structure rule, so
@@ -20,7 +20,7 @@ ENTROPY_EPS = 1e-10
 
 @dataclass(frozen=True)
 class SamplingConfig:
-    """Per-call decoding settings; defaults are the reference's (SPEC §5).
+    """Per-call decoding settings; defaults are the reference's (docs/pure-format.md §5).
 
     ``temperature=0`` is greedy (argmax after CFG and masking). ``cfg_scale=1`` skips the
     unconditional branch. ``max_text_tokens`` bounds the text before the image: when it is

@@ -1,7 +1,7 @@
 """Tiny, deterministic PURE checkpoints in the released on-disk layout, for tests and examples.
 
 ``layout="pure"`` reproduces the released vocabulary (73728 ids; image tokens at
-4..8195 and 65536..73727; the special ids of SPEC §2). ``layout="compact"`` puts the
+4..8195 and 65536..73727; the special ids of docs/pure-format.md §2). ``layout="compact"`` puts the
 same names at different, small ids, which proves nothing depends on hard-coded ids.
 Weights are random (seeded); only shapes, names and formats are real.
 """
@@ -22,7 +22,7 @@ _BASIC = ["<s>", "<pad>", "</s>", "<unk>"]
 
 
 def _pure_vocab() -> dict[str, int]:
-    """The released id layout: names at their SPEC §2 ids, the rest filled with reserved/text tokens."""
+    """The released id layout: names at their docs/pure-format.md §2 ids, the rest filled with reserved/text tokens."""
     from tokenizers import pre_tokenizers
 
     vocab = {name: i for i, name in enumerate(_BASIC)}

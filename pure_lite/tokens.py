@@ -1,4 +1,4 @@
-"""PURE's token layout (SPEC §2-3), the only module that knows token names.
+"""PURE's token layout (docs/pure-format.md §2-3), the only module that knows token names.
 
 Every special id is looked up by name in the tokenizer's vocabulary; the image
 id<->code tables are rebuilt from the ``IMGIMG`` token names.  An image block is

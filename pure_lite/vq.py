@@ -1,4 +1,4 @@
-"""The LlamaGen VQ-8 image tokenizer (SPEC §4) in torch.
+"""The LlamaGen VQ-8 image tokenizer (docs/pure-format.md §4) in torch.
 
 Parameter names and shapes match the released ``vq_ds8_c2i.pt`` exactly at the default
 widths; narrower tokenizers (used in tests and small models) are the same graph with

@@ -42,7 +42,7 @@ class KVBuffers:
                 import cupy as xp
             except ImportError as exc:
                 raise MissingDependencyError(
-                    "serving on CUDA keeps the KV cache on the GPU with CuPy: pip install cupy-cuda12x"
+                    "serving on CUDA keeps the KV cache on the GPU with CuPy: pip install 'pure-lite[gpu]' (cupy-cuda12x)"
                 ) from exc
         self.xp, self.device = xp, device
         self.cache = [xp.zeros((rows, heads, capacity, head_dim), dtype=xp.float32) for _ in range(2 * layers)]
@@ -194,20 +194,21 @@ def load_components(export_dir: str | Path, *, providers: Sequence[str] | None =
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
 
     def session(graph: str):
+        path = manifest.path(graph)  # checked by Manifest.load: inside the folder, checksum verified
         try:
-            return ort.InferenceSession(str(manifest.path(graph)), options, providers=chosen)
+            return ort.InferenceSession(str(path), options, providers=chosen)
         except Exception as exc:  # ORT raises its own Fail/InvalidGraph types
-            raise ManifestError(f"ONNX Runtime cannot open {manifest.path(graph)}: {exc}") from exc
+            raise ManifestError(f"ONNX Runtime cannot open {path}: {exc}") from exc
 
     tokens = manifest.data["tokens"]
-    layout = TokenLayout.from_tokenizer_file(manifest.root / tokens["tokenizer"], vocab_size=tokens["vocab_size"])
+    layout = TokenLayout.from_tokenizer_file(manifest.tokenizer_path, vocab_size=tokens["vocab_size"])
     if (layout.image_start, layout.end_of_turn) != (tokens["image_start"], tokens["end_of_turn"]):
         raise ManifestError(f"{export_dir}: tokenizer.json disagrees with the manifest's token layout")
     lm_sessions = {name: session(name) for name in ("decoder", "lm_head", "image_head")}
     codec = OnnxCodec(session("vq_encoder"), session("vq_decoder"))
     return Components(
         layout=layout,
-        tokenizer=TextTokenizer(manifest.root / tokens["tokenizer"]),
+        tokenizer=TextTokenizer(manifest.tokenizer_path),
         codec=codec,
         new_decoder=lambda: OnnxDecoder(lm_sessions, manifest, device),
         max_positions=manifest.model["max_position_embeddings"],

@@ -25,7 +25,9 @@ def select_providers(requested: Sequence[str] | None = None) -> list[str]:
     if requested:
         missing = [p for p in requested if p not in available]
         if missing:
-            raise MissingDependencyError(f"execution providers {missing} are not available (have {available})")
+            hint = ("; for CUDA install 'pure-lite[gpu]' (onnxruntime-gpu and CuPy) in place of [runtime]"
+                    if "CUDAExecutionProvider" in missing else "")
+            raise MissingDependencyError(f"execution providers {missing} are not available (have {available}){hint}")
         return list(requested)
     return [p for p in PREFERENCE if p in available]
 

@@ -41,10 +41,3 @@ def test_cli_never_overwrites_an_input(tiny_compact, tmp_path, rgb_image, capsys
 def test_cli_bad_model_folder(tmp_path, capsys):
     rc = main(["restore", "x.png", "-o", str(tmp_path / "o.png"), "--model", str(tmp_path / "none")])
     assert rc == 2 and "does not exist" in capsys.readouterr().err
-
-
-def test_cli_export_int8(tiny_compact, tmp_path):
-    from pure_lite.manifest import Manifest
-
-    rc = main(["export", str(tiny_compact), "-o", str(tmp_path / "x"), "--quant", "int8", "--block-size", "32"])
-    assert rc == 0 and Manifest.load(tmp_path / "x").quantization == "int8"

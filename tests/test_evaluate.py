@@ -31,12 +31,20 @@ def test_eval_reports_unavailable_metrics_as_unavailable(tiny_compact, tmp_path)
     a, _ = _pair()
     path = tmp_path / "card.png"
     Image.fromarray((a * 255).astype(np.uint8)).save(path)
-    report = evaluate(Restorer.from_pretrained(tiny_compact), [path], size=64, scale=2, seed=0)
+    report = evaluate(Restorer.from_pretrained(tiny_compact), [path], size=64, scale=2, seed=3, model="tiny-model")
     assert report.unavailable == UNAVAILABLE
     assert "lpips" not in report.mean and np.isfinite(report.mean["bicubic_psnr"])
     assert set(report.degradation_accuracy) == {"noise", "blur", "jpeg"}
     json_path, md_path = write_report(report, tmp_path / "report")
     assert "unavailable" in md_path.read_text() and json_path.exists()
+    # the report says what it measured
+    import json
+
+    saved = json.loads(json_path.read_text())
+    assert {k: saved[k] for k in ("model", "size", "scale", "seed")} == {"model": "tiny-model", "size": 64,
+                                                                         "scale": 2, "seed": 3}
+    assert saved["backend"].startswith("torch (cpu")
+    assert md_path.read_text().startswith("Model: tiny-model (torch (cpu, float32)); HQ side 64 px, degraded x2, seed 3")
 
 
 def test_eval_reports_lpips_when_a_metric_is_given(tiny_compact, tmp_path):

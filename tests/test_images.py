@@ -1,3 +1,4 @@
+import os
 import struct
 import zlib
 
@@ -106,3 +107,50 @@ def test_atomic_save_leaves_no_partial(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["a.png"]
     with pytest.raises(InvalidImageError):
         images.save_image_atomic(img, tmp_path / "a.unknownext")
+
+
+@pytest.fixture
+def umask():
+    """``umask(mask)`` sets the process umask for the test; the old one is put back after."""
+    old = os.umask(0o022)
+    os.umask(old)
+    yield os.umask
+    os.umask(old)
+
+
+@pytest.mark.parametrize("mask, mode", [(0o022, 0o644), (0o027, 0o640), (0o077, 0o600)])
+def test_atomic_save_gives_the_mode_of_a_plain_write(tmp_path, umask, mask, mode):
+    umask(mask)
+    images.save_image_atomic(Image.new("RGB", (8, 8)), tmp_path / "a.png")
+    with open(tmp_path / "plain", "w"):
+        pass
+    assert (tmp_path / "a.png").stat().st_mode & 0o777 == mode == (tmp_path / "plain").stat().st_mode & 0o777
+
+
+def test_atomic_save_never_replaces_without_overwrite(tmp_path):
+    from pure_lite.errors import OutputError
+
+    target = tmp_path / "a.png"
+    target.write_bytes(b"precious")
+    with pytest.raises(OutputError, match="already exists"):
+        images.save_image_atomic(Image.new("RGB", (8, 8)), target, overwrite=False)
+    assert target.read_bytes() == b"precious" and [p.name for p in tmp_path.iterdir()] == ["a.png"]
+    images.save_image_atomic(Image.new("RGB", (8, 8)), target)
+    assert Image.open(target).size == (8, 8)
+
+
+def test_atomic_save_reports_unwritable_places_as_output_errors(tmp_path):
+    from pure_lite.errors import OutputError
+
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(OutputError, match="is a file, not a folder"):
+        images.save_image_atomic(Image.new("RGB", (8, 8)), tmp_path / "file" / "sub" / "a.png")
+    (tmp_path / "folder.png").mkdir()
+    with pytest.raises(OutputError, match="folder.png"):
+        images.save_image_atomic(Image.new("RGB", (8, 8)), tmp_path / "folder.png")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "folder.png"]
+
+
+def test_an_output_without_suffix_is_png(tmp_path):
+    images.save_image_atomic(Image.new("RGB", (8, 8)), tmp_path / "noext")
+    assert Image.open(tmp_path / "noext").format == "PNG"

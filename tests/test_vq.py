@@ -9,12 +9,12 @@ from pure_lite.checkpoint import convert_vq, load_vq_state_dict
 from pure_lite.errors import CheckpointError
 from pure_lite.vq import VQConfig, VQModel
 
-SPEC = Path(__file__).parent / "data" / "llamagen_vq8_state_dict.txt"  # copy of shared/spec/
+STATE_DICT = Path(__file__).parent / "data" / "llamagen_vq8_state_dict.txt"  # the release's names and shapes (docs/pure-format.md §4)
 
 
 def _spec_list():
     rows = []
-    for line in SPEC.read_text().splitlines():
+    for line in STATE_DICT.read_text().splitlines():
         name, shape = line.split(" ", 1)
         rows.append((name, tuple(int(x) for x in shape.strip("()").split(",") if x.strip())))
     return rows
@@ -26,7 +26,7 @@ def test_default_state_dict_equals_spec_list():
     mine = [(k, tuple(v.shape)) for k, v in model.state_dict().items()]
     assert sorted(mine) == sorted(_spec_list())
     assert len(mine) == 300
-    assert sum(int(np.prod(shape)) for _, shape in mine) == 70_175_371  # SPEC: 70.2 M values
+    assert sum(int(np.prod(shape)) for _, shape in mine) == 70_175_371  # docs/pure-format.md §4: 70.2 M values
 
 
 def test_narrow_round_trip_shapes_and_ranges():

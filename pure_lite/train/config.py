@@ -9,7 +9,7 @@ LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Training knobs (defaults follow the reference run where it states them: SPEC §7)."""
+    """Training knobs (defaults follow the reference run where it states them: docs/pure-format.md §7)."""
 
     lr: float = 4e-4
     weight_decay: float = 0.1

@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
+from ..atomic import atomic_path
 from ..errors import InvalidImageError
 from ..images import load_image, save_image_atomic, to_pil
 from ..prompt import INSTRUCTION, degradation_sentence
@@ -58,10 +58,8 @@ def square_crop(img: np.ndarray, size: int) -> np.ndarray:
 
 
 def _write_json_atomic(path: Path, data) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=1)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=1))
 
 
 def prepare_data(

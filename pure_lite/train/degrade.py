@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..errors import MissingDependencyError
+
 KERNEL_TYPES = ("iso", "aniso", "generalized_iso", "generalized_aniso", "plateau_iso", "plateau_aniso")
 LEVELS = ("small", "medium", "large")
 DEGRADATION_TYPES = ("noise", "blur", "jpeg")
@@ -93,7 +95,10 @@ def plateau_kernel(size: int, sigma_x: float, sigma_y: float, theta: float, beta
 
 def sinc_kernel(size: int, cutoff: float) -> np.ndarray:
     """Circular low-pass (2-D sinc) with cutoff in radians per pixel: ringing and overshoot artefacts."""
-    from scipy.special import j1
+    try:
+        from scipy.special import j1
+    except ImportError as exc:
+        raise MissingDependencyError(_NEEDS) from exc
 
     half = size // 2
     y, x = np.mgrid[-half:half + 1, -half:half + 1].astype(np.float64)
@@ -130,9 +135,23 @@ def _draw_kernel(rng: np.random.Generator, cfg: StageConfig, sizes: tuple[int, i
 _MODES = ("area", "bilinear", "bicubic")
 
 
-def _cv2():
-    import cv2
+_NEEDS = "the degradation pipeline needs OpenCV and SciPy: pip install 'pure-lite[eval]' (or [train])"
 
+
+def check_dependencies() -> None:
+    """Raise MissingDependencyError now, before a long run, if OpenCV or SciPy is missing."""
+    _cv2()
+    try:
+        import scipy.special  # noqa: F401
+    except ImportError as exc:
+        raise MissingDependencyError(_NEEDS) from exc
+
+
+def _cv2():
+    try:
+        import cv2
+    except ImportError as exc:
+        raise MissingDependencyError(_NEEDS) from exc
     return cv2
 
 

@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
+from ..atomic import atomic_path
 from ..checkpoint import CheckpointFiles
 from ..errors import InvalidImageError, PureLiteError
 from ..images import load_image, resize, to_model_input
@@ -43,14 +43,8 @@ class TokenizeReport:
 
 
 def _atomic_bytes(path: Path, write: Callable) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        write(f)
 
 
 def _split(value: str, where: str) -> tuple[str, str]:
