@@ -1,4 +1,4 @@
-"""PURE's sampler (SPEC §5) in torch, on batched (B, C) logits, on whatever device they live on.
+"""PURE's sampler (docs/pure-format.md §5) in torch, on batched (B, C) logits, on whatever device they live on.
 
 The same maths as ``pure_lite.sampling`` (the NumPy reference), written so a CUDA graph can
 capture it: no ``.item()``, no shapes that depend on values, no Python branch on a tensor
