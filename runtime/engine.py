@@ -27,8 +27,16 @@ from .providers import device_of, onnxruntime, select_providers
 
 
 class KVBuffers:
-    """The cache of a batch of restorations: (rows, heads, capacity, head_dim) per layer and key/value,
-    plus scratch outputs for one call's new keys/values and hidden states, allocated once."""
+    """The cache of a batch of restorations, plus scratch outputs for one call's new keys/values and
+    hidden states, allocated once.
+
+    Each layer's keys (and values) are one flat allocation for ``capacity`` slots per row, viewed
+    as (rows, heads, slots, head_dim) with ``slots`` only as large as the longest row needs. The
+    graph attends over every slot it is given, and reading the cache is most of a step's memory
+    traffic at small and mid size (far more than the weights once several tiles decode
+    together), so the view grows with the rows: ``reserve`` re-lays the rows out in place, a few
+    times per restoration, and nothing is ever reallocated.
+    """
 
     allocations = 0  # class-wide count, so tests can assert one allocation per restoration batch
 
@@ -45,10 +53,28 @@ class KVBuffers:
                     "serving on CUDA keeps the KV cache on the GPU with CuPy: pip install 'pure-lite[gpu]' (cupy-cuda12x)"
                 ) from exc
         self.xp, self.device = xp, device
-        self.cache = [xp.zeros((rows, heads, capacity, head_dim), dtype=xp.float32) for _ in range(2 * layers)]
+        self.flat = [xp.zeros(rows * heads * capacity * head_dim, dtype=xp.float32) for _ in range(2 * layers)]
         self.scratch = [xp.zeros(rows * heads * max_new * head_dim, dtype=xp.float32) for _ in range(2 * layers)]
         self.hidden = np.zeros(rows * max_new * hidden_size, np.float32)
-        self.capacity, self.max_new = capacity, max_new
+        self.rows, self.heads, self.head_dim = rows, heads, head_dim
+        self.capacity, self.max_new, self.slots = capacity, max_new, 0
+
+    @property
+    def cache(self) -> list:
+        """Per layer and key/value: the (rows, heads, slots, head_dim) view the graph reads."""
+        n = self.rows * self.heads * self.slots * self.head_dim
+        return [f[:n].reshape(self.rows, self.heads, self.slots, self.head_dim) for f in self.flat]
+
+    def reserve(self, slots: int) -> None:
+        """Make every row hold at least ``slots`` slots (with some headroom), keeping their content."""
+        if slots <= self.slots:
+            return
+        grown = min(self.capacity, max(slots, self.slots + self.slots // 8, 64))
+        blocks, d = self.rows * self.heads, self.head_dim
+        for f in self.flat:
+            old = f[:blocks * self.slots * d].reshape(blocks, self.slots, d).copy()
+            f[:blocks * grown * d].reshape(blocks, grown, d)[:, :self.slots] = old
+        self.slots = grown
 
     def pointer(self, array) -> int:
         return array.ctypes.data if self.xp is np else array.data.ptr
@@ -116,10 +142,10 @@ class OnnxDecoder:
         kv, lengths = self.kv, self.lengths[:rows]
         if int(lengths.max()) + t > kv.capacity or t > kv.max_new:
             raise GenerationError(f"KV cache capacity {kv.capacity} exceeded")
-        slots = np.arange(kv.capacity)
-        mask = np.ones((rows, kv.capacity + t), np.int64)
-        mask[:, :kv.capacity] = slots < lengths[:, None]
-        bind = self._bind(ids, mask, lengths, kv.capacity)
+        kv.reserve(int(lengths.max()) + t)
+        mask = np.ones((rows, kv.slots + t), np.int64)
+        mask[:, :kv.slots] = np.arange(kv.slots) < lengths[:, None]
+        bind = self._bind(ids, mask, lengths, kv.slots)
         new_shape = [rows, self.heads, t, self.head_dim]
         for name, buf in zip(self.new_names, kv.scratch):
             bind.bind_output(name, kv.device, 0, np.float32, new_shape, kv.pointer(buf))
@@ -158,6 +184,7 @@ class OnnxDecoder:
                  "position_ids": np.ascontiguousarray(np.broadcast_to(np.arange(t), (rows, t)), dtype=np.int64),
                  **{name: empty for name in self.past_names}}
         hidden, *new = self.session.run(None, feeds)
+        self.kv.reserve(t)
         self.kv.write(rows, self.lengths[:rows], [self.kv.xp.asarray(v) for v in new], t)
         self.lengths[:rows] += t
         return hidden
