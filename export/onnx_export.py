@@ -311,7 +311,7 @@ def _stream_graphs(files: CheckpointFiles, work: Path, layout: TokenLayout, qcon
             quantize_streamed(model, fills, qconfig)
         jobs.append((work / spec.file, model, fills, tensors))
     count = sum(len(fills) for _, _, fills, _ in jobs)
-    nbytes = sum(tensors.nbytes(f.source.name) for _, _, fills, tensors in jobs for f in fills)
+    nbytes = sum(fill.source.nbytes(tensors) for _, _, fills, tensors in jobs for fill in fills)
     weights = "float32" if qconfig.weights is None else qconfig.weights
     say(f"[2/4] streaming {count} tensors ({nbytes / 1e9:.2f} GB) into the graphs' data files ({weights})")
     bar = Progress(count, nbytes, progress)

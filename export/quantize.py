@@ -153,6 +153,14 @@ def quantize_streamed(model, fills: list, config: QuantizationConfig) -> None:
         model.ir_version = max(model.ir_version or 0, 10)
 
 
+def _quiet(fn, *args) -> list:
+    """Call an ONNX Runtime block quantizer; its NumPy code divides all-zero blocks by 0 (and then uses 0)."""
+    import numpy as np
+
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return list(fn(*args))
+
+
 def _weight_fill(graph, node, index: int, fill_of: dict):
     """The streamed weight a node reads at ``index``, or None where that input is no initializer."""
     from .weight_stream import ExportError
@@ -203,6 +211,7 @@ def _matmul_nbits(graph, node, fill_of: dict, quantizer, algo) -> None:
     _replace(graph, node, [new], [packed, scales], weight)
     fill.values = [packed, scales]
     fill.encode = lambda w: list(quantizer.qbits_block_quant(w)[:2])
+    fill.chunk_axis = 1  # B is (K, N) and every column of it is quantized on its own
 
 
 def _gather_block_quantized(graph, node, fill_of: dict, quantizer, algo) -> None:
@@ -225,7 +234,7 @@ def _gather_block_quantized(graph, node, fill_of: dict, quantizer, algo) -> None
                   name=f"{node.name}_Q4" if node.name else "")
     _replace(graph, node, [new], [data, scales], table)
     fill.values = [data, scales]
-    fill.encode = lambda t: list(quantizer.quantize_ndarray(t, axis, block, True)[:2])
+    fill.encode = lambda t: _quiet(quantizer.quantize_ndarray, t, axis, block, True)[:2]
 
 
 def _gather_float16(graph, node, fill_of: dict) -> None:
