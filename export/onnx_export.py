@@ -292,7 +292,7 @@ def _stream_graphs(files: CheckpointFiles, work: Path, layout: TokenLayout, qcon
 
     lm_tensors = SafetensorsTensors.language_model(files)
     vq_tensors = (SafetensorsTensors([files.vq]) if files.vq.suffix == ".safetensors"
-                  else LoadedTensors(load_vq_state_dict(files.vq)))
+                  else LoadedTensors(load_vq_state_dict(files.vq, mmap=True)))
     say(f"[1/4] tracing the decoder, head and VQ graphs of {files.root} from weightless stand-ins (opset {opset})")
     lm = stand_in.language_model(files)
     keys = stand_in.checkpoint_keys(lm, lm_tensors, optional=UNUSED_WEIGHT_PREFIXES)
@@ -303,9 +303,9 @@ def _stream_graphs(files: CheckpointFiles, work: Path, layout: TokenLayout, qcon
              *((spec, keys, lm_tensors) for spec in head_specs(TextHead(lm), image_head, lm.config.hidden_size,
                                                                  all_positions=all_logits)),
              *((spec, vq_keys, vq_tensors) for spec in vq_specs(vq))]
-    jobs = []
-    for spec, spec_keys, tensors in specs:
-        model = trace(spec, opset=opset, stand_in=True).model
+    traced = [trace(spec, opset=opset, stand_in=True).model for spec, _, _ in specs]
+    jobs = []  # quantized only once every graph is traced: ONNX Runtime's quantizer turns on INFO logging
+    for (spec, spec_keys, tensors), model in zip(specs, traced):
         fills = plan_fills(model, stand_in.sources(spec.module, spec_keys, derived), tensors)
         if spec.file in LM_GRAPHS:
             quantize_streamed(model, fills, qconfig)

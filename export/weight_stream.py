@@ -82,12 +82,29 @@ class Source:
     def load(self, tensors: Tensors, start: int, stop: int) -> np.ndarray:
         """Source rows ``start:stop`` in the stored layout, as a C-contiguous float32 array.
 
-        Rows and layout are taken in the checkpoint's dtype; only the result is upcast.
+        Read ``CHUNK_BYTES`` at a time; each piece is laid out and upcast on its own, so a whole
+        transposed weight costs its float32 copy and one piece, not the copies of every step.
         """
+        step = _rows_per_chunk(tensors, self.name)
+        if stop - start <= step:
+            return self._piece(tensors, start, stop)
+        axis = self.rows_axis(tensors)
+        shape = list(self.shape(tensors))
+        shape[axis] = stop - start
+        out = np.empty(shape, np.float32)
+        rows = np.moveaxis(out, axis, 0)  # a view: assigning to it fills ``out``
+        for first in range(start, stop, step):
+            last = min(first + step, stop)
+            rows[first - start:last - start] = np.moveaxis(self._piece(tensors, first, last), axis, 0)
+        return out
+
+    def _piece(self, tensors: Tensors, start: int, stop: int) -> np.ndarray:
         import torch
 
-        if self.rows is None:
-            tensor = tensors.read(self.name, start, stop) if tensors.shape(self.name) else tensors.read(self.name)
+        if not tensors.shape(self.name):
+            tensor = tensors.read(self.name)
+        elif self.rows is None:
+            tensor = tensors.read(self.name, start, stop)
         else:
             wanted = np.asarray(self.rows[start:stop], np.int64)
             breaks = np.flatnonzero(np.diff(wanted) != 1) + 1  # read each run of consecutive rows once
@@ -205,13 +222,19 @@ def _stored_as(value) -> tuple[np.dtype, int]:
             math.ceil(math.prod(value.shape) * bits / 8))
 
 
+def _rows_per_chunk(tensors: Tensors, name: str) -> int:
+    """Rows of ``name`` in about ``CHUNK_BYTES``; even, so 4-bit packing pairs never straddle two chunks."""
+    shape = tensors.shape(name)
+    row_bytes = max(1, tensors.nbytes(name) // shape[0]) if shape and shape[0] else 1
+    return max(2, CHUNK_BYTES // row_bytes // 2 * 2)
+
+
 def _chunks(fill: Fill, tensors: Tensors) -> list[tuple[int, int]]:
     """Ranges of source rows to encode at a time: all at once unless ``encode`` keeps the rows' axis separate."""
     count = fill.source.count(tensors)
     if not tensors.shape(fill.source.name) or fill.source.rows_axis(tensors) != fill.chunk_axis:
         return [(0, count)]
-    row_bytes = max(1, tensors.nbytes(fill.source.name) // max(1, tensors.shape(fill.source.name)[0]))
-    step = max(2, CHUNK_BYTES // row_bytes // 2 * 2)  # even: 4-bit packing pairs never straddle two chunks
+    step = _rows_per_chunk(tensors, fill.source.name)
     return [(start, min(start + step, count)) for start in range(0, count, step)]
 
 
