@@ -4,8 +4,8 @@
       decoder.onnx (+ decoder.onnx.data)   one graph for prefill and decode, KV cache as explicit I/O
       lm_head.onnx (+ .data)               hidden (B, hidden) -> logits (B, V): text steps
       image_head.onnx (+ .data)            hidden -> image_logits (B, codebook), image tokens in code order
-      vq_encoder.onnx                      pixels (B, 3, H, W) in [-1, 1] -> codes (B, H/8, W/8)
-      vq_decoder.onnx                      codes -> pixels in [-1, 1]
+      vq_encoder.onnx (+ .data)            pixels (B, 3, H, W) in [-1, 1] -> codes (B, H/8, W/8)
+      vq_decoder.onnx (+ .data)            codes -> pixels in [-1, 1]
       tokenizer.json                       copied from the checkpoint
       pure_lite_manifest.json              dimensions, I/O names, token layout, sha256 of every file
 
@@ -24,6 +24,13 @@ The graph never concatenates or copies the cache: the runtime allocates it once 
 the new keys and values into it. B, T and S are dynamic, so the same graph serves the
 prompt, single steps and batch 2 (CFG). The decoder's weights always live in external
 data (``decoder.onnx.data``), which has no 2 GB protobuf limit.
+
+How the weights get there: by default the graphs are traced from weightless stand-ins of the
+models (``stand_in``: the real config, fake tensors) and every weight is then streamed from the
+checkpoint into the data files (``weight_stream``), so the export holds a chunk of one tensor at a
+time rather than the model. ``streaming=False`` keeps the in-memory path: the float32 model loaded
+in torch and traced with its weights, then ONNX Runtime's quantizer on the saved float graphs; it is
+the reference the streamed export is tested and benchmarked against.
 """
 
 from __future__ import annotations

@@ -4,8 +4,8 @@
 rows asked for with plain file reads into a buffer of that size. (safetensors' own reader returns
 tensors backed by a memory map of the shard, and every page read through a map stays in the
 process's resident set until the map goes, so streaming a 14 GB checkpoint through it shows up as
-14 GB of RSS.) ``LoadedTensors`` serves a state dict already in memory: the VQ pickle, small, and
-not readable piecewise.
+14 GB of RSS.) ``LoadedTensors`` serves a state dict of torch tensors: the VQ pickle, which is small
+(memory-mapped by the exporter, so only the tensors read cost memory).
 
 The safetensors layout: an 8-byte little-endian header length, a JSON header mapping each name to
 its dtype, shape and [begin, end) byte offsets, then the data, rows contiguous (C order).
