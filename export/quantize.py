@@ -59,20 +59,30 @@ class QuantizationConfig:
         }
 
 
-def quantize_graph(src: Path, dst: Path, config: QuantizationConfig) -> None:
-    """Write a weight-quantized copy of a float language-model graph (decoder or head) to ``dst`` (+ ``.data``)."""
-    import onnx
-    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
+def _ort_config(config: QuantizationConfig):
+    """ONNX Runtime's quantizer settings for ``config``: used by ``quantize_graph`` and ``quantize_streamed`` alike."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig
 
-    logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.ERROR)
     int4_gather = config.quantize_embedding and config.weights == "int4"
-    algo = DefaultWeightOnlyQuantConfig(
+    return DefaultWeightOnlyQuantConfig(
         block_size=config.block_size, is_symmetric=True, bits=QUANT_BITS[config.weights],
         accuracy_level=config.accuracy_level,
         op_types_to_quantize=("MatMul", "Gather") if int4_gather else ("MatMul",),
         quant_axes=(("MatMul", 0), ("Gather", 1)),
     )
-    quantizer = MatMulNBitsQuantizer(onnx.load(str(src)), algo_config=algo)
+
+
+def quantize_graph(src: Path, dst: Path, config: QuantizationConfig) -> None:
+    """Write a weight-quantized copy of a float language-model graph (decoder or head) to ``dst`` (+ ``.data``).
+
+    The in-memory path (``export_onnx(streaming=False)``): the whole float graph is loaded.
+    """
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.ERROR)
+    int4_gather = config.quantize_embedding and config.weights == "int4"
+    quantizer = MatMulNBitsQuantizer(onnx.load(str(src)), algo_config=_ort_config(config))
     quantizer.process()
     model = quantizer.model.model
     if config.quantize_embedding and not int4_gather:
@@ -108,3 +118,138 @@ def _embedding_to_float16(model) -> None:
         new_nodes += [node, cast]
     del model.graph.node[:]
     model.graph.node.extend(new_nodes)
+
+
+def quantize_streamed(model, fills: list, config: QuantizationConfig) -> None:
+    """``quantize_graph`` for a graph whose weights are not loaded yet (``weight_stream``).
+
+    The same nodes change the same way as ONNX Runtime's quantizer changes them: every MatMul with a
+    2-D constant weight becomes MatMulNBits; for int4 the Gather of a constant table becomes
+    GatherBlockQuantized; for int8 a large Gather table is stored in float16 with a Cast after it.
+    Each weight's ``Fill`` gets the quantizer's own block functions as its encoder, so a streamed
+    export stores the same bytes as one quantized in memory.
+    """
+    if config.weights is None:
+        return
+    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantizer
+
+    algo = _ort_config(config)
+    quantizer = DefaultWeightOnlyQuantizer(algo)
+    graph = model.graph
+    fill_of = {id(fill.values[0]): fill for fill in fills}
+    gather_blocks = "Gather" in algo.op_types_to_quantize
+    for node in list(graph):
+        if node.domain not in ("", "ai.onnx"):
+            continue
+        if node.op_type == "MatMul":
+            _matmul_nbits(graph, node, fill_of, quantizer, algo)
+        elif node.op_type == "Gather" and gather_blocks:
+            _gather_block_quantized(graph, node, fill_of, quantizer, algo)
+        elif node.op_type == "Gather" and config.quantize_embedding:
+            _gather_float16(graph, node, fill_of)
+    model.opset_imports["com.microsoft"] = 1
+    if gather_blocks:  # what ONNX Runtime's quantizer does for 4-bit tensors in standard ops
+        model.opset_imports[""] = max(model.opset_imports.get("", 0), 21)
+        model.ir_version = max(model.ir_version or 0, 10)
+
+
+def _quiet(fn, *args) -> list:
+    """Call an ONNX Runtime block quantizer; its NumPy code divides all-zero blocks by 0 (and then uses 0)."""
+    import numpy as np
+
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return list(fn(*args))
+
+
+def _weight_fill(graph, node, index: int, fill_of: dict):
+    """The streamed weight a node reads at ``index``, or None where that input is no initializer."""
+    from .weight_stream import ExportError
+
+    value = node.inputs[index] if index < len(node.inputs) else None
+    if value is None or not value.is_initializer():
+        return None
+    fill = fill_of.get(id(value))
+    if fill is None:
+        raise ExportError(f"{node.op_type} {node.name!r} reads constant {value.name!r}, which is no checkpoint "
+                          "weight; the quantizer would quantize it and this exporter does not")
+    if len(value.uses()) != 1:
+        raise ExportError(f"weight {value.name!r} has {len(value.uses())} uses; quantizing it needs exactly one")
+    return fill
+
+
+def _replace(graph, node, new_nodes: list, new_weights: list, old_weight) -> None:
+    import onnx_ir as ir
+
+    ir.convenience.replace_nodes_and_values(graph, node, [node], new_nodes, node.outputs, new_nodes[-1].outputs)
+    del graph.initializers[old_weight.name]
+    for value in new_weights:
+        graph.initializers[value.name] = value
+
+
+def _matmul_nbits(graph, node, fill_of: dict, quantizer, algo) -> None:
+    import onnx_ir as ir
+
+    fill = _weight_fill(graph, node, 1, fill_of)
+    if fill is None or len(fill.values[0].shape) < 2:
+        return
+    weight = fill.values[0]
+    if len(weight.shape) != 2:
+        from .weight_stream import ExportError
+
+        raise ExportError(f"MatMul weight {weight.name!r} has shape {tuple(weight.shape)}; only 2-D weights are streamed")
+    k, n = weight.shape
+    bits, block = algo.bits, algo.block_size
+    k_blocks = -(-k // block)
+    packed = ir.Value(name=f"{weight.name}_Q{bits}", type=ir.TensorType(ir.DataType.UINT8),
+                      shape=ir.Shape([n, k_blocks, -(-block * bits // 8)]))
+    scales = ir.Value(name=f"{weight.name}_scales", type=ir.TensorType(weight.dtype), shape=ir.Shape([n, k_blocks]))
+    attributes = {"K": k, "N": n, "bits": bits, "block_size": block}
+    if algo.accuracy_level:
+        attributes["accuracy_level"] = algo.accuracy_level
+    new = ir.node("MatMulNBits", [node.inputs[0], packed, scales], attributes, domain="com.microsoft",
+                  name=f"{node.name}_Q{bits}" if node.name else "")
+    _replace(graph, node, [new], [packed, scales], weight)
+    fill.values = [packed, scales]
+    fill.encode = lambda w: list(quantizer.qbits_block_quant(w)[:2])
+    fill.chunk_axis = 1  # B is (K, N) and every column of it is quantized on its own
+
+
+def _gather_block_quantized(graph, node, fill_of: dict, quantizer, algo) -> None:
+    import onnx_ir as ir
+
+    fill = _weight_fill(graph, node, 0, fill_of)
+    if fill is None:
+        return
+    table = fill.values[0]
+    rank = len(table.shape)
+    axis = algo.quant_axes.get("Gather", 1) % rank
+    block = algo.block_size
+    data = ir.Value(name=f"{table.name}_Q4", type=ir.TensorType(ir.DataType.INT4), shape=ir.Shape(list(table.shape)))
+    scale_shape = [-(-d // block) if i == axis else d for i, d in enumerate(table.shape)]
+    scales = ir.Value(name=f"{table.name}_scales", type=ir.TensorType(table.dtype), shape=ir.Shape(scale_shape))
+    gather_axis = node.attributes.get("axis")
+    attributes = {"gather_axis": gather_axis.as_int() if gather_axis is not None else 0,
+                  "quantize_axis": axis, "block_size": block}
+    new = ir.node("GatherBlockQuantized", [data, node.inputs[1], scales], attributes, domain="com.microsoft",
+                  name=f"{node.name}_Q4" if node.name else "")
+    _replace(graph, node, [new], [data, scales], table)
+    fill.values = [data, scales]
+    fill.encode = lambda t: _quiet(quantizer.quantize_ndarray, t, axis, block, True)[:2]
+
+
+def _gather_float16(graph, node, fill_of: dict) -> None:
+    """``_embedding_to_float16`` on a streamed graph: the same tables, the same Cast."""
+    import numpy as np
+    import onnx_ir as ir
+
+    table = node.inputs[0]
+    if table is None or not table.is_initializer() or table.dtype != ir.DataType.FLOAT or len(table.shape) != 2 \
+            or len(table.uses()) != 1 or table.shape[0] * table.shape[1] < 1 << 16:
+        return
+    fill = _weight_fill(graph, node, 0, fill_of)
+    table.type = ir.TensorType(ir.DataType.FLOAT16)
+    gather = ir.node("Gather", list(node.inputs), dict(node.attributes), name=node.name,
+                     outputs=[ir.Value(name=node.outputs[0].name + "_fp16")])
+    cast = ir.node("Cast", gather.outputs, {"to": ir.DataType.FLOAT}, name=node.name + "_to_float")
+    ir.convenience.replace_nodes_and_values(graph, node, [node], [gather, cast], node.outputs, cast.outputs)
+    fill.encode = lambda t: [t.astype(np.float16)]

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,8 +74,11 @@ def _torch():
     return torch
 
 
-def load_vq_state_dict(path: str | os.PathLike) -> dict:
-    """Tensors of a VQ checkpoint (.pt with weights_only=True, or .safetensors)."""
+def load_vq_state_dict(path: str | os.PathLike, *, mmap: bool = False) -> dict:
+    """Tensors of a VQ checkpoint (.pt with weights_only=True, or .safetensors).
+
+    ``mmap``: map a (zip-format) .pt instead of reading it, so a tensor costs memory once it is read.
+    """
     torch = _torch()
     path = Path(path)
     if path.suffix == ".safetensors":
@@ -84,7 +89,7 @@ def load_vq_state_dict(path: str | os.PathLike) -> dict:
         except Exception as exc:  # safetensors raises its own SafetensorError
             raise CheckpointError(f"cannot read {path}: {exc}") from exc
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and zipfile.is_zipfile(path))
     except FileNotFoundError as exc:
         raise CheckpointError(f"{path} does not exist") from exc
     except Exception as exc:  # UnpicklingError for unsafe pickles, RuntimeError for corrupt zips

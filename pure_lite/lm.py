@@ -31,13 +31,12 @@ from .errors import CheckpointError, GenerationError, MissingDependencyError
 
 # Keys the checkpoint may lack: transformers builds Chameleon's own VQ-VAE inside the
 # model, which PURE never uses (it has the LlamaGen VQ-8 instead).
-_UNUSED_PREFIXES = ("model.vqmodel.",)
+UNUSED_WEIGHT_PREFIXES = ("model.vqmodel.",)
 
 
-def load_language_model(files: CheckpointFiles, *, device: str = "cpu", dtype: torch.dtype | None = None,
-                        attn_implementation: str = "sdpa", quantization_config=None):
-    """Load the Chameleon checkpoint strictly: every used weight must be present with its shape."""
-    from transformers import ChameleonConfig, ChameleonForConditionalGeneration
+def chameleon_config(files: CheckpointFiles):
+    """The checkpoint's ``ChameleonConfig``, with the vocabulary map transformers needs."""
+    from transformers import ChameleonConfig
 
     config = ChameleonConfig.from_pretrained(files.root)
     if config.vocabulary_map is None:
@@ -46,8 +45,17 @@ def load_language_model(files: CheckpointFiles, *, device: str = "cpu", dtype: t
         vocab = dict(data["model"]["vocab"])
         vocab.update({t["content"]: t["id"] for t in data.get("added_tokens", [])})
         config.vocabulary_map = vocab
+    return config
+
+
+def load_language_model(files: CheckpointFiles, *, device: str = "cpu", dtype: torch.dtype | None = None,
+                        attn_implementation: str = "sdpa", quantization_config=None):
+    """Load the Chameleon checkpoint strictly: every used weight must be present with its shape."""
+    from transformers import ChameleonForConditionalGeneration
+
+    config = chameleon_config(files)
     if attn_implementation == SPLIT_ATTENTION:
-        _register_split_attention()
+        register_split_attention()
     kwargs = {}
     if quantization_config is not None:
         kwargs["quantization_config"] = quantization_config
@@ -58,7 +66,7 @@ def load_language_model(files: CheckpointFiles, *, device: str = "cpu", dtype: t
         )
     except (OSError, ValueError, RuntimeError) as exc:
         raise CheckpointError(f"cannot load the language model from {files.root}: {exc}") from exc
-    missing = [k for k in info.get("missing_keys", []) if not k.startswith(_UNUSED_PREFIXES)]
+    missing = [k for k in info.get("missing_keys", []) if not k.startswith(UNUSED_WEIGHT_PREFIXES)]
     bad = missing + list(info.get("mismatched_keys", []))
     if bad:
         raise CheckpointError(f"{files.root}: language-model weights missing or of the wrong shape: {bad[:8]}")
@@ -86,7 +94,7 @@ def split_cache_attention(module, query, key, value, attention_mask, scaling=Non
     return out.transpose(1, 2).contiguous(), None
 
 
-def _register_split_attention() -> None:
+def register_split_attention() -> None:
     from transformers import AttentionInterface
 
     AttentionInterface.register(SPLIT_ATTENTION, split_cache_attention)

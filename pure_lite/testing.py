@@ -76,11 +76,14 @@ def make_tiny_checkpoint(
     vq_base_channels: int = 32,
     compact_codebook: int = 256,
     init_std: float = 0.2,
+    dtype: Literal["float32", "bfloat16"] = "float32",
+    max_shard_size: str = "10MB",
 ) -> Path:
     """Write config.json, sharded safetensors, tokenizer.json and vq_ds8_c2i.pt into ``path``.
 
     ``init_std`` is larger than a real model's so random logits are peaked enough to give
-    varied, deterministic greedy outputs.
+    varied, deterministic greedy outputs. ``dtype`` is the language model's dtype on disk (the
+    released PURE weights are bfloat16).
     """
     import torch
     from transformers import ChameleonConfig, ChameleonForConditionalGeneration
@@ -118,7 +121,7 @@ def make_tiny_checkpoint(
         for layer in model.model.layers:
             for norm in (layer.self_attn.q_norm, layer.self_attn.k_norm):
                 norm.weight.normal_(1.0, 0.2)
-    model.save_pretrained(out, max_shard_size="10MB")
+    model.to(getattr(torch, dtype)).save_pretrained(out, max_shard_size=max_shard_size)
     # transformers' own VQ-VAE inside Chameleon is unused by PURE and absent from released weights.
     (out / "generation_config.json").unlink(missing_ok=True)
 

@@ -1,0 +1,207 @@
+"""Peak memory and time of an ONNX export, float / int8 / int4: the in-memory path against the streaming one.
+
+Each export runs in its own process, measured from a fresh wrapper process that reports
+``getrusage(RUSAGE_CHILDREN)`` (peak RSS of the export, file-backed pages included) and the wall time.
+The streaming export is the command users run, ``pure-lite export`` (``python -m pure_lite.cli
+export``); the in-memory one is ``export_onnx(..., streaming=False)``, which the CLI does not offer.
+The two run alternately, one at a time, on:
+
+- mid: the mid-size random Chameleon of benchmarks/end_to_end.py (hidden 1024, 8 layers,
+  vocabulary 73728, float32 safetensors, 1.0 GB)
+- 7B-width checkpoints with 2 and 3 layers (hidden 4096, 32 heads, intermediate 11008,
+  vocabulary 73728, bfloat16 like the released weights, the release's VQ width); the difference
+  between them is one 7B layer, and the table extrapolates that slope to 32 layers.
+
+The in-memory path grows by gigabytes per 7B layer, far above the noise of one run. The streaming
+path holds a chunk of one tensor at a time, so one layer more changes it by less than the run-to-run
+noise: its runs are repeated (medians), and its per-layer growth is also measured where it can be
+seen, streaming int4 exports of two narrow checkpoints (hidden 256) 14 layers apart. What grows with
+depth in a streaming export (the traced graphs) does not depend on the width; its 7B rows use the
+larger of the two slopes.
+
+    python benchmarks/export_memory.py [--workdir /tmp/pure-lite-export-bench] [--wide-layers 2,3] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import report
+
+QUANTS = ("float", "int8", "int4")
+PATHS = ("in-memory", "streaming")
+FULL_LAYERS = 32
+DEPTH_LAYERS = (2, 16)
+
+# Runs ARGV as a child and prints its peak RSS (kB) and wall time: this wrapper is small and has
+# waited on no other child, so RUSAGE_CHILDREN is the export's own high-water mark.
+_MEASURE = """
+import resource, subprocess, sys, time
+t = time.perf_counter()
+rc = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+wall = time.perf_counter() - t
+print(rc.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, wall)
+sys.stderr.write(rc.stderr[-2000:] if rc.returncode else "")
+"""
+
+
+def measure(cmd: list[str]) -> dict:
+    proc = subprocess.run([sys.executable, "-c", _MEASURE, *cmd], capture_output=True, text=True)
+    rc, max_kb, wall = proc.stdout.split()
+    if int(rc):
+        return {"failed": int(rc), "stderr": proc.stderr[-500:]}
+    return {"peak_rss_gb": int(max_kb) * 1024 / 1e9, "seconds": float(wall)}
+
+
+def export_command(path: str, ckpt: Path, out: Path, quant: str) -> list[str]:
+    if path == "streaming":
+        return [sys.executable, "-m", "pure_lite.cli", "export", str(ckpt), "-o", str(out), "--quant",
+                "none" if quant == "float" else quant]
+    call = (f"from pure_lite.export import export_onnx; export_onnx({str(ckpt)!r}, {str(out)!r}, "
+            f"quantization={None if quant == 'float' else quant!r}, streaming=False)")
+    return [sys.executable, "-c", call]
+
+
+def folder_gb(path: Path) -> float:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) / 1e9
+
+
+def make_checkpoints(work: Path, wide_layers: list[int]) -> dict[str, Path]:
+    """Build the checkpoints once, each in a subprocess (building a 7B-width model takes several GB)."""
+    specs = {"mid": dict(hidden_size=1024, num_layers=8, num_heads=16, intermediate_size=2816,
+                         vq_base_channels=32, dtype="float32", max_shard_size="10MB")}
+    for n in wide_layers:
+        specs[f"7B-width, {n} layers"] = dict(hidden_size=4096, num_layers=n, num_heads=32, intermediate_size=11008,
+                                              vq_base_channels=128, dtype="bfloat16", max_shard_size="2GB")
+    for n in DEPTH_LAYERS:
+        specs[f"narrow, {n} layers"] = dict(hidden_size=256, num_layers=n, num_heads=4, intermediate_size=704,
+                                            vq_base_channels=32, dtype="bfloat16", max_shard_size="2GB")
+    out = {}
+    for name, kwargs in specs.items():
+        path = work / name.replace(", ", "-").replace(" ", "")
+        if not (path / "config.json").exists():
+            code = ("from pure_lite.testing import make_tiny_checkpoint; "
+                    f"make_tiny_checkpoint({str(path)!r}, seed=0, layout='pure', init_std=0.02, "
+                    f"max_position_embeddings=8192, **{kwargs!r})")
+            subprocess.run([sys.executable, "-c", code], check=True, stdout=subprocess.DEVNULL)
+        out[name] = path
+    return out
+
+
+def run_export(work: Path, path: str, ckpt: Path, quant: str, repeats: int) -> dict:
+    """Median peak RSS and time of ``repeats`` exports (each in its own process), with every run kept."""
+    runs = []
+    for _ in range(repeats):
+        out = work / "out"
+        shutil.rmtree(out, ignore_errors=True)
+        r = measure(export_command(path, ckpt, out, quant))
+        if "peak_rss_gb" not in r:
+            return r
+        r["output_gb"] = folder_gb(out)
+        shutil.rmtree(out, ignore_errors=True)
+        runs.append(r)
+    return {key: statistics.median(r[key] for r in runs) for key in ("peak_rss_gb", "seconds")} | {"runs": runs}
+
+
+def depth_slope(depth: dict) -> dict:
+    """Per-layer growth of the streaming export where width does not count: narrow checkpoints far apart."""
+    (a, ra), (b, rb) = sorted(depth.items())
+    if "peak_rss_gb" not in ra or "peak_rss_gb" not in rb:
+        return {}
+    return {key: (rb[key] - ra[key]) / (b - a) for key in ("peak_rss_gb", "seconds")}
+
+
+def extrapolate(results: dict, wide_layers: list[int], depth: dict) -> dict:
+    """The per-layer slope between the two 7B-width runs, carried to 32 layers.
+
+    For the streaming path the slope is at least the narrow-checkpoint one (``depth``): a slope
+    between 2 and 3 layers below that is run-to-run noise.
+    """
+    (a, b) = wide_layers[0], wide_layers[-1]
+    out = {}
+    for quant in QUANTS:
+        for path in PATHS:
+            ra = results.get(f"7B-width, {a} layers", {}).get(quant, {}).get(path, {})
+            rb = results.get(f"7B-width, {b} layers", {}).get(quant, {}).get(path, {})
+            if "peak_rss_gb" not in ra or "peak_rss_gb" not in rb:
+                continue
+            entry = {}
+            for key in ("peak_rss_gb", "seconds"):
+                measured = (rb[key] - ra[key]) / (b - a)
+                slope = max(measured, depth.get(key, measured)) if path == "streaming" else measured
+                entry[key] = rb[key] + (FULL_LAYERS - b) * slope
+                entry[f"{key}_per_layer_measured"] = measured
+                entry[f"{key}_per_layer_used"] = slope
+            out.setdefault(quant, {})[path] = entry
+    return out
+
+
+def _cell(r: dict, key: str, fmt: str) -> str:
+    return format(r[key], fmt) if key in r else f"failed ({r.get('failed', '-')})"
+
+
+def table(results: dict, extrapolated: dict, checkpoints: dict) -> str:
+    rows = ["| checkpoint | export | peak RSS in-memory (GB) | peak RSS streaming (GB) | ratio | "
+            "time in-memory (s) | time streaming (s) | ratio |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+
+    def add(name: str, quant: str, old: dict, new: dict, fmt_rss: str = ".2f") -> None:
+        rss = f"{old['peak_rss_gb'] / new['peak_rss_gb']:.1f}x" if "peak_rss_gb" in old and "peak_rss_gb" in new else "-"
+        speed = f"{old['seconds'] / new['seconds']:.2f}x" if "seconds" in old and "seconds" in new else "-"
+        rows.append(f"| {name} | {quant} | {_cell(old, 'peak_rss_gb', fmt_rss)} | {_cell(new, 'peak_rss_gb', fmt_rss)} | "
+                    f"{rss} | {_cell(old, 'seconds', '.0f')} | {_cell(new, 'seconds', '.0f')} | {speed} |")
+
+    for name, by_quant in results.items():
+        for quant, r in by_quant.items():
+            add(f"{name} ({checkpoints[name]['gb']:.1f} GB on disk)", quant, r.get("in-memory", {}), r.get("streaming", {}))
+    for quant, r in extrapolated.items():
+        add(f"**7B, {FULL_LAYERS} layers (extrapolated)**", quant, r.get("in-memory", {}), r.get("streaming", {}), ".1f")
+    return "\n".join(rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workdir", default="/tmp/pure-lite-export-bench")
+    parser.add_argument("--wide-layers", default="2,3", help="layer counts of the 7B-width checkpoints")
+    parser.add_argument("--quants", default=",".join(QUANTS))
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each streaming export (median)")
+    args = parser.parse_args()
+    work = Path(args.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    wide_layers = [int(n) for n in args.wide_layers.split(",")]
+    checkpoints = make_checkpoints(work, wide_layers)
+    results: dict = {}
+    for name, ckpt in checkpoints.items():
+        if name.startswith("narrow"):
+            continue
+        for quant in args.quants.split(","):
+            for path in PATHS:  # side by side: the two paths of one export back to back
+                r = run_export(work, path, ckpt, quant, args.repeats if path == "streaming" else 1)
+                results.setdefault(name, {}).setdefault(quant, {})[path] = r
+                print(name, quant, path, {k: v for k, v in r.items() if k != "runs"}, flush=True)
+    depth = {n: run_export(work, "streaming", checkpoints[f"narrow, {n} layers"], "int4", 1) for n in DEPTH_LAYERS}
+    print("depth", depth, flush=True)
+    slope = depth_slope(depth)
+    extrapolated = extrapolate(results, wide_layers, slope)
+    sizes = {name: {"gb": folder_gb(path), "path": str(path)} for name, path in checkpoints.items()}
+    a, b = DEPTH_LAYERS
+    doc = (f"Peak RSS (file-backed pages included) and wall time of one export per process; in-memory = "
+           f"`export_onnx(streaming=False)` (load the float32 model in torch, quantize the saved float graphs with "
+           f"ONNX Runtime's quantizer, one run each), streaming = `pure-lite export` (median of {args.repeats} runs). "
+           f"7B rows: the per-layer slope between the {wide_layers[0]}- and {wide_layers[-1]}-layer 7B-width "
+           f"checkpoints carried to {FULL_LAYERS} layers; for streaming at least the slope of narrow checkpoints "
+           f"(hidden 256, {a} and {b} layers, int4): {1000 * slope.get('peak_rss_gb', float('nan')):.1f} MB and "
+           f"{slope.get('seconds', float('nan')):.1f} s per layer.")
+    report.write("export_memory", {"results": results, "depth": depth, "depth_slope": slope,
+                                   "extrapolated_7b": extrapolated, "checkpoints": sizes},
+                 doc + "\n\n" + table(results, extrapolated, sizes))
+
+
+if __name__ == "__main__":
+    main()
