@@ -133,7 +133,11 @@ def extrapolate(results: dict, wide_layers: list[int], depth: dict) -> dict:
                 continue
             measured = (rb["peak_rss_gb"] - ra["peak_rss_gb"]) / (b - a)
             slope = max(measured, depth.get("peak_rss_gb", measured)) if path == "streaming" else measured
-            out.setdefault(quant, {})[path] = {"peak_rss_gb": rb["peak_rss_gb"] + (FULL_LAYERS - b) * slope,
+            # A slope at or below zero (noise, or a streaming peak that does not grow with depth) is
+            # reported as flat: never below what the deeper checkpoint measured.
+            slope = max(slope, 0.0)
+            peak = max(rb["peak_rss_gb"], rb["peak_rss_gb"] + (FULL_LAYERS - b) * slope)
+            out.setdefault(quant, {})[path] = {"peak_rss_gb": peak,
                                                "per_layer_measured_gb": measured, "per_layer_used_gb": slope}
     return out
 
@@ -181,8 +185,9 @@ def render(data: dict, repeats: int) -> None:
            f"run-to-run noise (runs of one checkpoint differ by up to {1000 * noise:.0f} MB), so the slope used is "
            f"the larger of it and the one measured on narrow checkpoints {b - a} layers apart (hidden 256, {a} and "
            f"{b} layers, int4: {1000 * slope.get('peak_rss_gb', float('nan')):.1f} MB and {slope.get('seconds', float('nan')):.1f} s per layer): "
-           f"the 7B streaming figures are upper estimates. Times are not extrapolated (one layer changes them "
-           f"by less than the noise).")
+           f"the 7B streaming figures are upper estimates. A slope at or below zero (streaming: memory does not grow "
+           f"with layers) is reported as flat, the {wide[-1]}-layer value. Times are not extrapolated (one layer "
+           f"changes them by less than the noise; they would be treated as flat likewise).")
     report.write("export_memory", data | {"depth_slope": slope, "extrapolated_7b": extrapolated},
                  doc + "\n\n" + table(results, extrapolated, checkpoints))
 
