@@ -118,10 +118,10 @@ def depth_slope(depth: dict) -> dict:
 
 
 def extrapolate(results: dict, wide_layers: list[int], depth: dict) -> dict:
-    """The per-layer slope between the two 7B-width runs, carried to 32 layers.
+    """Peak RSS at 32 layers: the per-layer slope between the two 7B-width runs, carried on.
 
-    For the streaming path the slope is at least the narrow-checkpoint one (``depth``): a slope
-    between 2 and 3 layers below that is run-to-run noise.
+    For the streaming path the slope is at least the narrow checkpoints' (``depth``). Times are not
+    extrapolated: one layer changes them by less than the run-to-run noise of either path.
     """
     (a, b) = wide_layers[0], wide_layers[-1]
     out = {}
@@ -131,19 +131,21 @@ def extrapolate(results: dict, wide_layers: list[int], depth: dict) -> dict:
             rb = results.get(f"7B-width, {b} layers", {}).get(quant, {}).get(path, {})
             if "peak_rss_gb" not in ra or "peak_rss_gb" not in rb:
                 continue
-            entry = {}
-            for key in ("peak_rss_gb", "seconds"):
-                measured = (rb[key] - ra[key]) / (b - a)
-                slope = max(measured, depth.get(key, measured)) if path == "streaming" else measured
-                entry[key] = rb[key] + (FULL_LAYERS - b) * slope
-                entry[f"{key}_per_layer_measured"] = measured
-                entry[f"{key}_per_layer_used"] = slope
-            out.setdefault(quant, {})[path] = entry
+            measured = (rb["peak_rss_gb"] - ra["peak_rss_gb"]) / (b - a)
+            slope = max(measured, depth.get("peak_rss_gb", measured)) if path == "streaming" else measured
+            # A slope at or below zero (noise, or a streaming peak that does not grow with depth) is
+            # reported as flat: never below what the deeper checkpoint measured.
+            slope = max(slope, 0.0)
+            peak = max(rb["peak_rss_gb"], rb["peak_rss_gb"] + (FULL_LAYERS - b) * slope)
+            out.setdefault(quant, {})[path] = {"peak_rss_gb": peak,
+                                               "per_layer_measured_gb": measured, "per_layer_used_gb": slope}
     return out
 
 
 def _cell(r: dict, key: str, fmt: str) -> str:
-    return format(r[key], fmt) if key in r else f"failed ({r.get('failed', '-')})"
+    if key in r:
+        return format(r[key], fmt)
+    return f"failed ({r['failed']})" if "failed" in r else "-"
 
 
 def table(results: dict, extrapolated: dict, checkpoints: dict) -> str:
@@ -165,17 +167,46 @@ def table(results: dict, extrapolated: dict, checkpoints: dict) -> str:
     return "\n".join(rows)
 
 
+def render(data: dict, repeats: int) -> None:
+    """Extrapolate, then write the JSON and the table of docs/benchmarks.md."""
+    results, depth, checkpoints = data["results"], data["depth"], data["checkpoints"]
+    wide = sorted(int(name.split(", ")[1].split()[0]) for name in results if name.startswith("7B-width"))
+    slope = depth_slope({int(n): r for n, r in depth.items()})
+    extrapolated = extrapolate(results, [wide[0], wide[-1]], slope)
+    noise = max((max(r["peak_rss_gb"] for r in by_path["streaming"]["runs"])
+                 - min(r["peak_rss_gb"] for r in by_path["streaming"]["runs"]))
+                for by_quant in results.values() for by_path in by_quant.values() if "runs" in by_path["streaming"])
+    a, b = sorted(int(n) for n in depth)
+    doc = (f"Peak RSS (file-backed pages included) and wall time of one export per process; in-memory = "
+           f"`export_onnx(streaming=False)` (load the float32 model in torch, quantize the saved float graphs with "
+           f"ONNX Runtime's quantizer; one run each), streaming = `pure-lite export` (median of {repeats} runs). "
+           f"7B rows: peak RSS carried from the {wide[-1]}-layer 7B-width checkpoint to {FULL_LAYERS} layers with "
+           f"the per-layer slope between the {wide[0]}- and {wide[-1]}-layer ones. For streaming that slope is "
+           f"run-to-run noise (runs of one checkpoint differ by up to {1000 * noise:.0f} MB), so the slope used is "
+           f"the larger of it and the one measured on narrow checkpoints {b - a} layers apart (hidden 256, {a} and "
+           f"{b} layers, int4: {1000 * slope.get('peak_rss_gb', float('nan')):.1f} MB and {slope.get('seconds', float('nan')):.1f} s per layer): "
+           f"the 7B streaming figures are upper estimates. A slope at or below zero (streaming: memory does not grow "
+           f"with layers) is reported as flat, the {wide[-1]}-layer value. Times are not extrapolated (one layer "
+           f"changes them by less than the noise; they would be treated as flat likewise).")
+    report.write("export_memory", data | {"depth_slope": slope, "extrapolated_7b": extrapolated},
+                 doc + "\n\n" + table(results, extrapolated, checkpoints))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", default="/tmp/pure-lite-export-bench")
     parser.add_argument("--wide-layers", default="2,3", help="layer counts of the 7B-width checkpoints")
     parser.add_argument("--quants", default=",".join(QUANTS))
     parser.add_argument("--repeats", type=int, default=3, help="runs of each streaming export (median)")
+    parser.add_argument("--report-only", action="store_true",
+                        help="rewrite the table from benchmarks/results/export_memory.json without measuring")
     args = parser.parse_args()
+    if args.report_only:
+        data = json.loads((report.ROOT / "benchmarks" / "results" / "export_memory.json").read_text())
+        return render(data, data.get("repeats", args.repeats))
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
-    wide_layers = [int(n) for n in args.wide_layers.split(",")]
-    checkpoints = make_checkpoints(work, wide_layers)
+    checkpoints = make_checkpoints(work, [int(n) for n in args.wide_layers.split(",")])
     results: dict = {}
     for name, ckpt in checkpoints.items():
         if name.startswith("narrow"):
@@ -186,21 +217,8 @@ def main() -> None:
                 results.setdefault(name, {}).setdefault(quant, {})[path] = r
                 print(name, quant, path, {k: v for k, v in r.items() if k != "runs"}, flush=True)
     depth = {n: run_export(work, "streaming", checkpoints[f"narrow, {n} layers"], "int4", 1) for n in DEPTH_LAYERS}
-    print("depth", depth, flush=True)
-    slope = depth_slope(depth)
-    extrapolated = extrapolate(results, wide_layers, slope)
     sizes = {name: {"gb": folder_gb(path), "path": str(path)} for name, path in checkpoints.items()}
-    a, b = DEPTH_LAYERS
-    doc = (f"Peak RSS (file-backed pages included) and wall time of one export per process; in-memory = "
-           f"`export_onnx(streaming=False)` (load the float32 model in torch, quantize the saved float graphs with "
-           f"ONNX Runtime's quantizer, one run each), streaming = `pure-lite export` (median of {args.repeats} runs). "
-           f"7B rows: the per-layer slope between the {wide_layers[0]}- and {wide_layers[-1]}-layer 7B-width "
-           f"checkpoints carried to {FULL_LAYERS} layers; for streaming at least the slope of narrow checkpoints "
-           f"(hidden 256, {a} and {b} layers, int4): {1000 * slope.get('peak_rss_gb', float('nan')):.1f} MB and "
-           f"{slope.get('seconds', float('nan')):.1f} s per layer.")
-    report.write("export_memory", {"results": results, "depth": depth, "depth_slope": slope,
-                                   "extrapolated_7b": extrapolated, "checkpoints": sizes},
-                 doc + "\n\n" + table(results, extrapolated, sizes))
+    render({"results": results, "depth": depth, "checkpoints": sizes, "repeats": args.repeats}, args.repeats)
 
 
 if __name__ == "__main__":
