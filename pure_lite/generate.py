@@ -232,9 +232,11 @@ class _ImageDecode:
                 tokens.append(self.layout.row_end)
         return tokens, where
 
-    def advance(self, cond: np.ndarray, uncond: np.ndarray | None, sampler: Sampler) -> int:
-        """Check the drafts against this call's outputs (T, codebook); returns the tokens to keep."""
-        tokens, where = self.inputs()
+    def advance(self, cond: np.ndarray, uncond: np.ndarray | None, sampler: Sampler,
+                fed: tuple[list[int], list[int]]) -> int:
+        """Check the drafts against this call's outputs (T, codebook); ``fed`` is what ``inputs()`` gave
+        for this call. Returns the tokens to keep."""
+        tokens, where = fed
         self.calls += 1
         config, rng, last = self.config, self.rng, len(tokens) - 1
         if not where:  # plain decoding: one code from the last output, by the backend's sampler
@@ -281,7 +283,8 @@ def _decode_images(decoder, images: list[_ImageDecode], layout, size_px, config,
         if cancel is not None and cancel():
             done = sum(image.done for image in images)
             raise GenerationCancelled(f"cancelled after {done} of {total} image codes")
-        inputs = [image.inputs()[0] if not image.finished else [] for image in images]
+        fed = [image.inputs() if not image.finished else ([], []) for image in images]
+        inputs = [tokens for tokens, _ in fed]
         width = max(len(t) for t in inputs)
         ids = np.full((batch, width), layout.image_start, dtype=np.int64)  # padding: rewound below
         for i, tokens in enumerate(inputs):
@@ -291,7 +294,7 @@ def _decode_images(decoder, images: list[_ImageDecode], layout, size_px, config,
         keep = np.zeros(batch, np.int64)
         for i, image in enumerate(images):
             if inputs[i]:
-                keep[i] = image.advance(logits[i], logits[batch + i] if cfg else None, sampler)
+                keep[i] = image.advance(logits[i], logits[batch + i] if cfg else None, sampler, fed[i])
         drop = width - keep
         decoder.rewind(np.concatenate([drop, drop]) if cfg else drop)
         if on_step is not None:
