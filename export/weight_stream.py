@@ -145,20 +145,17 @@ class Fill:
     chunk_axis: int | None = 0
 
 
-def unload_fake_weights(model) -> int:
-    """Clear the initializers that hold the stand-in's fake tensors; returns how many.
+def unload_fake_weights(model) -> None:
+    """Clear the initializers that hold the stand-in's fake tensors.
 
     A fake tensor has no data, so the graph optimizer must see these as unknown values (it folds
     nothing into them and removes those no node uses); ``plan_fills`` finds them by their empty value.
     """
     from torch._subclasses.fake_tensor import FakeTensor
 
-    count = 0
     for value in model.graph.initializers.values():
         if isinstance(getattr(value.const_value, "raw", None), FakeTensor):
             value.const_value = None
-            count += 1
-    return count
 
 
 def _layout_step(node, value) -> tuple[str, tuple[int, ...]] | None:
