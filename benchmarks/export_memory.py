@@ -184,7 +184,8 @@ def render(data: dict, repeats: int) -> None:
            f"the per-layer slope between the {wide[0]}- and {wide[-1]}-layer ones. For streaming that slope is "
            f"run-to-run noise (runs of one checkpoint differ by up to {1000 * noise:.0f} MB), so the slope used is "
            f"the larger of it and the one measured on narrow checkpoints {b - a} layers apart (hidden 256, {a} and "
-           f"{b} layers, int4: {1000 * slope.get('peak_rss_gb', float('nan')):.1f} MB and {slope.get('seconds', float('nan')):.1f} s per layer): "
+           f"{b} layers, int4: {1000 * slope.get('peak_rss_gb', float('nan')):.1f} MB and "
+           f"{slope.get('seconds', float('nan')):.1f} s per layer): "
            f"the 7B streaming figures are upper estimates. A slope at or below zero (streaming: memory does not grow "
            f"with layers) is reported as flat, the {wide[-1]}-layer value. Times are not extrapolated (one layer "
            f"changes them by less than the noise; they would be treated as flat likewise).")

@@ -161,7 +161,7 @@ def _quiet(fn, *args) -> list:
         return list(fn(*args))
 
 
-def _weight_fill(graph, node, index: int, fill_of: dict):
+def _weight_fill(node, index: int, fill_of: dict):
     """The streamed weight a node reads at ``index``, or None where that input is no initializer."""
     from .weight_stream import ExportError
 
@@ -189,7 +189,7 @@ def _replace(graph, node, new_nodes: list, new_weights: list, old_weight) -> Non
 def _matmul_nbits(graph, node, fill_of: dict, quantizer, algo) -> None:
     import onnx_ir as ir
 
-    fill = _weight_fill(graph, node, 1, fill_of)
+    fill = _weight_fill(node, 1, fill_of)
     if fill is None or len(fill.values[0].shape) < 2:
         return
     weight = fill.values[0]
@@ -217,7 +217,7 @@ def _matmul_nbits(graph, node, fill_of: dict, quantizer, algo) -> None:
 def _gather_block_quantized(graph, node, fill_of: dict, quantizer, algo) -> None:
     import onnx_ir as ir
 
-    fill = _weight_fill(graph, node, 0, fill_of)
+    fill = _weight_fill(node, 0, fill_of)
     if fill is None:
         return
     table = fill.values[0]
@@ -235,6 +235,7 @@ def _gather_block_quantized(graph, node, fill_of: dict, quantizer, algo) -> None
     _replace(graph, node, [new], [data, scales], table)
     fill.values = [data, scales]
     fill.encode = lambda t: _quiet(quantizer.quantize_ndarray, t, axis, block, True)[:2]
+    fill.chunk_axis = 0 if axis != 0 else None  # blocks run along a row: rows are independent
 
 
 def _gather_float16(graph, node, fill_of: dict) -> None:
@@ -246,7 +247,7 @@ def _gather_float16(graph, node, fill_of: dict) -> None:
     if table is None or not table.is_initializer() or table.dtype != ir.DataType.FLOAT or len(table.shape) != 2 \
             or len(table.uses()) != 1 or table.shape[0] * table.shape[1] < 1 << 16:
         return
-    fill = _weight_fill(graph, node, 0, fill_of)
+    fill = _weight_fill(node, 0, fill_of)
     table.type = ir.TensorType(ir.DataType.FLOAT16)
     gather = ir.node("Gather", list(node.inputs), dict(node.attributes), name=node.name,
                      outputs=[ir.Value(name=node.outputs[0].name + "_fp16")])

@@ -29,7 +29,7 @@ def _fake_mode():
 
 def _state(module) -> dict:
     """Parameters and persistent buffers by every name they have (tied weights appear under each)."""
-    persistent = {name for name, _ in module.state_dict(keep_vars=True).items()}
+    persistent = set(module.state_dict(keep_vars=True))
     named = chain(module.named_parameters(remove_duplicate=False), module.named_buffers(remove_duplicate=False))
     return {name: tensor for name, tensor in named if name in persistent}
 

@@ -136,29 +136,26 @@ class Fill:
 
     ``chunk_axis`` is the axis of the stored tensor that ``encode`` keeps separate (its outputs'
     first axis follows it): chunks of source rows along that axis encode independently. Where the
-    source's rows run along another axis, the tensor is encoded whole.
+    source's rows run along another axis, or ``chunk_axis`` is None, the tensor is encoded whole.
     """
 
     source: Source
     values: list  # onnx_ir Values, in the order ``encode`` returns their arrays
     encode: Callable[[np.ndarray], list[np.ndarray]] = as_float32
-    chunk_axis: int = 0
+    chunk_axis: int | None = 0
 
 
-def unload_fake_weights(model) -> int:
-    """Clear the initializers that hold the stand-in's fake tensors; returns how many.
+def unload_fake_weights(model) -> None:
+    """Clear the initializers that hold the stand-in's fake tensors.
 
     A fake tensor has no data, so the graph optimizer must see these as unknown values (it folds
     nothing into them and removes those no node uses); ``plan_fills`` finds them by their empty value.
     """
     from torch._subclasses.fake_tensor import FakeTensor
 
-    count = 0
     for value in model.graph.initializers.values():
         if isinstance(getattr(value.const_value, "raw", None), FakeTensor):
             value.const_value = None
-            count += 1
-    return count
 
 
 def _layout_step(node, value) -> tuple[str, tuple[int, ...]] | None:
@@ -184,7 +181,8 @@ def _fold_layout(graph, value, source: Source) -> Source:
         out = node.outputs[0]
         if step is None or out.is_graph_output():
             break
-        shape = tuple(value.shape[i] for i in step[1]) if step[0] == "transpose" else _unsqueezed(tuple(value.shape), step[1])
+        dims = tuple(value.shape)
+        shape = tuple(dims[i] for i in step[1]) if step[0] == "transpose" else _unsqueezed(dims, step[1])
         if out.shape is not None and tuple(out.shape) != shape:
             raise ExportError(f"{value.name}: {node.op_type} gives {shape} but the graph declares {tuple(out.shape)}")
         operands = node.inputs[1:]
@@ -232,7 +230,8 @@ def _rows_per_chunk(tensors: Tensors, name: str) -> int:
 def _chunks(fill: Fill, tensors: Tensors) -> list[tuple[int, int]]:
     """Ranges of source rows to encode at a time: all at once unless ``encode`` keeps the rows' axis separate."""
     count = fill.source.count(tensors)
-    if not tensors.shape(fill.source.name) or fill.source.rows_axis(tensors) != fill.chunk_axis:
+    separable = fill.chunk_axis is not None and tensors.shape(fill.source.name)
+    if not separable or fill.source.rows_axis(tensors) != fill.chunk_axis:
         return [(0, count)]
     step = _rows_per_chunk(tensors, fill.source.name)
     return [(start, min(start + step, count)) for start in range(0, count, step)]
