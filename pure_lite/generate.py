@@ -176,8 +176,9 @@ def _write_text(decoder, logits, layout, config, rngs, sampler, budget, cancel) 
             raise GenerationCancelled("cancelled while writing text")
         ids = np.full(batch, layout.image_start, dtype=np.int64)  # padding for rows not writing: rewound
         fed = np.zeros(batch, bool)
-        for i in np.flatnonzero(writing):
-            token = sampler.text_token(logits[i], banned, config, rngs[i])
+        rows = np.flatnonzero(writing)
+        for i, token in zip(rows, sampler.text_tokens(logits[rows], banned, config, [rngs[i] for i in rows])):
+            token = int(token)
             if token == layout.image_start:
                 writing[i] = False
                 continue
@@ -232,19 +233,25 @@ class _ImageDecode:
                 tokens.append(self.layout.row_end)
         return tokens, where
 
-    def advance(self, cond: np.ndarray, uncond: np.ndarray | None, sampler: Sampler,
-                fed: tuple[list[int], list[int]]) -> int:
-        """Check the drafts against this call's outputs (T, codebook); ``fed`` is what ``inputs()`` gave
-        for this call. Returns the tokens to keep."""
+    def outputs(self, fed: tuple[list[int], list[int]]) -> list[int]:
+        """The positions of this call's outputs that this restoration reads: the one before each
+        draft (the distribution the draft is checked against), then the last (the next code)."""
+        tokens, where = fed
+        return [i - 1 for i in where] + [len(tokens) - 1]
+
+    def take(self, code: int, entropy: float, fed: tuple[list[int], list[int]]) -> int:
+        """Plain decoding: commit the code drawn from the last output. Returns the tokens to keep (all)."""
+        self.calls += 1
+        self.commit(code, entropy)
+        return len(fed[0])
+
+    def advance(self, probs: np.ndarray, ents: np.ndarray, fed: tuple[list[int], list[int]]) -> int:
+        """Check the drafts against the distributions at ``outputs(fed)`` (``image_distributions`` of
+        this call's outputs there); ``fed`` is what ``inputs()`` gave for this call. Returns the
+        tokens to keep."""
         tokens, where = fed
         self.calls += 1
-        config, rng, last = self.config, self.rng, len(tokens) - 1
-        if not where:  # plain decoding: one code from the last output, by the backend's sampler
-            self.commit(*sampler.image_code(cond[last], None if uncond is None else uncond[last], config, rng))
-            return len(tokens)
-        # The distribution before each draft, and after the last one (for the next code, or drafts).
-        rows = [i - 1 for i in where] + [last]
-        probs, ents = image_distributions(cond[rows], None if uncond is None else uncond[rows], config)
+        rng = self.rng
         for j, (code, q) in enumerate(self.drafts[: len(where)]):
             p = probs[j]
             ratio = p[code] * self.codebook if q is None else p[code] / q[code]
@@ -291,10 +298,22 @@ def _decode_images(decoder, images: list[_ImageDecode], layout, size_px, config,
             ids[i, : len(tokens)] = tokens
         logits = decoder.step(np.concatenate([ids, ids]) if cfg else ids, image=True, all_positions=True)
         calls += 1
+        # Every restoration's outputs go through the sampler together: one set of NumPy calls per step.
+        live = [i for i in range(batch) if inputs[i]]
+        reads = [images[i].outputs(fed[i]) for i in live]
+        row = np.repeat(live, [len(r) for r in reads])
+        position = np.concatenate(reads)
+        cond, uncond = logits[row, position], (logits[batch + row, position] if cfg else None)
         keep = np.zeros(batch, np.int64)
-        for i, image in enumerate(images):
-            if inputs[i]:
-                keep[i] = image.advance(logits[i], logits[batch + i] if cfg else None, sampler, fed[i])
+        if config.jacobi_window:
+            probs, ents = image_distributions(cond, uncond, config)
+            ends = np.cumsum([len(r) for r in reads])
+            for i, end, n in zip(live, ends, map(len, reads)):
+                keep[i] = images[i].advance(probs[end - n:end], ents[end - n:end], fed[i])
+        else:
+            codes, ents = sampler.image_codes(cond, uncond, config, [images[i].rng for i in live])
+            for i, code, ent in zip(live, codes, ents):
+                keep[i] = images[i].take(int(code), float(ent), fed[i])
         drop = width - keep
         decoder.rewind(np.concatenate([drop, drop]) if cfg else drop)
         if on_step is not None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, Sequence
 
 import numpy as np
 
@@ -79,12 +79,27 @@ def softmax_entropy(logits: np.ndarray) -> float:
 
     This equals the reference's -sum(p * ln(p + 1e-10)) to within V * 1e-10 nats (the
     epsilon only matters where p is below it), at a third of the cost: one exp, no log
-    over the vocabulary.
+    over the vocabulary. sum(e*z) is a NumPy sum (pairwise), not ``np.dot`` (BLAS, another
+    order), so that ``softmax_entropies`` over many rows gives bitwise the same values.
     """
     z = logits - logits.max()
     e = np.exp(z)
     total = float(e.sum())
-    return float(np.log(total) - float(np.dot(e, z)) / total)
+    return float(np.log(total) - float((e * z).sum()) / total)
+
+
+def softmax_entropies(scores: np.ndarray) -> np.ndarray:
+    """``softmax_entropy`` of each row of (N, C) scores at once: (N,) float64.
+
+    Bitwise equal to ``softmax_entropy`` row by row (tested): the same float32 element-wise
+    operations, each row reduced by NumPy's pairwise sum along the contiguous last axis (as a
+    1-D sum is), then the same float64 arithmetic. k is a rounding of the entropy, so a
+    differently summed entropy would pick another k near a rounding boundary.
+    """
+    z = scores - scores.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    total = e.sum(axis=-1).astype(np.float64)
+    return np.log(total) - (e * z).sum(axis=-1).astype(np.float64) / total
 
 
 def top_k_keep(logits: np.ndarray, k: int) -> np.ndarray:
@@ -107,62 +122,95 @@ def _sample_top_k(logits: np.ndarray, k: int, temperature: float, rng: np.random
     return int(keep[min(pick, len(keep) - 1)])
 
 
+def top_k_weights(scores: np.ndarray, k: np.ndarray, temperature: float) -> np.ndarray:
+    """(N, C) float64 weights of each row's top-k draw: exp((s - max) / T) where s >= the row's
+    k-th largest (ties kept), 0 elsewhere; ``k`` (N,) may differ per row. temperature > 0.
+
+    Equal, at the kept ids, to what ``_sample_top_k`` computes on the compacted kept logits
+    (the same threshold value, the same float64 element-wise maths), so a cumulative sum over
+    a row (zeros add nothing) gives the reference's cdf bitwise. One ``partition`` of all rows
+    at the largest k, then one of that top slice at each row's own rank, finds the thresholds.
+    """
+    n = scores.shape[-1]
+    k = np.minimum(np.asarray(k, dtype=np.int64), n)
+    width = int(k.max())
+    top = scores if width == n else np.partition(scores, n - width, axis=-1)[:, n - width:]
+    rank = width - k  # the row's k-th largest is the rank-th smallest of its top `width`
+    threshold = np.take_along_axis(np.partition(top, np.unique(rank), axis=-1), rank[:, None], axis=-1)
+    wide = scores.astype(np.float64)
+    weights = np.exp((wide - wide.max(axis=-1, keepdims=True)) / temperature)
+    weights[scores < threshold] = 0.0
+    return weights
+
+
+def draw_rows(weights: np.ndarray, rngs) -> np.ndarray:
+    """One index per row of (N, C) non-negative weights, row r drawn with ``rngs[r]`` (one
+    ``random()`` each), as ``_sample_top_k`` draws: the first id whose cumulative weight exceeds
+    u * total (``searchsorted(side="right")``), an overshoot by rounding clamped to the last id
+    with weight."""
+    cdf = np.cumsum(weights, axis=-1)
+    target = np.array([rng.random() for rng in rngs]) * cdf[:, -1]
+    pick = (cdf <= target[:, None]).sum(axis=-1)  # searchsorted(side="right") per row
+    last = weights.shape[-1] - 1 - np.argmax(weights[:, ::-1] > 0, axis=-1)  # a rounding overshoot: the last kept id
+    return np.minimum(pick, last)
+
+
 def image_distributions(cond: np.ndarray, uncond: np.ndarray | None, config: SamplingConfig):
     """The distribution the image sampler draws from, for a batch of positions.
 
     ``cond``/``uncond`` are (N, codebook) image-subset logits. Returns (probs (N, codebook)
     float64, entropy (N,) nats): CFG mix, entropy, entropy-based top-k (ties kept) and
-    temperature exactly as ``NumpySampler.image_code`` applies them; temperature 0 gives a
-    one-hot at the argmax. Speculative decoding needs the whole vector (p/q ratios and the
-    residual max(p - q, 0)), the plain sampler only one draw from it.
+    temperature exactly as ``NumpySampler.image_code`` applies them (entropy and k bitwise
+    equal); temperature 0, or k = 1, gives a one-hot at the (first) argmax. Speculative
+    decoding needs the whole vector (p/q ratios and the residual max(p - q, 0)).
     """
     scores = cond if uncond is None else cfg_mix(cond, uncond, config.cfg_scale)
-    # Row by row with the plain sampler's own function: near a rounding boundary of k a
-    # differently summed entropy would pick another k, and another distribution.
-    entropy = np.array([softmax_entropy(row) for row in scores], np.float64)
+    entropy = softmax_entropies(scores)
     probs = np.zeros(scores.shape, np.float64)
-    if config.temperature == 0:
-        probs[np.arange(len(scores)), scores.argmax(axis=-1)] = 1.0
-        return probs, entropy
-    for row, k in enumerate(np.atleast_1d(entropy_top_k(entropy, config.k_min, config.k_max))):
-        if k == 1:  # as _sample_top_k: the first maximum, even among ties
-            probs[row, scores[row].argmax()] = 1.0
-            continue
-        keep = top_k_keep(scores[row], int(k))
-        kept = scores[row, keep].astype(np.float64)
-        weights = np.exp((kept - kept.max()) / config.temperature)
-        probs[row, keep] = weights / weights.sum()
+    k = entropy_top_k(entropy, config.k_min, config.k_max) if config.temperature > 0 else np.ones(len(scores), np.int64)
+    greedy = np.flatnonzero(k == 1)
+    probs[greedy, scores[greedy].argmax(axis=-1)] = 1.0
+    rest = np.flatnonzero(k > 1)
+    if rest.size:
+        weights = top_k_weights(scores[rest], k[rest], config.temperature)
+        probs[rest] = weights / weights.sum(axis=-1, keepdims=True)
     return probs, entropy
 
 
 def draw(probs: np.ndarray, rng: np.random.Generator) -> int:
     """One index drawn from a probability vector (any non-negative weights)."""
-    cdf = np.cumsum(probs)
-    return int(min(np.searchsorted(cdf, rng.random() * cdf[-1], side="right"), len(cdf) - 1))
+    return int(draw_rows(probs[None], [rng])[0])
 
 
 class Sampler(Protocol):
-    """What the decode loop asks of a sampler, one token at a time on host arrays.
+    """What the decode loop asks of a sampler: one token per row of host arrays, all rows of a
+    step in one call (the tiles of a batch), row r drawing only from ``rngs[r]``.
 
-    ``NumpySampler`` is the implementation and the reference; ``pure_lite.torch_sampler`` is the
-    same maths on batched device tensors, for a decode step that stays on the GPU.
+    ``NumpySampler`` is the implementation; ``pure_lite.torch_sampler`` is the same maths on
+    batched device tensors, for a decode step that stays on the GPU.
     """
 
-    def image_code(
-        self, cond: np.ndarray, uncond: np.ndarray | None, config: SamplingConfig, rng: np.random.Generator
-    ) -> tuple[int, float]:
-        """Draw one VQ code from image-subset logits; returns (code, entropy in nats)."""
+    def image_codes(
+        self, cond: np.ndarray, uncond: np.ndarray | None, config: SamplingConfig, rngs: Sequence[np.random.Generator]
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """One VQ code per row of (N, codebook) image-subset logits: ((N,) codes, (N,) entropies in nats)."""
         ...
 
-    def text_token(
-        self, logits: np.ndarray, banned: np.ndarray, config: SamplingConfig, rng: np.random.Generator
-    ) -> int:
-        """Draw one text token from full-vocabulary logits, never one of ``banned``."""
+    def text_tokens(
+        self, logits: np.ndarray, banned: np.ndarray, config: SamplingConfig, rngs: Sequence[np.random.Generator]
+    ) -> np.ndarray:
+        """One text token per row of (N, V) full-vocabulary logits, never one of ``banned``."""
         ...
 
 
 class NumpySampler:
-    """The reference sampler in NumPy (CPU)."""
+    """The reference sampler in NumPy (CPU).
+
+    ``image_code``/``text_token`` are the reference, one row at a time; ``image_codes``/
+    ``text_tokens`` (what the decode loop calls) do all rows in one set of NumPy calls and make
+    the same draws: each row consumes one ``random()`` of its own generator exactly when the
+    reference would, and picks the same id (tested).
+    """
 
     def image_code(self, cond, uncond, config, rng):
         scores = cond if uncond is None else cfg_mix(cond, uncond, config.cfg_scale)
@@ -174,3 +222,26 @@ class NumpySampler:
         scores = logits.copy()
         scores[banned] = -np.inf
         return _sample_top_k(scores, config.text_top_k, config.temperature, rng)
+
+    def image_codes(self, cond, uncond, config, rngs):
+        scores = cond if uncond is None else cfg_mix(cond, uncond, config.cfg_scale)
+        entropy = softmax_entropies(scores)
+        if config.temperature == 0:
+            return scores.argmax(axis=-1), entropy
+        return _draw_top_k(scores, entropy_top_k(entropy, config.k_min, config.k_max), config.temperature, rngs), entropy
+
+    def text_tokens(self, logits, banned, config, rngs):
+        scores = logits.copy()
+        scores[:, banned] = -np.inf
+        if config.temperature == 0:
+            return scores.argmax(axis=-1)
+        return _draw_top_k(scores, np.full(len(scores), config.text_top_k), config.temperature, rngs)
+
+
+def _draw_top_k(scores: np.ndarray, k: np.ndarray, temperature: float, rngs) -> np.ndarray:
+    """``_sample_top_k`` for every row at once: argmax where k == 1 (no draw), else a top-k draw."""
+    out = scores.argmax(axis=-1)
+    rest = np.flatnonzero(k > 1)
+    if rest.size:
+        out[rest] = draw_rows(top_k_weights(scores[rest], k[rest], temperature), [rngs[i] for i in rest])
+    return out

@@ -9,6 +9,30 @@ from pure_lite.tokens import TokenLayout
 
 TARGET = 64  # output side used in tests: 8 x 8 codes, a 76-token image block
 
+ROWS = 16
+
+
+def logit_rows(kind: str, width: int, rng: np.random.Generator) -> np.ndarray:
+    """(ROWS, width) float32 logits of one shape of distribution (sampler tests: every scale, ties, flat, peaked)."""
+    normal = rng.normal(size=(ROWS, width))
+    if kind == "flat":
+        x = np.zeros((ROWS, width))
+    elif kind == "ties":  # few distinct values: many exact ties at the k-th largest
+        x = rng.integers(0, 6, size=(ROWS, width)) * rng.choice([0.5, 3.0, 40.0], size=(ROWS, 1))
+    elif kind == "peaked":  # one or a few ids far above the rest
+        x = normal.copy()
+        x[:, : rng.integers(1, 4)] += 40.0
+    elif kind == "two-level":
+        x = np.where(rng.random((ROWS, width)) < 0.01, 5.0, -30.0) + 0.01 * normal
+    elif kind == "mid-entropy":  # entropy near 5 nats, where k moves fastest (~500 per nat)
+        x = normal * rng.uniform(2.5, 3.6, size=(ROWS, 1))
+    else:
+        x = normal * {"tiny": 1e-4, "small": 0.1, "unit": 1.0, "large": 20.0, "huge": 1e4}[kind]
+    return x.astype(np.float32)
+
+
+KINDS = ["tiny", "small", "unit", "large", "huge", "flat", "ties", "peaked", "two-level", "mid-entropy"]
+
 
 @pytest.fixture(scope="session")
 def tiny_pure(tmp_path_factory):

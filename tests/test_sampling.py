@@ -4,7 +4,10 @@ import numpy as np
 import pytest
 
 from pure_lite.generate import generate
-from pure_lite.sampling import NumpySampler, SamplingConfig, entropy_top_k, softmax_entropy
+from pure_lite.sampling import (NumpySampler, SamplingConfig, cfg_mix, entropy_top_k, image_distributions,
+                                softmax_entropies, softmax_entropy, top_k_keep)
+
+from conftest import KINDS, logit_rows
 
 
 def test_entropy_top_k_worked_values():
@@ -45,6 +48,80 @@ def test_sampler_does_not_mutate_and_is_seeded():
     NumpySampler().text_token(logits, np.array([0, 1]), cfg, np.random.default_rng(0))
     np.testing.assert_array_equal(logits, copy)
     assert len(set(a)) == 1
+
+
+def _rows(width, seed):
+    """160 CFG-mixable row pairs (N, width): every kind of conftest.logit_rows (scales, ties, flat, peaked)."""
+    rng = np.random.default_rng(seed)
+    cond = np.concatenate([logit_rows(kind, width, rng) for kind in KINDS])
+    uncond = np.concatenate([logit_rows(kind, width, rng) for kind in KINDS])
+    return cond, uncond
+
+
+@pytest.mark.parametrize("width", [1024, 16384])
+def test_entropies_of_many_rows_equal_the_per_row_reference_bitwise(width):
+    """The vectorised entropy (all rows of a step at once) against ``softmax_entropy`` row by row:
+    bitwise equal, so k (a rounding of the entropy) never differs. 320 rows per width."""
+    for seed in (0, 1):
+        cond, uncond = _rows(width, seed + width)
+        scores = cfg_mix(cond, uncond, 0.8)
+        batched = softmax_entropies(scores)
+        reference = np.array([softmax_entropy(row) for row in scores])
+        np.testing.assert_array_equal(batched, reference)
+        np.testing.assert_array_equal(entropy_top_k(batched), [entropy_top_k(h) for h in reference])
+
+
+@pytest.mark.parametrize("config", [SamplingConfig(), SamplingConfig(temperature=1.3, k_max=40),
+                                    SamplingConfig(temperature=0.0), SamplingConfig(k_min=3, k_max=3000)])
+def test_image_codes_make_the_reference_draws(config):
+    """``image_codes`` on all rows at once against ``image_code`` one row at a time, each row with its own
+    generator seeded alike: the same code, the same entropy (bitwise), the same draws consumed (the
+    generators end in the same state). k_max 3000 > the 1500-wide rows: some rows keep every id."""
+    cond, uncond = _rows(1500, 5)
+    sampler = NumpySampler()
+    for use_cfg in (True, False):
+        u = uncond if use_cfg else None
+        batch_rngs = [np.random.default_rng(100 + r) for r in range(len(cond))]
+        ref_rngs = [np.random.default_rng(100 + r) for r in range(len(cond))]
+        for _ in range(2):  # twice: the generators' states after the first call matter too
+            codes, ents = sampler.image_codes(cond, u, config, batch_rngs)
+            expected = [sampler.image_code(cond[r], None if u is None else u[r], config, ref_rngs[r])
+                        for r in range(len(cond))]
+            np.testing.assert_array_equal(codes, [c for c, _ in expected])
+            np.testing.assert_array_equal(ents, [h for _, h in expected])
+        assert [g.random() for g in batch_rngs] == [g.random() for g in ref_rngs]
+    assert len(set(codes.tolist())) > 20  # real draws, not all argmax
+
+
+@pytest.mark.parametrize("config", [SamplingConfig(), SamplingConfig(temperature=1.0, text_top_k=50),
+                                    SamplingConfig(temperature=0.7, text_top_k=5000)])
+def test_text_tokens_make_the_reference_draws(config):
+    cond, _ = _rows(1304, 9)
+    banned = np.arange(0, 1304, 3)
+    sampler = NumpySampler()
+    tokens = sampler.text_tokens(cond, banned, config, [np.random.default_rng(r) for r in range(len(cond))])
+    expected = [sampler.text_token(row, banned, config, np.random.default_rng(r)) for r, row in enumerate(cond)]
+    np.testing.assert_array_equal(tokens, expected)
+    assert not np.isin(tokens, banned).any()
+
+
+def test_image_distributions_are_the_reference_sampler():
+    """Zero outside the reference's top-k survivors (k from the per-row entropy), its normalised temperature
+    weights on them (to 1e-12 relative: the normalising sum runs over the row, not the kept ids)."""
+    cond, uncond = _rows(1024, 11)
+    config = SamplingConfig(temperature=0.9)
+    probs, ents = image_distributions(cond, uncond, config)
+    for r, scores in enumerate(cfg_mix(cond, uncond, config.cfg_scale)):
+        entropy = softmax_entropy(scores)
+        assert ents[r] == entropy
+        k = entropy_top_k(entropy)
+        keep = [int(np.argmax(scores))] if k == 1 else top_k_keep(scores, k)
+        outside = np.ones(len(scores), bool)
+        outside[keep] = False
+        assert not probs[r, outside].any()
+        kept = scores[keep].astype(np.float64)
+        weights = np.exp((kept - kept.max()) / config.temperature)
+        np.testing.assert_allclose(probs[r, keep], weights / weights.sum(), rtol=1e-12)
 
 
 def test_config_validation():

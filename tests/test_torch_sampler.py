@@ -14,30 +14,9 @@ from scipy.stats import chi2
 from pure_lite import torch_sampler as ts
 from pure_lite.sampling import NumpySampler, SamplingConfig, cfg_mix, entropy_top_k, softmax_entropy, top_k_keep
 
+from conftest import KINDS, ROWS, logit_rows
+
 ALPHA = 1e-3
-ROWS = 16
-
-
-def _logit_rows(kind: str, width: int, rng: np.random.Generator) -> np.ndarray:
-    """(ROWS, width) float32 logits of one shape of distribution."""
-    normal = rng.normal(size=(ROWS, width))
-    if kind == "flat":
-        x = np.zeros((ROWS, width))
-    elif kind == "ties":  # few distinct values: many exact ties at the k-th largest
-        x = rng.integers(0, 6, size=(ROWS, width)) * rng.choice([0.5, 3.0, 40.0], size=(ROWS, 1))
-    elif kind == "peaked":  # one or a few ids far above the rest
-        x = normal.copy()
-        x[:, : rng.integers(1, 4)] += 40.0
-    elif kind == "two-level":
-        x = np.where(rng.random((ROWS, width)) < 0.01, 5.0, -30.0) + 0.01 * normal
-    elif kind == "mid-entropy":  # entropy near 5 nats, where k moves fastest (~500 per nat)
-        x = normal * rng.uniform(2.5, 3.6, size=(ROWS, 1))
-    else:
-        x = normal * {"tiny": 1e-4, "small": 0.1, "unit": 1.0, "large": 20.0, "huge": 1e4}[kind]
-    return x.astype(np.float32)
-
-
-KINDS = ["tiny", "small", "unit", "large", "huge", "flat", "ties", "peaked", "two-level", "mid-entropy"]
 
 
 @pytest.mark.parametrize("width", [16384, 1500])  # 1500 < k_max: some rows keep everything
@@ -47,7 +26,7 @@ def test_k_and_survivors_equal_the_reference(width):
     config = SamplingConfig()
     rows = 0
     for kind in KINDS:
-        cond, uncond = _logit_rows(kind, width, rng), _logit_rows(kind, width, rng)
+        cond, uncond = logit_rows(kind, width, rng), logit_rows(kind, width, rng)
         mixed_t = ts.cfg_mix(torch.from_numpy(cond), torch.from_numpy(uncond), config.cfg_scale)
         entropy_t = ts.softmax_entropy(mixed_t)
         k_t = ts.entropy_top_k(entropy_t, config.k_min, config.k_max)
@@ -72,8 +51,8 @@ def test_entropy_top_k_worked_values_round_half_to_even():
 
 def test_greedy_equals_argmax_and_the_reference():
     rng = np.random.default_rng(3)
-    cond = np.concatenate([_logit_rows("ties", 300, rng), _logit_rows("unit", 300, rng)])
-    uncond = np.concatenate([_logit_rows("ties", 300, rng), _logit_rows("unit", 300, rng)])
+    cond = np.concatenate([logit_rows("ties", 300, rng), logit_rows("unit", 300, rng)])
+    uncond = np.concatenate([logit_rows("ties", 300, rng), logit_rows("unit", 300, rng)])
     reference, gen = NumpySampler(), ts.device_generator("cpu", 0)
     for config in (SamplingConfig(temperature=0.0), SamplingConfig(temperature=0.9, k_min=1, k_max=1)):
         codes, _ = ts.image_codes(torch.from_numpy(cond), torch.from_numpy(uncond), config, gen)
@@ -89,7 +68,7 @@ def test_greedy_equals_argmax_and_the_reference():
 
 def test_inputs_untouched_and_draws_seeded():
     rng = np.random.default_rng(4)
-    cond, uncond = torch.from_numpy(_logit_rows("unit", 2000, rng)), torch.from_numpy(_logit_rows("unit", 2000, rng))
+    cond, uncond = torch.from_numpy(logit_rows("unit", 2000, rng)), torch.from_numpy(logit_rows("unit", 2000, rng))
     before = (cond.clone(), uncond.clone())
     draws = [ts.image_codes(cond, uncond, SamplingConfig(), ts.device_generator("cpu", 7))[0] for _ in range(2)]
     other = ts.image_codes(cond, uncond, SamplingConfig(), ts.device_generator("cpu", 8))[0]
