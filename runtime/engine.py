@@ -58,23 +58,40 @@ class KVBuffers:
         self.hidden = np.zeros(rows * max_new * hidden_size, np.float32)
         self.rows, self.heads, self.head_dim = rows, heads, head_dim
         self.capacity, self.max_new, self.slots = capacity, max_new, 0
+        self.cache = self._views()
 
-    @property
-    def cache(self) -> list:
+    def _views(self) -> list:
         """Per layer and key/value: the (rows, heads, slots, head_dim) view the graph reads."""
         n = self.rows * self.heads * self.slots * self.head_dim
         return [f[:n].reshape(self.rows, self.heads, self.slots, self.head_dim) for f in self.flat]
 
-    def reserve(self, slots: int) -> None:
-        """Make every row hold at least ``slots`` slots (with some headroom), keeping their content."""
+    def reserve(self, slots: int, filled: np.ndarray) -> bool:
+        """Make every row hold at least ``slots`` slots (with some headroom), keeping the first
+        ``filled[r]`` slots of each row r. Returns whether the layout changed (the graph's past
+        inputs must then be bound again).
+
+        Each (row, head) block moves from its old stride to the new one, last block first: its
+        new place lies at or after its old one and after every block not moved yet, so no
+        block is overwritten before it has moved. Only a row's filled slots move (rows fill
+        unevenly: the CFG rows hold only the image so far). Only the first few blocks, whose new
+        place overlaps their old one, go through a temporary of their own (an overlapping
+        assignment is not safe with every array library); a whole-cache temporary had doubled
+        these moves' traffic.
+        """
         if slots <= self.slots:
-            return
+            return False
         grown = min(self.capacity, max(slots, self.slots + self.slots // 8, 64))
-        blocks, d = self.rows * self.heads, self.head_dim
+        d = self.head_dim
+        old, new = self.slots * d, grown * d
+        moves = [(block, int(filled[block // self.heads]) * d) for block in range(self.rows * self.heads - 1, 0, -1)]
         for f in self.flat:
-            old = f[:blocks * self.slots * d].reshape(blocks, self.slots, d).copy()
-            f[:blocks * grown * d].reshape(blocks, grown, d)[:, :self.slots] = old
+            for block, n in moves:
+                if n:
+                    source = f[block * old:block * old + n]
+                    f[block * new:block * new + n] = source.copy() if block * (new - old) < n else source
         self.slots = grown
+        self.cache = self._views()
+        return True
 
     def pointer(self, array) -> int:
         return array.ctypes.data if self.xp is np else array.data.ptr
@@ -86,10 +103,12 @@ class KVBuffers:
             for buf, values in zip(self.cache, new):
                 buf[:rows, :, p:p + t] = values
             return
-        row = self.xp.arange(rows)[:, None]
-        slot = self.xp.asarray(lengths[:, None] + np.arange(t))
+        # one (row, head) block per index row, its t slots per column: a gather of head_dim-long runs
+        block = self.xp.arange(rows * self.heads)[:, None]
+        slot = self.xp.asarray(np.repeat(lengths, self.heads)[:, None] + np.arange(t))
         for buf, values in zip(self.cache, new):
-            buf.transpose(0, 2, 1, 3)[row, slot] = values.transpose(0, 2, 1, 3)
+            buf[:rows].reshape(rows * self.heads, self.slots, self.head_dim)[block, slot] = \
+                values.reshape(rows * self.heads, t, self.head_dim)
 
 
 class OnnxDecoder:
@@ -109,6 +128,7 @@ class OnnxDecoder:
         inputs, outputs = manifest.graphs["decoder"]["inputs"], manifest.graphs["decoder"]["outputs"]
         self.past_names, self.new_names = inputs[3:], outputs[1:]
         self.binding = self.session.io_binding()
+        self.bound_past = self.bound_new = None  # the (rows, slots) / (rows, t) the binding holds
         # (session, output name, width) per head
         self.text_head = (sessions["lm_head"], "logits", model["vocab_size"])
         self.image_head = (sessions["image_head"], "image_logits", manifest.data["tokens"]["codebook_size"])
@@ -120,7 +140,9 @@ class OnnxDecoder:
         self.kv = KVBuffers(self.layers, 2 * batch, self.heads, capacity, self.head_dim, max_step,
                             self.hidden_size, self.device)
         self.lengths = np.zeros(2 * batch, np.int64)
+        self.slot_index = np.arange(capacity + max_step, dtype=np.int64)
         self.batch, self.live = batch, batch
+        self.bound_past = self.bound_new = None
         ids = np.zeros((batch, longest), np.int64)  # right-padded; the padding is rewound below
         for row, prompt in enumerate(prompts):
             ids[row, :len(prompt)] = prompt
@@ -142,14 +164,28 @@ class OnnxDecoder:
         kv, lengths = self.kv, self.lengths[:rows]
         if int(lengths.max()) + t > kv.capacity or t > kv.max_new:
             raise GenerationError(f"KV cache capacity {kv.capacity} exceeded")
-        kv.reserve(int(lengths.max()) + t)
-        mask = np.ones((rows, kv.slots + t), np.int64)
-        mask[:, :kv.slots] = np.arange(kv.slots) < lengths[:, None]
-        bind = self._bind(ids, mask, lengths, kv.slots)
+        if kv.reserve(int(lengths.max()) + t, self.lengths):
+            self.bound_past = None
+        slots = kv.slots
+        mask = np.ones((rows, slots + t), np.int64)
+        np.less(self.slot_index[:slots], lengths[:, None], out=mask[:, :slots])
+        bind = self.binding
+        bind.bind_cpu_input("input_ids", ids)
+        bind.bind_cpu_input("attention_mask", mask)
+        bind.bind_cpu_input("position_ids", lengths[:, None] + self.slot_index[:t])
+        # The cache, the new keys/values and the hidden states live in fixed buffers: bound again
+        # only when the shapes their views take change (a few times per restoration), not per call.
+        if self.bound_past != (rows, slots):
+            past_shape = [rows, self.heads, slots, self.head_dim]
+            for name, buf in zip(self.past_names, kv.cache):
+                bind.bind_input(name, kv.device, 0, np.float32, past_shape, kv.pointer(buf))
+            self.bound_past = (rows, slots)
         new_shape = [rows, self.heads, t, self.head_dim]
-        for name, buf in zip(self.new_names, kv.scratch):
-            bind.bind_output(name, kv.device, 0, np.float32, new_shape, kv.pointer(buf))
-        bind.bind_output("hidden", "cpu", 0, np.float32, [rows, t, self.hidden_size], kv.hidden.ctypes.data)
+        if self.bound_new != (rows, t):
+            for name, buf in zip(self.new_names, kv.scratch):
+                bind.bind_output(name, kv.device, 0, np.float32, new_shape, kv.pointer(buf))
+            bind.bind_output("hidden", "cpu", 0, np.float32, [rows, t, self.hidden_size], kv.hidden.ctypes.data)
+            self.bound_new = (rows, t)
         self.session.run_with_iobinding(bind)
         n = rows * self.heads * t * self.head_dim
         kv.write(rows, lengths, [buf[:n].reshape(new_shape) for buf in kv.scratch], t)
@@ -162,18 +198,6 @@ class OnnxDecoder:
     def rewind(self, counts: np.ndarray) -> None:
         self.lengths[:self.live] -= np.asarray(counts, dtype=np.int64)
 
-    def _bind(self, ids, mask, lengths, slots: int):
-        """Bind a call's inputs: ids, mask over (slots, new tokens), positions, and the cache as its past."""
-        rows, t = ids.shape
-        kv, bind = self.kv, self.binding
-        bind.bind_cpu_input("input_ids", ids)
-        bind.bind_cpu_input("attention_mask", mask)
-        bind.bind_cpu_input("position_ids", np.ascontiguousarray(lengths[:, None] + np.arange(t), dtype=np.int64))
-        past_shape = [rows, self.heads, slots, self.head_dim]
-        for name, buf in zip(self.past_names, kv.cache):
-            bind.bind_input(name, kv.device, 0, np.float32, past_shape, kv.pointer(buf))
-        return bind
-
     def _prompt(self, ids: np.ndarray) -> np.ndarray:
         """The prompts' call: no cache slots bound (scoring the prompt against `capacity` empty slots
         would be most of the prefill's attention work); its keys/values come back from ONNX Runtime
@@ -184,7 +208,7 @@ class OnnxDecoder:
                  "position_ids": np.ascontiguousarray(np.broadcast_to(np.arange(t), (rows, t)), dtype=np.int64),
                  **{name: empty for name in self.past_names}}
         hidden, *new = self.session.run(None, feeds)
-        self.kv.reserve(t)
+        self.kv.reserve(t, self.lengths)
         self.kv.write(rows, self.lengths[:rows], [self.kv.xp.asarray(v) for v in new], t)
         self.lengths[:rows] += t
         return hidden

@@ -114,3 +114,24 @@ def test_provider_override_must_exist(export_compact_float):
 
     with pytest.raises(MissingDependencyError, match="not available"):
         Restorer.from_pretrained(export_compact_float, providers=["NoSuchExecutionProvider"])
+
+
+def test_kv_reserve_keeps_every_rows_filled_slots():
+    """Growing the cache view re-lays the rows out in place (blocks moved last first, each row's filled
+    slots only): every filled slot of every row, head and layer keeps its keys/values, through growths
+    small and large, with rows filled unevenly (an empty row, a full one)."""
+    kv = KVBuffers(2, 6, 3, 700, 8, 4, 16, "cpu")
+    rng = np.random.default_rng(0)
+    filled = np.zeros(6, np.int64)
+    for slots in (5, 64, 65, 80, 300, 700):
+        kv.reserve(slots, filled)
+        for view in kv.cache:
+            assert view.shape == (6, 3, kv.slots, 8)
+            view[...] = rng.normal(size=view.shape)
+        filled = np.array([0, kv.slots, 1, kv.slots // 2, kv.slots - 1, 3])
+        expected = [[view[r, :, :n].copy() for r, n in enumerate(filled)] for view in kv.cache]
+        kv.reserve(kv.slots + 1 if kv.slots < 700 else 700, filled)
+        for view, before in zip(kv.cache, expected):
+            for r, n in enumerate(filled):
+                np.testing.assert_array_equal(view[r, :, :n], before[r])
+    assert kv.slots == 700
