@@ -122,14 +122,15 @@ def _sample_top_k(logits: np.ndarray, k: int, temperature: float, rng: np.random
     return int(keep[min(pick, len(keep) - 1)])
 
 
-def top_k_weights(scores: np.ndarray, k: np.ndarray, temperature: float) -> np.ndarray:
-    """(N, C) float64 weights of each row's top-k draw: exp((s - max) / T) where s >= the row's
-    k-th largest (ties kept), 0 elsewhere; ``k`` (N,) may differ per row. temperature > 0.
+def top_k_kept(scores: np.ndarray, k: np.ndarray, temperature: float):
+    """Every row's top-k survivors (ids >= the row's k-th largest, ties kept; ``k`` (N,) may differ
+    per row) with their temperature weights exp((s - max) / T); temperature > 0.
 
-    Equal, at the kept ids, to what ``_sample_top_k`` computes on the compacted kept logits
-    (the same threshold value, the same float64 element-wise maths), so a cumulative sum over
-    a row (zeros add nothing) gives the reference's cdf bitwise. One ``partition`` of all rows
-    at the largest k, then one of that top slice at each row's own rank, finds the thresholds.
+    Returns (row, id, weight) of every survivor, row-major with ids ascending within a row (the
+    reference's ``top_k_keep`` order). The weights are, element for element, those
+    ``_sample_top_k`` computes (the same threshold value, the same float64 maths), and only the
+    survivors are exponentiated. One ``partition`` of all rows at the largest k, then one of that
+    top slice at each row's own rank, finds the thresholds.
     """
     n = scores.shape[-1]
     k = np.minimum(np.asarray(k, dtype=np.int64), n)
@@ -137,22 +138,26 @@ def top_k_weights(scores: np.ndarray, k: np.ndarray, temperature: float) -> np.n
     top = scores if width == n else np.partition(scores, n - width, axis=-1)[:, n - width:]
     rank = width - k  # the row's k-th largest is the rank-th smallest of its top `width`
     threshold = np.take_along_axis(np.partition(top, np.unique(rank), axis=-1), rank[:, None], axis=-1)
-    wide = scores.astype(np.float64)
-    weights = np.exp((wide - wide.max(axis=-1, keepdims=True)) / temperature)
-    weights[scores < threshold] = 0.0
-    return weights
+    row, ids = np.nonzero(scores >= threshold)
+    peak = scores.max(axis=-1).astype(np.float64)
+    return row, ids, np.exp((scores[row, ids].astype(np.float64) - peak[row]) / temperature)
 
 
-def draw_rows(weights: np.ndarray, rngs) -> np.ndarray:
-    """One index per row of (N, C) non-negative weights, row r drawn with ``rngs[r]`` (one
-    ``random()`` each), as ``_sample_top_k`` draws: the first id whose cumulative weight exceeds
-    u * total (``searchsorted(side="right")``), an overshoot by rounding clamped to the last id
-    with weight."""
-    cdf = np.cumsum(weights, axis=-1)
+def draw_kept(row: np.ndarray, ids: np.ndarray, weight: np.ndarray, rows: int, rngs) -> np.ndarray:
+    """One id per row from ``top_k_kept``'s survivors, row r drawn with ``rngs[r]`` (one ``random()``
+    each) exactly as ``_sample_top_k`` draws: the row's weights are packed to the left of a zero-padded
+    matrix, so its cumulative sum is the reference's, term for term; the first survivor whose
+    cumulative weight exceeds u * total is picked (an overshoot by rounding: the last survivor)."""
+    counts = np.bincount(row, minlength=rows)
+    slot = np.arange(len(row)) - (np.cumsum(counts) - counts)[row]
+    packed = np.zeros((rows, int(counts.max())))
+    packed[row, slot] = weight
+    packed_ids = np.zeros(packed.shape, np.int64)
+    packed_ids[row, slot] = ids
+    cdf = np.cumsum(packed, axis=-1)
     target = np.array([rng.random() for rng in rngs]) * cdf[:, -1]
-    pick = (cdf <= target[:, None]).sum(axis=-1)  # searchsorted(side="right") per row
-    last = weights.shape[-1] - 1 - np.argmax(weights[:, ::-1] > 0, axis=-1)  # a rounding overshoot: the last kept id
-    return np.minimum(pick, last)
+    pick = np.minimum((cdf <= target[:, None]).sum(axis=-1), counts - 1)  # searchsorted(side="right") per row
+    return packed_ids[np.arange(rows), pick]
 
 
 def image_distributions(cond: np.ndarray, uncond: np.ndarray | None, config: SamplingConfig):
@@ -172,14 +177,15 @@ def image_distributions(cond: np.ndarray, uncond: np.ndarray | None, config: Sam
     probs[greedy, scores[greedy].argmax(axis=-1)] = 1.0
     rest = np.flatnonzero(k > 1)
     if rest.size:
-        weights = top_k_weights(scores[rest], k[rest], config.temperature)
-        probs[rest] = weights / weights.sum(axis=-1, keepdims=True)
+        row, ids, weight = top_k_kept(scores[rest], k[rest], config.temperature)
+        probs[rest[row], ids] = weight / np.bincount(row, weight, minlength=len(rest))[row]
     return probs, entropy
 
 
 def draw(probs: np.ndarray, rng: np.random.Generator) -> int:
     """One index drawn from a probability vector (any non-negative weights)."""
-    return int(draw_rows(probs[None], [rng])[0])
+    cdf = np.cumsum(probs)
+    return int(min(np.searchsorted(cdf, rng.random() * cdf[-1], side="right"), len(cdf) - 1))
 
 
 class Sampler(Protocol):
@@ -243,5 +249,6 @@ def _draw_top_k(scores: np.ndarray, k: np.ndarray, temperature: float, rngs) -> 
     out = scores.argmax(axis=-1)
     rest = np.flatnonzero(k > 1)
     if rest.size:
-        out[rest] = draw_rows(top_k_weights(scores[rest], k[rest], temperature), [rngs[i] for i in rest])
+        kept = top_k_kept(scores[rest], k[rest], temperature)
+        out[rest] = draw_kept(*kept, len(rest), [rngs[i] for i in rest])
     return out
