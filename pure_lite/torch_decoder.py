@@ -220,7 +220,7 @@ class TorchDecoder:
                                 device=dev),
             counter=torch.zeros((), dtype=torch.int64, device=dev),
             seeds=torch.tensor([torch_sampler.fold_seed(s) for s in seeds], dtype=torch.int64, device=dev),
-            image_ids=torch.as_tensor(np.asarray(image_ids, np.int64), device=dev),
+            image_ids=torch.as_tensor(np.array(image_ids, np.int64), device=dev),
             ids={1: torch.zeros((self.live, 1), dtype=torch.int64, device=dev),
                  2: torch.full((self.live, 2), row_end, dtype=torch.int64, device=dev)},
             config=config, cfg=cfg, batch=batch,
