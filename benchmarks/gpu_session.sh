@@ -8,6 +8,7 @@
 #   python -m pip download bitsandbytes==0.50.2 --no-deps --only-binary=:all: \
 #       --platform manylinux_2_24_x86_64 -d build/device
 #   cd build/device && zip -q -d bitsandbytes-*.whl $(unzip -Z1 bitsandbytes-*.whl | grep '\.so$' | grep -v -E 'cuda130|cpu\.so')
+#   python -m pip download torchao==0.18.0 --no-deps -d build/device      # 3.4 MB, the int4/int8 variants
 #
 # then call the device tool with:  command="bash benchmarks/gpu_session.sh"  carry=["build/device"]
 # (add --skip-hf or --skip-full as arguments to shorten it: they are passed to the benchmark).
@@ -16,9 +17,9 @@ REPO=$(pwd)
 OUT=${OUT:-/tmp/pure-lite-gpu}
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
-if ls build/device/bitsandbytes-*.whl >/dev/null 2>&1; then
-  pip install -q --no-deps build/device/bitsandbytes-*.whl 2>&1 | tail -2
-fi
+for wheel in build/device/bitsandbytes-*.whl build/device/torchao-*.whl; do
+  [ -f "$wheel" ] && pip install -q --no-deps "$wheel" 2>&1 | tail -2
+done
 pip install -q --no-deps --no-build-isolation ./ 2>&1 | tail -2
 python -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/gpu.txt"
 # from another folder: the source tree would shadow the installed pure_lite.runtime / pure_lite.export
