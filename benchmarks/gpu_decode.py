@@ -11,6 +11,7 @@ with PURE's default sampling (CFG 0.8 as batch 2, entropy top-k, temperature 0.9
 - ``nf4-...``: the same with bitsandbytes nf4 weights (when bitsandbytes is installed);
 - ``torchao-int4-...`` / ``torchao-int8-...``: torchao weight-only int4 (tinygemm layout, bf16
   activations, group 128) and int8 (per row) weights, when torchao is installed;
+- ``...-4-tiles``: four restorations decoded together (8 rows per step): ms per step, for all four;
 - ``hf-static-compiled``: plain transformers ``generate``, batch 2, static cache (auto-compiled), greedy,
   no PURE sampling: the alternative a user has without pure-lite (``--skip-hf`` to leave it out).
 
@@ -96,10 +97,10 @@ def decoder(model, **kw):
     return TorchDecoder(model, ImageHead(model, image_ids), DEVICE, **kw), image_ids
 
 
-def open_rows(dec, side: int) -> None:
-    prompt = np.random.default_rng(0).integers(4, 4 + CODEBOOK, PROMPT)
+def open_rows(dec, side: int, batch: int = 1) -> None:
+    prompts = list(np.random.default_rng(0).integers(4, 4 + CODEBOOK, (batch, PROMPT)))
     block = side * (side + 1) + 4
-    dec.prefill([prompt], PROMPT + block + 8, 3, unconditional_capacity=block + 3)
+    dec.prefill(prompts, PROMPT + block + 8, 3, unconditional_capacity=block + 3)
     dec.begin_unconditional()
 
 
@@ -123,7 +124,7 @@ def time_host(model, side: int) -> dict:
     return {"ms_per_step": 1000 * (time.perf_counter() - start) / (side * side)}
 
 
-def time_chained(model, side: int, **kw) -> dict:
+def time_chained(model, side: int, batch: int = 1, **kw) -> dict:
     import torch
 
     from pure_lite.sampling import SamplingConfig
@@ -132,12 +133,12 @@ def time_chained(model, side: int, **kw) -> dict:
     if DEVICE != "cuda":
         kw["graphs"] = False  # --smoke: the graph variants' code, eagerly
     dec, image_ids = decoder(model, **kw)
-    open_rows(dec, side)
+    open_rows(dec, side, batch)
     sync()
     if DEVICE == "cuda":
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
-    codes, _, _ = dec.decode_plain_image(HEADER, side, SamplingConfig(), [0], image_ids, ROW_END)
+    codes, _, _ = dec.decode_plain_image(HEADER, side, SamplingConfig(), list(range(batch)), image_ids, ROW_END)
     sync()
     seconds = time.perf_counter() - start
     return {"ms_per_step": 1000 * (seconds - dec.capture_s) / (side * side), "capture_s": dec.capture_s,
@@ -211,6 +212,8 @@ def main() -> None:
         for bucket in ((512, 1024, 1 << 20) if quant == "fp16" else (512,)):
             name = f"{prefix}graphs-b{bucket if bucket < 1 << 20 else 'full'}"
             record(name, time_chained, model, side, attend_bucket=bucket)
+        if quant in ("fp16", "nf4"):  # tiles decoded together (issue 12): one step serves 4 tiles' 8 rows
+            record(f"{prefix}graphs-b512-4-tiles", time_chained, model, side, batch=4, attend_bucket=512)
         if not args.skip_full and quant in ("fp16", "nf4"):
             try:
                 results["full_512"][quant] = time_chained(model, 64, attend_bucket=512)
