@@ -157,8 +157,10 @@ class TorchDecoder:
         self.dtype = lm.model.embed_tokens.weight.dtype
         self.layers = lm.config.num_hidden_layers
         self.heads, self.head_dim = kv_shape(lm.config)
-        self.captured: dict[tuple, torch.cuda.CUDAGraph] = {}
+        self.captured: dict[tuple, tuple] = {}  # shape key -> (graph, its outputs)
         self.capture_s = 0.0
+        self.pool = None  # one memory pool for all graphs: they never run concurrently
+        self.chain: _ChainState | None = None
 
     # --- the Decoder protocol -------------------------------------------------------------
 
@@ -169,8 +171,9 @@ class TorchDecoder:
                             [(batch, capacity), (batch, unconditional_capacity or capacity)],
                             max(max_step, longest), self.dtype, self.device)
         self.lengths = np.zeros(2 * batch, np.int64)
-        self.batch, self.live = batch, batch
+        self.batch, self.live, self.max_step = batch, batch, max_step
         self.captured.clear()  # graphs hold this batch's buffers
+        self.step_inputs: dict[tuple[int, int], torch.Tensor] = {}
         ids = np.zeros((batch, longest), np.int64)  # right-padded; the padding is rewound below
         for row, prompt in enumerate(prompts):
             ids[row, :len(prompt)] = prompt
@@ -189,6 +192,8 @@ class TorchDecoder:
         ids = np.asarray(ids, dtype=np.int64)
         if ids.shape[0] != self.live:
             raise ValueError(f"step got {ids.shape[0]} rows, the decoder has {self.live} live rows")
+        if self.graphs:
+            return self._captured_step(ids, image, all_positions)
         hidden = self._forward(torch.as_tensor(ids, device=self.device))
         return self._logits(hidden if all_positions else hidden[:, -1], image)
 
@@ -212,6 +217,7 @@ class TorchDecoder:
         """
         batch, total, cfg = self.batch, side * side, config.uses_cfg
         dev = self.device
+        self.captured = {key: entry for key, entry in self.captured.items() if key[0] != "link"}  # old chain's
         hidden = self._forward(torch.as_tensor(np.tile(np.asarray(header, np.int64), (self.live, 1)), device=dev))
         state = _ChainState(
             logits=self.image_head(hidden[:, -1]),
@@ -264,39 +270,81 @@ class TorchDecoder:
     def _run_link(self, t: int) -> None:
         spans = self._spans(t)
         if self.graphs:
-            key = (t, spans)
-            graph = self.captured.get(key)
-            if graph is None:
-                graph = self.captured[key] = self._capture(t, spans)
-            graph.replay()
+            self._replay(("link", t, spans), lambda: self._link(t, spans))
         else:
             self._link(t, spans)
         self.lengths[:self.live] += t
 
-    def _capture(self, t: int, spans: tuple[int, ...]) -> torch.cuda.CUDAGraph:
-        """Warm the link up once (on a side stream, as capture requires), undo its effect, capture it."""
+    # --- CUDA graphs ----------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def _captured_step(self, ids: np.ndarray, image: bool, all_positions: bool) -> np.ndarray:
+        """``step`` through a captured graph: the call is padded to a power-of-two width (the padding is
+        rewound at once), so text steps and speculative windows reuse a few shapes."""
+        rows, t = ids.shape
+        width = min(1 << (t - 1).bit_length(), max(self.max_step, t))
+        spans = self._spans(width)
+        buffer = self.step_inputs.get((rows, width))
+        if buffer is None:
+            buffer = self.step_inputs[(rows, width)] = torch.zeros((rows, width), dtype=torch.int64,
+                                                                   device=self.device)
+        padded = np.empty((rows, width), np.int64)
+        padded[:, :t], padded[:, t:] = ids, ids[:, -1:]
+        buffer.copy_(torch.from_numpy(padded))
+        last = slice(None) if all_positions else slice(t - 1, t)
+        key = ("step", rows, width, spans, image)
+        outputs = self._replay(key, lambda: self._graph_step(buffer, spans, image))
+        self.lengths[:self.live] += width
+        logits = outputs[:, last].cpu().numpy()  # read before any other graph reuses the pool
+        self.rewind(np.full(self.live, width - t))
+        return logits if all_positions else logits[:, 0]
+
+    def _graph_step(self, ids: torch.Tensor, spans: tuple[int, ...], image: bool) -> torch.Tensor:
+        """One decoder call on device buffers; returns every position's logits (capturable)."""
+        positions = self.kv.prepare(ids.shape[1], spans)
+        hidden = self.step_fn.run(ids, None, positions, self.kv, grouped_cache=self.kv)
+        self.kv.advance(ids.shape[1])
+        return (self.image_head if image else self.text_head)(hidden)
+
+    def _replay(self, key: tuple, body: Callable[[], object]):
+        """Replay the graph captured for ``key`` (capturing it on first use); returns what ``body`` returned
+        at capture, whose memory the replay refills. Off CUDA (the tests' CPU check of this path) the body
+        runs eagerly: same shapes, same buffers, no capture."""
+        if self.device.type != "cuda":
+            return body()
+        entry = self.captured.get(key)
+        if entry is None:
+            entry = self.captured[key] = self._capture(body)
+        graph, outputs = entry
+        graph.replay()
+        return outputs
+
+    def _capture(self, body: Callable[[], object]) -> tuple[torch.cuda.CUDAGraph, object]:
+        """Warm ``body`` up once (on a side stream, as capture requires), undo its effect on the lengths and
+        the chain, then capture it. The warm-up writes the same cache slots the replay writes again."""
         import time
 
         start = time.perf_counter()
         s = self.chain
-        saved = [s.logits.clone(), s.counter.clone()] + [g.lengths.clone() for g in self.kv.live_groups]
+        lengths = [g.lengths.clone() for g in self.kv.live_groups]
+        chain = [] if s is None else [(s.logits, s.logits.clone()), (s.counter, s.counter.clone())]
         side_stream = torch.cuda.Stream(self.device)
         side_stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side_stream):
-            self._link(t, spans)  # writes the same cache slots and code the replay will write again
+            body()
         torch.cuda.current_stream(self.device).wait_stream(side_stream)
-        s.logits.copy_(saved[0])
-        s.counter.copy_(saved[1])
-        for group, lengths in zip(self.kv.live_groups, saved[2:]):
-            group.lengths.copy_(lengths)
-        if not hasattr(self, "pool"):
+        for group, saved in zip(self.kv.live_groups, lengths):
+            group.lengths.copy_(saved)
+        for tensor, saved in chain:
+            tensor.copy_(saved)
+        if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
-            self._link(t, spans)
+            outputs = body()
         torch.cuda.current_stream(self.device).synchronize()
         self.capture_s += time.perf_counter() - start
-        return graph
+        return graph, outputs
 
     # --- internals ------------------------------------------------------------------------
 

@@ -132,3 +132,21 @@ def test_graphs_need_cuda(model):
         pytest.skip("this machine has CUDA: tests/test_gpu.py covers graphs")
     with pytest.raises(ValueError, match="CUDA"):
         TorchDecoder(lm, head, graphs=True)
+
+
+@pytest.mark.parametrize("window", [0, 4])
+def test_fixed_shape_path_equals_eager(model, window):
+    """The path CUDA graphs capture (calls padded to power-of-two widths and rewound, device-side lengths,
+    bucketed spans), run eagerly on CPU: the same greedy tokens as the eager decoder, through text steps,
+    speculative windows (window 4) and the chained image loop (window 0)."""
+    lm, head, layout, prompts = model
+    config = SamplingConfig(temperature=0, cfg_scale=0.8, max_text_tokens=5, jacobi_window=window)
+    eager = _run(model, prompts, config, [0, 1, 2])
+    fixed = TorchDecoder(lm, head, device_loop=True, attend_bucket=16)
+    fixed.graphs = True  # off CUDA, TorchDecoder._replay runs the would-be-captured body eagerly
+    out = generate_batch(fixed, prompts, layout, TARGET, config, [np.random.default_rng(s) for s in (0, 1, 2)],
+                         max_positions=4096)
+    for e, f in zip(eager, out):
+        np.testing.assert_array_equal(f.tokens, e.tokens)
+    widths = {width for rows, width in fixed.step_inputs}  # the fixed-shape step ran: text at width 1
+    assert (3, 1) in fixed.step_inputs and (max(widths) > 1) == (window > 0)
