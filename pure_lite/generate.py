@@ -40,11 +40,13 @@ from .tokens import LATENT_STRIDE, TokenLayout, image_block_length
 class Decoder(Protocol):
     """The model state (KV caches) of a batch of restorations behind a NumPy interface."""
 
-    def prefill(self, prompts: Sequence[np.ndarray], capacity: int, max_step: int) -> np.ndarray:
+    def prefill(self, prompts: Sequence[np.ndarray], capacity: int, max_step: int,
+                unconditional_capacity: int | None = None) -> np.ndarray:
         """Open one conditional row per prompt; returns (B, V) logits at each prompt's last token.
 
         ``capacity``: the most slots any row will hold; ``max_step``: the most tokens a later
-        call feeds. Backends allocate their cache once from these.
+        call feeds; ``unconditional_capacity``: the most an unconditional row will hold (the
+        image block). Backends allocate their cache once from these.
         """
         ...
 
@@ -64,6 +66,11 @@ class Decoder(Protocol):
     def rewind(self, counts: np.ndarray) -> None:
         """Forget the last ``counts[r]`` tokens of each live row r; their slots are reused."""
         ...
+
+    # Optional: ``decode_plain_image(header, side, config, seeds, image_ids, row_end, progress)`` ->
+    # (codes (B, side²), entropies (B, side²), calls). A backend that can chain plain decoding on
+    # its device (draw, feed, next step, with no host round trip: pure_lite.torch_decoder) offers
+    # it, and the loop hands it the whole image phase when no speculation is asked for.
 
 
 @dataclass
@@ -133,11 +140,13 @@ def generate_batch(
     window = config.jacobi_window
     # header (3) + drafts + the row ends among them (+1 for a lead code that ends its row)
     max_step = 3 + window + window // side + 1
-    capacity = max(len(p) for p in prompts) + text_budget + image_block_length(size_px, size_px) + max_step
+    block = image_block_length(size_px, size_px)
+    capacity = max(len(p) for p in prompts) + text_budget + block + max_step
     timings: dict[str, float] = {}
 
     t0 = time.perf_counter()
-    logits = decoder.prefill([np.asarray(p, dtype=np.int64) for p in prompts], capacity, max_step)
+    logits = decoder.prefill([np.asarray(p, dtype=np.int64) for p in prompts], capacity, max_step,
+                             unconditional_capacity=block + max_step)
     timings["prefill_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -276,12 +285,37 @@ class _ImageDecode:
             self.drafts += [(int(c), None) for c in self.rng.integers(0, self.codebook, room - len(self.drafts))]
 
 
+def _decode_chained(chained, images: list[_ImageDecode], header, layout, config, on_step, cancel) -> int:
+    """The image phase on a backend that chains plain decoding on its device (see ``Decoder``).
+
+    Each restoration's seed for the device draws comes from its own generator, so its codes do
+    not depend on the batch it is in.
+    """
+    side, total = images[0].side, images[0].total
+
+    def progress(done: int) -> None:
+        if on_step is not None:
+            on_step(done * len(images), total * len(images))
+        if cancel is not None and cancel():
+            raise GenerationCancelled(f"cancelled after {done * len(images)} of {total * len(images)} image codes")
+
+    seeds = [int(image.rng.integers(0, 2**63)) for image in images]
+    codes, entropy, calls = chained(header, side, config, seeds, layout.image_ids, layout.row_end, progress)
+    for image, row_codes, row_entropy in zip(images, codes, entropy):
+        image.codes[:], image.entropy[:] = row_codes, row_entropy
+        image.done, image.calls = total, calls
+    return calls
+
+
 def _decode_images(decoder, images: list[_ImageDecode], layout, size_px, config, sampler, on_step, cancel) -> int:
     """Decode every restoration's image block; returns the number of decoder calls."""
     batch, cfg = len(images), config.uses_cfg
     if cfg:
         decoder.begin_unconditional()
     header = [int(t) for t in layout.header(size_px, size_px)]
+    chained = getattr(decoder, "decode_plain_image", None)
+    if chained is not None and config.jacobi_window == 0:
+        return _decode_chained(chained, images, header, layout, config, on_step, cancel)
     for image in images:
         image.start(header)
     calls = 0

@@ -12,7 +12,7 @@ attention_mask (B, S + T) marks which of its S slots hold real positions, then t
 tokens. Attention scores the past and the new tokens separately and joins only the small
 score matrices, so no step ever copies the cache; the caller writes the returned new keys
 and values into its buffer. The torch backend runs the same layers over a static cache of
-its own (``RowKV``). Both call the decoder layers and ``lm_head`` directly because the
+its own (``pure_lite.torch_decoder``). Both call the decoder layers and ``lm_head`` directly because the
 stock ``ChameleonForConditionalGeneration.forward`` masks every image token out of the logits.
 """
 
@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from .checkpoint import CheckpointFiles
-from .errors import CheckpointError, GenerationError, MissingDependencyError
+from .errors import CheckpointError, MissingDependencyError
 
 # Keys the checkpoint may lack: transformers builds Chameleon's own VQ-VAE inside the
 # model, which PURE never uses (it has the LlamaGen VQ-8 instead).
@@ -110,39 +110,6 @@ class _SplitCache:
     def update(self, key, value, layer_idx, *args, **kwargs):
         self.present[2 * layer_idx], self.present[2 * layer_idx + 1] = key, value
         return key, value
-
-
-class RowKV:
-    """Preallocated (rows, heads, capacity, head_dim) keys and values per layer, each row at its own length.
-
-    The torch backend's cache: ``prepare`` places the next T tokens of row r in slots
-    lengths[r]..lengths[r]+T-1 (a token's slot is its position), the layers' ``update``
-    writes them there, and attention reads the first ``end`` slots of every live row through
-    a mask that admits, for each new token, the row's earlier slots and itself. Rewinding a
-    row is a change of its length; nothing is concatenated or reallocated per step.
-    """
-
-    def __init__(self, layers: int, rows: int, heads: int, capacity: int, head_dim: int, dtype, device):
-        shape = (rows, heads, capacity, head_dim)
-        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
-        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
-        self.capacity, self.dtype, self.device = capacity, dtype, device
-
-    def prepare(self, lengths: np.ndarray, new_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Slots for the next call of ``len(lengths)`` rows; returns (positions (R, T), additive mask (R, 1, T, end))."""
-        start = torch.as_tensor(lengths, device=self.device).unsqueeze(1)
-        self.slots = start + torch.arange(new_tokens, device=self.device)  # (R, T)
-        self.rows = torch.arange(len(lengths), device=self.device).unsqueeze(1)  # (R, 1)
-        self.end = int(lengths.max()) + new_tokens
-        keys = torch.arange(self.end, device=self.device)
-        allowed = keys.view(1, 1, -1) <= self.slots.unsqueeze(-1)  # earlier slots and itself
-        return self.slots, _additive(allowed, self.dtype)
-
-    def update(self, key, value, layer_idx, *args, **kwargs):
-        rows = key.shape[0]
-        self.keys[layer_idx].transpose(1, 2)[self.rows, self.slots] = key.transpose(1, 2)
-        self.values[layer_idx].transpose(1, 2)[self.rows, self.slots] = value.transpose(1, 2)
-        return self.keys[layer_idx][:rows, :, :self.end], self.values[layer_idx][:rows, :, :self.end]
 
 
 def _additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -241,62 +208,3 @@ def kv_shape(config) -> tuple[int, int]:
     """(heads, head_dim) of the KV cache."""
     heads = config.num_key_value_heads or config.num_attention_heads
     return heads, config.hidden_size // config.num_attention_heads
-
-
-class TorchDecoder:
-    """The torch backend's Decoder (see pure_lite.generate): a ``RowKV`` cache, CFG rows added when
-    the image starts (so the weights are read once per step for every branch), and the image-rows
-    head inside the image."""
-
-    def __init__(self, lm, image_head: ImageHead, device: str = "cpu"):
-        self.step_fn = ChameleonStep(lm).eval()
-        self.text_head = TextHead(lm).eval()
-        self.image_head = image_head.eval()
-        self.device = torch.device(device)
-        self.dtype = lm.model.embed_tokens.weight.dtype
-        self.layers = lm.config.num_hidden_layers
-        self.heads, self.head_dim = kv_shape(lm.config)
-
-    @torch.inference_mode()
-    def _forward(self, ids: np.ndarray) -> torch.Tensor:
-        """Append ids (R, T) to the live rows; returns their final-norm hidden states (R, T, hidden)."""
-        rows, t = ids.shape
-        lengths = self.lengths[:rows]
-        if int(lengths.max()) + t > self.cache.capacity:
-            raise GenerationError(f"KV cache capacity {self.cache.capacity} exceeded")
-        positions, mask = self.cache.prepare(lengths, t)
-        hidden = self.step_fn.run(torch.as_tensor(ids, device=self.device), mask, positions, self.cache)
-        lengths += t
-        return hidden
-
-    @torch.inference_mode()
-    def _logits(self, hidden: torch.Tensor, image: bool) -> np.ndarray:
-        return (self.image_head if image else self.text_head)(hidden).cpu().numpy()
-
-    def prefill(self, prompts, capacity: int, max_step: int) -> np.ndarray:
-        batch, longest = len(prompts), max(len(p) for p in prompts)
-        self.cache = RowKV(self.layers, 2 * batch, self.heads, max(capacity, longest), self.head_dim,
-                           self.dtype, self.device)
-        self.lengths = np.zeros(2 * batch, np.int64)
-        self.batch, self.live = batch, batch
-        ids = np.zeros((batch, longest), np.int64)  # right-padded; the padding is rewound below
-        for row, prompt in enumerate(prompts):
-            ids[row, :len(prompt)] = prompt
-        hidden = self._forward(ids)
-        last = torch.as_tensor([len(p) - 1 for p in prompts], device=self.device)
-        self.rewind(np.array([longest - len(p) for p in prompts]))
-        return self._logits(hidden[torch.arange(batch, device=self.device), last], image=False)
-
-    def begin_unconditional(self) -> None:
-        self.live = 2 * self.batch  # rows B..2B-1 start empty: length 0, positions from 0
-        self.lengths[self.batch:] = 0
-
-    def step(self, ids: np.ndarray, image: bool = False, all_positions: bool = False) -> np.ndarray:
-        ids = np.asarray(ids, dtype=np.int64)
-        if ids.shape[0] != self.live:
-            raise ValueError(f"step got {ids.shape[0]} rows, the decoder has {self.live} live rows")
-        hidden = self._forward(ids)
-        return self._logits(hidden if all_positions else hidden[:, -1], image)
-
-    def rewind(self, counts: np.ndarray) -> None:
-        self.lengths[:self.live] -= np.asarray(counts, dtype=np.int64)

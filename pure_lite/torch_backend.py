@@ -10,7 +10,8 @@ import torch
 from .checkpoint import CheckpointFiles, load_vq_state_dict
 from .components import Components
 from .errors import CheckpointError, MissingDependencyError
-from .lm import ImageHead, TorchDecoder, load_language_model
+from .lm import ImageHead, load_language_model
+from .torch_decoder import TorchDecoder
 from .prompt import TextTokenizer
 from .tokens import TokenLayout
 from .vq import VQConfig, VQModel

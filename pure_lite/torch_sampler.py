@@ -2,10 +2,14 @@
 
 The same maths as ``pure_lite.sampling`` (the NumPy reference), written so a CUDA graph can
 capture it: no ``.item()``, no shapes that depend on values, no Python branch on a tensor
-(only on the config), randomness only from the ``torch.Generator`` passed in. Per row, k is
-a tensor; the top-k threshold is gathered at index k-1 of one ``topk(k_max)``; the draw is a
-Gumbel-max race (argmax of logits/T + Gumbel noise from ``torch.rand``), which samples
-exactly softmax(logits/T) over the kept ids without a cumulative sum or ``multinomial``.
+(only on the config). Per row, k is a tensor; the top-k threshold is gathered at index k-1 of
+one ``topk(k_max)``; the draw inverts the cumulative sum of the kept weights at one uniform
+number per row, exactly as the reference does with its own generator's number.
+
+The uniforms come from ``counter_uniforms``: a hash of (the restoration's seed, the code's
+index), not from a generator's state. So a replayed graph draws fresh numbers without
+registering generator state, every row has its own stream (a tile's codes do not depend on
+the batch it decodes in), and CPU and GPU draw the same numbers.
 
 Entropy and probabilities are computed in float64 where the device has it (float32 on MPS):
 the reference's entropy is float32 with NumPy's summation order, so float64 here keeps the
@@ -23,15 +27,38 @@ import torch
 from .sampling import SamplingConfig
 
 
-def device_generator(device: torch.device | str, seed: int) -> torch.Generator:
-    """A generator on ``device`` seeded with a restoration's ``seed``.
+_MASK32 = 0xFFFFFFFF
 
-    To replay draws inside a captured CUDA graph, register it with the graph
-    (``CUDAGraph.register_generator_state``) before capture.
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer mixing function (xor-shift, multiply, twice) on int64 tensors holding values < 2**32.
+
+    Products stay below 2**59, so int64 never overflows on any device.
     """
-    generator = torch.Generator(device=device)
-    generator.manual_seed(seed)
-    return generator
+    x = (((x >> 16) ^ x) * 0x45D9F3B) & _MASK32
+    x = (((x >> 16) ^ x) * 0x45D9F3B) & _MASK32
+    return (x >> 16) ^ x
+
+
+def fold_seed(seed: int) -> int:
+    """A seed of any size as the 32-bit value ``counter_uniforms`` takes."""
+    seed = int(seed) & 0xFFFFFFFFFFFFFFFF
+    return (seed ^ (seed >> 32)) & _MASK32
+
+
+def counter_uniforms(seeds: torch.Tensor, counter: torch.Tensor | int) -> torch.Tensor:
+    """(B,) uniforms in [0, 1) with 53 random bits, a pure function of (seeds[b], counter).
+
+    ``seeds``: int64 values < 2**32 (``fold_seed``); ``counter``: an int64 tensor (scalar or
+    (B,)) or an int, e.g. the index of the code being drawn. Two hashes of the counter under
+    the seed's hash give the high 32 and low 21 bits.
+    """
+    base = _mix32(seeds)
+    counter = torch.as_tensor(counter, dtype=torch.int64, device=seeds.device) & 0x7FFFFFFF
+    high = _mix32(base ^ _mix32(2 * counter))
+    low = _mix32(base ^ _mix32(2 * counter + 1)) >> 11
+    wide = _wide(seeds.device)
+    return (high * 2097152 + low).to(wide) / 9007199254740992.0  # (high * 2**21 + low) / 2**53
 
 
 def _wide(device: torch.device) -> torch.dtype:
@@ -72,48 +99,36 @@ def top_k_mask(scores: torch.Tensor, k: torch.Tensor, k_max: int) -> torch.Tenso
     return scores >= top.gather(-1, index)
 
 
-def draw(scores: torch.Tensor, keep: torch.Tensor, temperature: float, generator: torch.Generator) -> torch.Tensor:
+def draw(scores: torch.Tensor, keep: torch.Tensor, temperature: float, uniforms: torch.Tensor) -> torch.Tensor:
     """(B,) ids drawn from softmax(scores / temperature) restricted to ``keep``; temperature > 0.
 
-    Gumbel-max: argmax(z/T + G) with G = -ln(-ln U) is distributed as softmax(z/T). U is
-    clamped away from 0, so G is finite and masked ids (-inf) can never win.
+    The kept weights' cumulative sum in index order is searched at uniforms * total, as the
+    reference does over its kept ids: given the same uniform, both pick the same id (up to the
+    last bits of the sums). Masked ids add zero weight and so can never be picked.
     """
     wide = _wide(scores.device)
     z = (scores - scores.amax(dim=-1, keepdim=True)).to(wide) / temperature
-    z = z.masked_fill(~keep, float("-inf"))
-    u = torch.rand(z.shape, generator=generator, device=z.device, dtype=wide).clamp_min_(torch.finfo(wide).tiny)
-    return torch.argmax(z - torch.log(-torch.log(u)), dim=-1)
-
-
-def _greedy_where_one(scores: torch.Tensor, k: torch.Tensor, drawn: torch.Tensor) -> torch.Tensor:
-    """The reference takes argmax (the first of tied maxima) when k == 1; so do we, per row."""
-    return torch.where(k == 1, torch.argmax(scores, dim=-1), drawn)
+    weights = torch.exp(z).masked_fill(~keep, 0.0)
+    cdf = torch.cumsum(weights, dim=-1)
+    target = (uniforms.to(wide) * cdf[:, -1]).unsqueeze(-1)
+    picked = torch.searchsorted(cdf, target, right=True).squeeze(-1)
+    return picked.clamp(max=scores.shape[-1] - 1)
 
 
 def image_codes(
-    cond: torch.Tensor, uncond: torch.Tensor | None, config: SamplingConfig, generator: torch.Generator
+    cond: torch.Tensor, uncond: torch.Tensor | None, config: SamplingConfig, uniforms: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Draw one VQ code per row from (B, codebook) image-subset logits.
+    """Draw one VQ code per row from (B, codebook) image-subset logits, with one uniform per row.
 
     Returns ((B,) int64 codes, (B,) entropies in nats, float64 except on MPS). Without CFG the
-    caller passes ``uncond=None``, as to the reference.
+    caller passes ``uncond=None``, as to the reference. The reference takes the argmax (the
+    first of tied maxima) when k == 1 or at temperature 0; so does this, per row.
     """
     scores = cond if uncond is None else cfg_mix(cond, uncond, config.cfg_scale)
     entropy = softmax_entropy(scores)
+    greedy = torch.argmax(scores, dim=-1)
     if config.temperature == 0:
-        return torch.argmax(scores, dim=-1), entropy
+        return greedy, entropy
     k = entropy_top_k(entropy, config.k_min, config.k_max)
-    drawn = draw(scores, top_k_mask(scores, k, config.k_max), config.temperature, generator)
-    return _greedy_where_one(scores, k, drawn), entropy
-
-
-def text_tokens(
-    logits: torch.Tensor, banned: torch.Tensor, config: SamplingConfig, generator: torch.Generator
-) -> torch.Tensor:
-    """Draw one text token per row from (B, V) logits, never one of the ``banned`` ids (int64, on the
-    logits' device); greedy with the default ``text_top_k=1``."""
-    scores = logits.index_fill(-1, banned, float("-inf"))
-    if config.temperature == 0 or config.text_top_k == 1:
-        return torch.argmax(scores, dim=-1)
-    k = torch.full(scores.shape[:-1], config.text_top_k, dtype=torch.int64, device=scores.device)
-    return draw(scores, top_k_mask(scores, k, config.text_top_k), config.temperature, generator)
+    drawn = draw(scores, top_k_mask(scores, k, config.k_max), config.temperature, uniforms)
+    return torch.where(k == 1, greedy, drawn), entropy

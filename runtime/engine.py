@@ -134,7 +134,9 @@ class OnnxDecoder:
         self.image_head = (sessions["image_head"], "image_logits", manifest.data["tokens"]["codebook_size"])
         self.kv: KVBuffers | None = None
 
-    def prefill(self, prompts, capacity: int, max_step: int) -> np.ndarray:
+    def prefill(self, prompts, capacity: int, max_step: int, unconditional_capacity: int | None = None) -> np.ndarray:
+        """(``unconditional_capacity`` is not used: every row's buffer has ``capacity`` slots, but
+        ``KVBuffers.reserve`` only lays out as many as the longest row needs.)"""
         batch, longest = len(prompts), max(len(p) for p in prompts)
         capacity = max(capacity, longest)
         self.kv = KVBuffers(self.layers, 2 * batch, self.heads, capacity, self.head_dim, max_step,

@@ -94,7 +94,7 @@ class MarkovDecoder:
         code = self.layout.code_of[ids]
         return np.where(code >= 0, code, self.n)
 
-    def prefill(self, prompts, capacity, max_step):
+    def prefill(self, prompts, capacity, max_step, unconditional_capacity=None):
         return np.zeros((len(prompts), self.layout.vocab_size), np.float32)
 
     def begin_unconditional(self):

@@ -1,4 +1,6 @@
-"""KV-cache decoding (ChameleonStep, batch-2 CFG) against full recomputation with transformers' own forward."""
+"""The torch backend's KV-cache decoding (TorchDecoder: grouped static cache, batch-2 CFG) against full
+recomputation by a second copy of the model with transformers' own attention (eager and SDPA), and its
+chained on-device image loop against the shared host loop."""
 
 import numpy as np
 import pytest
@@ -6,10 +8,11 @@ import torch
 
 from pure_lite.checkpoint import CheckpointFiles
 from pure_lite.generate import generate
-from pure_lite.lm import ImageHead, TorchDecoder, load_language_model
+from pure_lite.lm import ImageHead, load_language_model
 from pure_lite.prompt import TextTokenizer, prompt_ids
 from pure_lite.sampling import SamplingConfig
 from pure_lite.tokens import TokenLayout
+from pure_lite.torch_decoder import TorchDecoder
 
 from conftest import TARGET
 
@@ -25,7 +28,7 @@ class RecomputeDecoder:
         hidden = self.lm.model(input_ids=torch.tensor([seq]), use_cache=False).last_hidden_state
         return self.lm.lm_head(hidden[0, -last:]).float().numpy()  # (last, V)
 
-    def prefill(self, prompts, capacity, max_step):
+    def prefill(self, prompts, capacity, max_step, unconditional_capacity=None):
         self.seqs = [list(p) for p in prompts]
         self.batch = len(prompts)
         return np.stack([self._logits(s, 1)[-1] for s in self.seqs])
@@ -51,27 +54,28 @@ def loaded(tiny_checkpoint, request):
     files = CheckpointFiles.locate(tiny_checkpoint)
     config = files.read_config()
     layout = TokenLayout.from_tokenizer_file(files.tokenizer, config["vocab_size"])
-    lm = load_language_model(files, attn_implementation=request.param)
+    lm = load_language_model(files)  # TorchDecoder switches it to its grouped-cache attention
+    reference = load_language_model(files, attn_implementation=request.param)
     prompt = prompt_ids(TextTokenizer(files.tokenizer), layout,
                         layout.encode_image(np.arange(64).reshape(8, 8) % layout.codebook_size))
-    return lm, layout, prompt
+    return lm, reference, layout, prompt
 
 
 @pytest.mark.parametrize("cfg_scale", [1.0, 0.8, 3.0])
 def test_kv_cache_equals_full_recompute_greedy(loaded, cfg_scale):
-    lm, layout, prompt = loaded
+    lm, reference, layout, prompt = loaded
     config = SamplingConfig(temperature=0.0, cfg_scale=cfg_scale, max_text_tokens=6)
     runs = [
         generate(dec, prompt, layout, TARGET, config, np.random.default_rng(0), max_positions=4096)
-        for dec in (TorchDecoder(lm, ImageHead(lm, layout.image_ids)), RecomputeDecoder(lm, layout))
+        for dec in (TorchDecoder(lm, ImageHead(lm, layout.image_ids)), RecomputeDecoder(reference, layout))
     ]
     np.testing.assert_array_equal(runs[0].tokens, runs[1].tokens)
     np.testing.assert_allclose(runs[0].entropy, runs[1].entropy, rtol=1e-4, atol=1e-4)
 
 
 def test_step_logits_match_recompute(loaded):
-    lm, layout, prompt = loaded
-    a, b = TorchDecoder(lm, ImageHead(lm, layout.image_ids)), RecomputeDecoder(lm, layout)
+    lm, reference, layout, prompt = loaded
+    a, b = TorchDecoder(lm, ImageHead(lm, layout.image_ids)), RecomputeDecoder(reference, layout)
     np.testing.assert_allclose(a.prefill([prompt], len(prompt) + 16, 3), b.prefill([prompt], 0, 0),
                                atol=1e-4, rtol=1e-4)
     a.begin_unconditional(), b.begin_unconditional()

@@ -27,7 +27,7 @@ def test_torch_sampler_on_cuda_keeps_the_reference_top_k():
     k_t = ts.entropy_top_k(ts.softmax_entropy(mixed_t), config.k_min, config.k_max)
     keep_t = ts.top_k_mask(mixed_t, k_t, config.k_max).cpu().numpy()
     greedy = ts.image_codes(torch.from_numpy(cond).cuda(), torch.from_numpy(uncond).cuda(),
-                            SamplingConfig(temperature=0.0), ts.device_generator("cuda", 0))[0].cpu()
+                            SamplingConfig(temperature=0.0), torch.zeros(8, device="cuda"))[0].cpu()
     for r in range(8):
         mixed = cfg_mix(cond[r], uncond[r], config.cfg_scale)
         k = entropy_top_k(softmax_entropy(mixed), config.k_min, config.k_max)
@@ -52,18 +52,23 @@ def test_torch_sampler_replays_in_a_cuda_graph_with_fresh_draws():
     rows, replays = 256, 50
     static_cond = torch.from_numpy(cond).cuda().expand(rows, -1).contiguous()
     static_uncond = torch.from_numpy(uncond).cuda().expand(rows, -1).contiguous()
-    generator = ts.device_generator("cuda", 0)
+    seeds = torch.arange(rows, device="cuda", dtype=torch.int64)
+    counter = torch.zeros((), device="cuda", dtype=torch.int64)
+
+    def draw():
+        codes = ts.image_codes(static_cond, static_uncond, config, ts.counter_uniforms(seeds, counter))[0]
+        counter.add_(1)
+        return codes
 
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):  # warm-up outside capture, as CUDA graphs require
         for _ in range(3):
-            ts.image_codes(static_cond, static_uncond, config, generator)
+            draw()
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    graph.register_generator_state(generator)
     with torch.cuda.graph(graph):
-        codes, _ = ts.image_codes(static_cond, static_uncond, config, generator)
+        codes = draw()
     draws = []
     for _ in range(replays):
         graph.replay()
@@ -83,3 +88,37 @@ def test_torch_sampler_replays_in_a_cuda_graph_with_fresh_draws():
     exp = np.append(expected[big], expected[~big].sum())
     obs, exp = obs[exp > 0], exp[exp > 0]
     assert chi2.sf(float(((obs - exp) ** 2 / exp).sum()), len(exp) - 1) > 1e-3
+
+
+@pytest.mark.gpu
+def test_graph_decoder_matches_eager_on_cuda(tiny_compact):
+    """The captured chain (CUDA graphs, bucketed spans) against the eager host loop on the same GPU (greedy:
+    identical tokens), and against the eager chain (sampled: identical codes, same kernels)."""
+    torch = _cuda()
+    from pure_lite.checkpoint import CheckpointFiles
+    from pure_lite.generate import generate_batch
+    from pure_lite.lm import ImageHead, load_language_model
+    from pure_lite.prompt import TextTokenizer, prompt_ids
+    from pure_lite.tokens import TokenLayout
+    from pure_lite.torch_decoder import TorchDecoder
+
+    from conftest import TARGET
+
+    files = CheckpointFiles.locate(tiny_compact)
+    layout = TokenLayout.from_tokenizer_file(files.tokenizer, files.read_config()["vocab_size"])
+    lm = load_language_model(files, device="cuda")
+    head = ImageHead(lm, layout.image_ids)
+    tok = TextTokenizer(files.tokenizer)
+    prompts = [prompt_ids(tok, layout, layout.encode_image((np.arange(64).reshape(8, 8) * (i + 3)) % layout.codebook_size))
+               for i in range(2)]
+
+    def run(config, **kw):
+        return generate_batch(TorchDecoder(lm, head, "cuda", **kw), prompts, layout, TARGET, config,
+                              [np.random.default_rng(s) for s in (3, 4)], max_positions=4096)
+
+    greedy = SamplingConfig(temperature=0, cfg_scale=0.8, max_text_tokens=4)
+    for a, b in zip(run(greedy, graphs=False, device_loop=False), run(greedy, attend_bucket=16)):
+        np.testing.assert_array_equal(a.tokens, b.tokens)
+    sampled = SamplingConfig(cfg_scale=0.8, max_text_tokens=4)
+    for a, b in zip(run(sampled, graphs=False, attend_bucket=16), run(sampled, attend_bucket=16)):
+        np.testing.assert_array_equal(a.tokens, b.tokens)

@@ -144,7 +144,7 @@ class FakeDecoder:
         self.returned.append(out)
         return out
 
-    def prefill(self, prompts, capacity, max_step):
+    def prefill(self, prompts, capacity, max_step, unconditional_capacity=None):
         return self._logits()
 
     def begin_unconditional(self):

@@ -1,9 +1,10 @@
 """The torch sampler against the NumPy reference (pure_lite.sampling), on CPU.
 
 Exact checks: the CFG-mixed logits, k and the top-k survivors of every row, greedy picks.
-Statistical checks: the draws follow the reference's distribution. Each statistical test
-rejects at p < 1e-3 (false-alarm rate 0.1% per test, 8 tests: at most 0.8% for the file if
-the seeds were random); the seeds are fixed, so a run is deterministic and not flaky.
+Statistical checks: the draws (from ``counter_uniforms``) follow the reference's distribution,
+and the uniforms themselves are uniform and independent across seeds and counters. Each
+statistical test rejects at p < 1e-3 (false-alarm rate 0.1% per test, 10 tests: at most 1%
+for the file if the seeds were random); the seeds are fixed, so a run is deterministic.
 """
 
 import numpy as np
@@ -53,25 +54,64 @@ def test_greedy_equals_argmax_and_the_reference():
     rng = np.random.default_rng(3)
     cond = np.concatenate([logit_rows("ties", 300, rng), logit_rows("unit", 300, rng)])
     uncond = np.concatenate([logit_rows("ties", 300, rng), logit_rows("unit", 300, rng)])
-    reference, gen = NumpySampler(), ts.device_generator("cpu", 0)
+    reference, uniforms = NumpySampler(), _uniforms(len(cond), 0)
     for config in (SamplingConfig(temperature=0.0), SamplingConfig(temperature=0.9, k_min=1, k_max=1)):
-        codes, _ = ts.image_codes(torch.from_numpy(cond), torch.from_numpy(uncond), config, gen)
+        codes, _ = ts.image_codes(torch.from_numpy(cond), torch.from_numpy(uncond), config, uniforms)
         expected = [reference.image_code(c, u, config, np.random.default_rng(0))[0] for c, u in zip(cond, uncond)]
         assert codes.tolist() == expected
         assert codes.tolist() == np.argmax(cfg_mix(cond, uncond, config.cfg_scale), axis=1).tolist()
-    banned = np.array([0, 5, int(np.argmax(cond[0]))])
-    tokens = ts.text_tokens(torch.from_numpy(cond), torch.from_numpy(banned), SamplingConfig(), gen)
-    expected = [reference.text_token(c, banned, SamplingConfig(), np.random.default_rng(0)) for c in cond]
-    assert tokens.tolist() == expected
-    assert not set(tokens.tolist()) & set(banned.tolist())
+
+
+class _FixedUniform:
+    """Stands in for np.random.Generator: ``random()`` returns the given numbers in turn."""
+
+    def __init__(self, values):
+        self.values = iter(values)
+
+    def random(self):
+        return float(next(self.values))
+
+
+def test_a_shared_uniform_picks_the_reference_id():
+    """Given the same uniform, the inverse-CDF draw picks the id the NumPy sampler picks (exact except
+    where the uniform lands within 1e-9 of a boundary of the cumulative sum: counted, must be rare)."""
+    rng = np.random.default_rng(9)
+    config, agree, total = SamplingConfig(), 0, 0
+    for kind in ("small", "unit", "mid-entropy", "ties", "peaked"):
+        cond, uncond = logit_rows(kind, 1024, rng), logit_rows(kind, 1024, rng)
+        u = rng.random(ROWS)
+        codes, _ = ts.image_codes(torch.from_numpy(cond), torch.from_numpy(uncond), config, torch.from_numpy(u))
+        expected = [NumpySampler().image_code(c, q, config, _FixedUniform([x]))[0] for c, q, x in zip(cond, uncond, u)]
+        agree += int((codes.numpy() == np.array(expected)).sum())
+        total += ROWS
+    assert agree >= total - 1, f"{total - agree} of {total} draws differ"
+
+
+def _uniforms(rows: int, seed: int, counter: int = 0) -> torch.Tensor:
+    return ts.counter_uniforms(torch.arange(rows, dtype=torch.int64) + seed, counter)
+
+
+def test_counter_uniforms_are_uniform_and_independent():
+    """200 x 200 (seed, counter) pairs: a 50-bin histogram and the pairs (u[c], u[c+1]) on a 10 x 10 grid
+    both pass a chi-square test; values lie in [0, 1) and repeat for the same (seed, counter)."""
+    seeds = torch.arange(200, dtype=torch.int64) * 7919 + 3
+    u = torch.stack([ts.counter_uniforms(seeds, c) for c in range(200)], dim=1).numpy()  # (seed, counter)
+    assert u.min() >= 0.0 and u.max() < 1.0
+    assert _chi_square_p(np.bincount((u * 50).astype(int).ravel(), minlength=50), np.full(50, u.size / 50)) > ALPHA
+    pairs = (u[:, :-1] * 10).astype(int) * 10 + (u[:, 1:] * 10).astype(int)
+    assert _chi_square_p(np.bincount(pairs.ravel(), minlength=100), np.full(100, pairs.size / 100)) > ALPHA
+    across = (u[:-1] * 10).astype(int) * 10 + (u[1:] * 10).astype(int)  # neighbouring seeds, same counter
+    assert _chi_square_p(np.bincount(across.ravel(), minlength=100), np.full(100, across.size / 100)) > ALPHA
+    np.testing.assert_array_equal(ts.counter_uniforms(seeds, 5).numpy(), u[:, 5])
+    assert ts.fold_seed(2**40 + 1) != ts.fold_seed(1) and ts.fold_seed(2**64 - 1) < 2**32
 
 
 def test_inputs_untouched_and_draws_seeded():
     rng = np.random.default_rng(4)
     cond, uncond = torch.from_numpy(logit_rows("unit", 2000, rng)), torch.from_numpy(logit_rows("unit", 2000, rng))
     before = (cond.clone(), uncond.clone())
-    draws = [ts.image_codes(cond, uncond, SamplingConfig(), ts.device_generator("cpu", 7))[0] for _ in range(2)]
-    other = ts.image_codes(cond, uncond, SamplingConfig(), ts.device_generator("cpu", 8))[0]
+    draws = [ts.image_codes(cond, uncond, SamplingConfig(), _uniforms(ROWS, 7))[0] for _ in range(2)]
+    other = ts.image_codes(cond, uncond, SamplingConfig(), _uniforms(ROWS, 8))[0]
     torch.testing.assert_close((cond, uncond), before, rtol=0, atol=0)
     assert torch.equal(draws[0], draws[1]) and not torch.equal(draws[0], other)
 
@@ -133,7 +173,7 @@ def test_image_draws_follow_the_reference_distribution(name, temperature, k_max)
     assert (np.count_nonzero(p) > k) == (name == "ties")
 
     batch = (torch.from_numpy(cond).expand(DRAWS, -1), torch.from_numpy(uncond).expand(DRAWS, -1))
-    codes, _ = ts.image_codes(*batch, config, ts.device_generator("cpu", 11))
+    codes, _ = ts.image_codes(*batch, config, _uniforms(DRAWS, 11))
     counts = np.bincount(codes.numpy(), minlength=len(mixed))
     assert not counts[p == 0].any(), "drew an id outside the top-k"
     assert _chi_square_p(counts, p * DRAWS) > ALPHA
@@ -143,26 +183,6 @@ def test_image_draws_follow_the_reference_distribution(name, temperature, k_max)
     assert _homogeneity_p(counts, np.bincount(reference, minlength=len(mixed))) > ALPHA
 
 
-def test_text_draws_follow_the_reference_distribution():
-    rng = np.random.default_rng(21)
-    logits = (rng.normal(size=60) * 1.5).astype(np.float32)
-    banned = np.array([int(np.argmax(logits)), 3, 4])
-    config = SamplingConfig(temperature=1.2, text_top_k=6)
-    allowed = logits.copy()
-    allowed[banned] = -np.inf
-    p = _reference_probabilities(allowed, 6, 1.2)
-
-    tokens = ts.text_tokens(torch.from_numpy(logits).expand(DRAWS, -1), torch.from_numpy(banned), config,
-                            ts.device_generator("cpu", 22))
-    counts = np.bincount(tokens.numpy(), minlength=len(logits))
-    assert not counts[p == 0].any(), "drew a banned id or one outside the top-k"
-    assert _chi_square_p(counts, p * DRAWS) > ALPHA
-
-    rng = np.random.default_rng(23)
-    reference = [NumpySampler().text_token(logits, banned, config, rng) for _ in range(REFERENCE_DRAWS)]
-    assert _homogeneity_p(counts, np.bincount(reference, minlength=len(logits))) > ALPHA
-
-
 def test_chi_square_helpers_reject_a_wrong_distribution():
     """The tests above could fail: the same helpers reject draws at temperature 1.3 against 0.9."""
     cond, uncond = _image_case("plain")
@@ -170,7 +190,7 @@ def test_chi_square_helpers_reject_a_wrong_distribution():
     mixed = cfg_mix(cond, uncond, config.cfg_scale)
     p = _reference_probabilities(mixed, entropy_top_k(softmax_entropy(mixed), 1, 12), 0.9)
     batch = (torch.from_numpy(cond).expand(DRAWS, -1), torch.from_numpy(uncond).expand(DRAWS, -1))
-    off = np.bincount(ts.image_codes(*batch, wrong, ts.device_generator("cpu", 11))[0].numpy(), minlength=len(p))
-    right = np.bincount(ts.image_codes(*batch, config, ts.device_generator("cpu", 13))[0].numpy(), minlength=len(p))
+    off = np.bincount(ts.image_codes(*batch, wrong, _uniforms(DRAWS, 11))[0].numpy(), minlength=len(p))
+    right = np.bincount(ts.image_codes(*batch, config, _uniforms(DRAWS, 13))[0].numpy(), minlength=len(p))
     assert _chi_square_p(off, p * DRAWS) < ALPHA
     assert _homogeneity_p(off, right) < ALPHA

@@ -1,0 +1,253 @@
+"""The GPU decode engine on a random Chameleon of PURE's released 7B shape (hidden 4096, 32 layers,
+vocabulary 73728), side by side in one run on one CUDA GPU.
+
+Every variant decodes after the same 4,200-token prompt (a 512² restoration's LQ block and text),
+with PURE's default sampling (CFG 0.8 as batch 2, entropy top-k, temperature 0.9):
+
+- ``eager-host``: TorchDecoder without graphs, the NumPy sampler on the host (a host round trip per step);
+- ``eager-chained``: the sampler on the device, steps chained without a host round trip, no graphs;
+- ``graphs-bN``: the chained steps captured as CUDA graphs, attention over spans rounded up to N slots
+  (``full``: the whole preallocated capacity, one shape per step width);
+- ``nf4-...``: the same with bitsandbytes nf4 weights (when bitsandbytes is installed);
+- ``torchao-int4-...`` / ``torchao-int8-...``: torchao weight-only int4 (tinygemm layout, bf16
+  activations, group 128) and int8 (per row) weights, when torchao is installed;
+- ``...-4-tiles``: four restorations decoded together (8 rows per step): ms per step, for all four;
+- ``hf-static-compiled``: plain transformers ``generate``, batch 2, static cache (auto-compiled), greedy,
+  no PURE sampling: the alternative a user has without pure-lite (``--skip-hf`` to leave it out).
+
+Reported: ms per image step over ``--steps`` codes (capture time excluded and reported apart), then a
+full 512² restoration (4096 codes) for the default graph variant in fp16 and nf4: seconds and peak VRAM.
+
+    python benchmarks/gpu_decode.py [--steps 256] [--skip-hf] [--skip-full]
+
+``--smoke`` runs the variants' code on CPU with a 2-layer model of the same vocabulary (graph variants
+eagerly; no full run, no transformers baseline): a check of the script, not a measurement.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+
+import report
+
+PROMPT = 4200
+CODEBOOK = 8192
+ROW_END, HEADER = 8196, [8197, 8198, 8199]
+DEVICE = "cuda"
+SHAPE = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+             num_key_value_heads=32)
+
+
+def sync() -> None:
+    import torch
+
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
+def peak_gb() -> float:
+    import torch
+
+    return torch.cuda.max_memory_allocated() / 1e9 if DEVICE == "cuda" else float("nan")
+
+
+def build(quant: str):
+    import torch
+    from transformers import ChameleonConfig, ChameleonForConditionalGeneration
+
+    vocab = {f"<tok{i}>": i for i in range(16)}
+    config = ChameleonConfig(vocab_size=73728, max_position_embeddings=8192, vocabulary_map=vocab, **SHAPE)
+    with torch.device(DEVICE):
+        torch.manual_seed(0)
+        model = ChameleonForConditionalGeneration(config).half().eval()
+    if quant == "nf4":
+        import bitsandbytes as bnb
+
+        for layer in model.model.layers:
+            for parent in (layer.self_attn, layer.mlp):
+                for name, child in list(parent.named_children()):
+                    if isinstance(child, torch.nn.Linear):
+                        q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=False,
+                                              compute_dtype=torch.float16, quant_type="nf4")
+                        q.weight = bnb.nn.Params4bit(child.weight.data.cpu(), requires_grad=False,
+                                                     quant_type="nf4").cuda()
+                        setattr(parent, name, q)
+        torch.cuda.empty_cache()
+    elif quant.startswith("torchao"):
+        from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
+
+        if quant == "torchao-int4":
+            model = model.to(torch.bfloat16)  # tinygemm's int4 kernel takes bf16 activations
+            config = Int4WeightOnlyConfig(group_size=128, int4_packing_format="tile_packed_to_4d")
+        else:
+            config = Int8WeightOnlyConfig()
+        quantize_(model.model.layers, config)  # the decoder layers; lm_head stays as it is
+        torch.cuda.empty_cache()
+    return model
+
+
+def decoder(model, **kw):
+    from pure_lite.lm import ImageHead
+    from pure_lite.torch_decoder import TorchDecoder
+
+    image_ids = np.arange(4, 4 + CODEBOOK)
+    return TorchDecoder(model, ImageHead(model, image_ids), DEVICE, **kw), image_ids
+
+
+def open_rows(dec, side: int, batch: int = 1) -> None:
+    prompts = list(np.random.default_rng(0).integers(4, 4 + CODEBOOK, (batch, PROMPT)))
+    block = side * (side + 1) + 4
+    dec.prefill(prompts, PROMPT + block + 8, 3, unconditional_capacity=block + 3)
+    dec.begin_unconditional()
+
+
+def time_host(model, side: int) -> dict:
+    """The shared loop's plain path: logits to the host, NumPy sampler, ids back."""
+    import torch
+
+    from pure_lite.sampling import NumpySampler, SamplingConfig
+
+    dec, image_ids = decoder(model, graphs=False, device_loop=False)
+    open_rows(dec, side)
+    config, rng, sampler = SamplingConfig(), np.random.default_rng(0), NumpySampler()
+    sync()
+    start = time.perf_counter()
+    logits = dec.step(np.array([HEADER, HEADER]), image=True)
+    for j in range(side * side - 1):
+        code, _ = sampler.image_code(logits[0], logits[1], config, rng)
+        ids = [int(image_ids[code])] + ([ROW_END] if j % side == side - 1 else [])
+        logits = dec.step(np.array([ids, ids]), image=True)
+    sync()
+    return {"ms_per_step": 1000 * (time.perf_counter() - start) / (side * side)}
+
+
+def time_chained(model, side: int, batch: int = 1, **kw) -> dict:
+    import torch
+
+    from pure_lite.sampling import SamplingConfig
+
+    kw.setdefault("device_loop", True)
+    if DEVICE != "cuda":
+        kw["graphs"] = False  # --smoke: the graph variants' code, eagerly
+    dec, image_ids = decoder(model, **kw)
+    open_rows(dec, side, batch)
+    sync()
+    if DEVICE == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    codes, _, _ = dec.decode_plain_image(HEADER, side, SamplingConfig(), list(range(batch)), image_ids, ROW_END)
+    sync()
+    seconds = time.perf_counter() - start
+    return {"ms_per_step": 1000 * (seconds - dec.capture_s) / (side * side), "capture_s": dec.capture_s,
+            "graphs": len(dec.captured), "seconds": seconds, "distinct_codes": int(len(np.unique(codes))),
+            "peak_vram_gb": peak_gb()}
+
+
+def time_hf(model, steps: int) -> dict:
+    """transformers' generate, batch 2, static cache: its auto-compile (CUDA graphs) is timed apart."""
+    import torch
+
+    ids = torch.as_tensor(np.random.default_rng(0).integers(4, 4 + CODEBOOK, (2, PROMPT)), device=DEVICE)
+    kw = dict(max_new_tokens=steps, min_new_tokens=steps, do_sample=False, cache_implementation="static")
+    start = time.perf_counter()
+    model.generate(ids, **kw)  # compiles
+    first = time.perf_counter() - start
+    short = dict(kw, max_new_tokens=8, min_new_tokens=8)
+    sync()
+    start = time.perf_counter()
+    model.generate(ids, **short)
+    sync()
+    fixed = time.perf_counter() - start  # prefill and set-up, subtracted below
+    start = time.perf_counter()
+    model.generate(ids, **kw)
+    sync()
+    total = time.perf_counter() - start
+    return {"ms_per_step": 1000 * (total - fixed) / (steps - 8), "first_call_s": first}
+
+
+def main() -> None:
+    import torch
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=256, help="codes per timed variant (a square: 256 = 16x16)")
+    parser.add_argument("--skip-hf", action="store_true")
+    parser.add_argument("--skip-full", action="store_true")
+    parser.add_argument("--smoke", action="store_true", help="check the script on CPU with a 2-layer model")
+    args = parser.parse_args()
+    global DEVICE
+    if args.smoke:
+        DEVICE, args.skip_full, args.skip_hf = "cpu", True, True
+        SHAPE.update(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+                     num_key_value_heads=4)
+    elif not torch.cuda.is_available():
+        raise SystemExit("error: this benchmark needs a CUDA GPU (--smoke checks it on CPU)")
+    side = int(round(args.steps ** 0.5))
+    results = {"device": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu (smoke)", "torch": torch.__version__, "prompt": PROMPT,
+               "steps": side * side, "variants": {}, "full_512": {}}
+    import transformers
+
+    results["transformers"] = transformers.__version__
+
+    def record(name, fn, *a, **kw):
+        try:
+            results["variants"][name] = fn(*a, **kw)
+        except Exception as exc:  # a variant that cannot run is reported, the others still run
+            results["variants"][name] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
+        print(name, results["variants"][name], flush=True)
+
+    for quant in ("fp16", "nf4", "torchao-int4", "torchao-int8"):
+        try:
+            model = build(quant)
+        except Exception as exc:  # not installed, or its kernels refuse this GPU: reported
+            results["variants"][quant] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
+            print(quant, results["variants"][quant], flush=True)
+            continue
+        prefix = "" if quant == "fp16" else quant + "-"
+        if quant == "fp16":
+            record("eager-host", time_host, model, side)
+        record(prefix + "eager-chained", time_chained, model, side, graphs=False, device_loop=True)
+        for bucket in ((512, 1024, 1 << 20) if quant == "fp16" else (512,)):
+            name = f"{prefix}graphs-b{bucket if bucket < 1 << 20 else 'full'}"
+            record(name, time_chained, model, side, attend_bucket=bucket)
+        if quant in ("fp16", "nf4"):  # tiles decoded together (issue 12): one step serves 4 tiles' 8 rows
+            record(f"{prefix}graphs-b512-4-tiles", time_chained, model, side, batch=4, attend_bucket=512)
+        if not args.skip_full and quant in ("fp16", "nf4"):
+            try:
+                results["full_512"][quant] = time_chained(model, 64, attend_bucket=512)
+            except Exception as exc:
+                results["full_512"][quant] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
+            print("full 512", quant, results["full_512"][quant], flush=True)
+        if quant == "fp16" and not args.skip_hf:
+            record("hf-static-compiled", time_hf, model, side * side)
+        del model
+        if DEVICE == "cuda":
+            torch.cuda.empty_cache()
+
+    base = results["variants"].get("eager-host", {}).get("ms_per_step")
+    lines = ["| variant | ms per image step | vs eager-host | graphs captured | capture s |", "| --- | --- | --- | --- | --- |"]
+    for name, r in results["variants"].items():
+        if "ms_per_step" not in r:
+            lines.append(f"| {name} | {r.get('error', '')} | | | |")
+            continue
+        ratio = f"{base / r['ms_per_step']:.1f}x" if base else ""
+        lines.append(f"| {name} | {r['ms_per_step']:.2f} | {ratio} | {r.get('graphs', '')} | "
+                     f"{r.get('capture_s', 0):.1f} |")
+    lines += ["", "| full 512² restoration (4096 codes, graphs, bucket 512) | seconds | capture s | peak VRAM GB |",
+              "| --- | --- | --- | --- |"]
+    for quant, r in results["full_512"].items():
+        if "seconds" in r:
+            lines.append(f"| {quant} | {r['seconds']:.1f} | {r['capture_s']:.1f} | {r['peak_vram_gb']:.1f} |")
+        else:
+            lines.append(f"| {quant} | {r.get('error', '')} | | |")
+    table = "\n".join(lines) + f"\n\n{results['device']}, torch {results['torch']}, transformers {results['transformers']}"
+    if args.smoke:
+        print(table)
+    else:
+        report.write("gpu_decode", results, table)
+
+
+if __name__ == "__main__":
+    main()

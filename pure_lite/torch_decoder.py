@@ -1,0 +1,380 @@
+"""The torch backend's Decoder: a preallocated KV cache in two groups, eager on CPU, CUDA graphs on a GPU.
+
+Three choices, each for the GPU (docs/gpu.md has the numbers):
+
+- **Two cache groups.** The conditional rows hold prompt, text and image; the unconditional
+  (CFG) rows only ever hold the image block, so their group is sized for that. At PURE's
+  512² that is 4.2k slots instead of 8.4k per tile: a third less KV memory.
+- **Static shapes.** Every buffer is allocated once per batch; attention reads each group's
+  first ``span`` slots, with ``span`` rounded up to ``attend_bucket``, through a mask that
+  admits each row's own earlier slots. So a decode step has a few shapes only, and on CUDA
+  each is captured once as a CUDA graph and replayed: one launch instead of ~1000 kernels
+  launched from Python (the eager 7B step is launch-bound: 65 ms on an H200 against a
+  ~4 ms bandwidth floor).
+- **Plain image decoding chained on the device** (``decode_plain_image``): the draw
+  (``pure_lite.torch_sampler``, uniforms from a counter hash), the drawn code's token id and
+  the next decoder step are one graph; the host only chooses which graph to replay (a code
+  that ends an image row rides with the row end: two tokens) and reads the codes back once
+  per image row, which keeps the progress bar and cancellation working.
+
+The same code runs eagerly on CPU (graphs are a CUDA feature); there the shared decode loop
+samples on the host with the NumPy sampler unless ``device_loop=True`` is asked for.
+Speculative decoding and the text before the image always go through the shared loop
+(``pure_lite.generate``) and this class's ``step``/``rewind``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import torch_sampler
+from .errors import GenerationError
+from .lm import ChameleonStep, TextHead, kv_shape
+from .sampling import SamplingConfig
+
+GROUPED_ATTENTION = "pure_lite_grouped_cache"
+
+
+def grouped_cache_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
+                            grouped_cache=None, **kwargs):
+    """The attention function the torch backend registers with transformers.
+
+    With a ``grouped_cache`` (a ``GroupedKV``) it reads that cache; any other caller (training,
+    a test's full recompute) gets transformers' own SDPA attention, so the model stays usable.
+    """
+    if grouped_cache is None:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    return grouped_cache.attend(module.layer_idx, query, scaling), None
+
+
+def use_grouped_attention(lm) -> None:
+    """Make ``lm``'s layers call ``grouped_cache_attention`` (registered once per process)."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(GROUPED_ATTENTION, grouped_cache_attention)
+    if lm.config._attn_implementation != GROUPED_ATTENTION:
+        lm.set_attn_implementation(GROUPED_ATTENTION)
+
+
+class _Group:
+    """Keys and values of ``rows`` rows with room for ``capacity`` slots each, and their lengths on the device."""
+
+    def __init__(self, layers: int, rows: int, heads: int, capacity: int, head_dim: int, dtype, device):
+        shape = (rows, heads, capacity, head_dim)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
+        self.lengths = torch.zeros(rows, dtype=torch.int64, device=device)
+        self.row_index = torch.arange(rows, device=device).unsqueeze(1)
+        self.rows, self.capacity = rows, capacity
+        self.slots: torch.Tensor | None = None  # (rows, T) slots of this call's tokens
+        self.mask: torch.Tensor | None = None  # (rows, 1, T, span) bool: which slots each new token sees
+        self.span = 0
+
+
+class GroupedKV:
+    """The cache of a batch: group 0 the conditional rows, group 1 (once live) the unconditional rows.
+
+    A token's slot is its position: ``prepare`` places the next T tokens of each row at its
+    length, the layers' ``update`` writes their keys/values there, ``attend`` scores each group
+    against its first ``span`` slots, and ``advance`` moves the lengths on. Everything reads
+    the lengths from the device, so a captured graph replays correctly at any length.
+    """
+
+    def __init__(self, layers: int, heads: int, head_dim: int, groups: Sequence[tuple[int, int]], max_new: int,
+                 dtype, device):
+        self.groups = [_Group(layers, rows, heads, capacity, head_dim, dtype, device) for rows, capacity in groups]
+        self.live = 1
+        self.offsets = torch.arange(max_new, device=device)
+        self.key_index = torch.arange(max(g.capacity for g in self.groups), device=device)
+
+    @property
+    def live_groups(self) -> list[_Group]:
+        return self.groups[:self.live]
+
+    def prepare(self, t: int, spans: Sequence[int]) -> torch.Tensor:
+        """Slots and masks for a call of T tokens per live row; returns the positions (rows, T)."""
+        for group, span in zip(self.live_groups, spans):
+            group.slots = group.lengths.unsqueeze(1) + self.offsets[:t]
+            group.span = span
+            group.mask = (self.key_index[:span] <= group.slots.unsqueeze(-1)).unsqueeze(1)
+        return torch.cat([g.slots for g in self.live_groups])
+
+    def update(self, key, value, layer_idx, *args, **kwargs):
+        start = 0
+        for group in self.live_groups:
+            rows = slice(start, start + group.rows)
+            group.keys[layer_idx].transpose(1, 2)[group.row_index, group.slots] = key[rows].transpose(1, 2)
+            group.values[layer_idx].transpose(1, 2)[group.row_index, group.slots] = value[rows].transpose(1, 2)
+            start += group.rows
+        return key, value  # unused: grouped_cache_attention reads the groups
+
+    def attend(self, layer: int, query: torch.Tensor, scaling: float) -> torch.Tensor:
+        """query (rows, heads, T, head_dim) -> (rows, T, heads, head_dim)."""
+        out, start = [], 0
+        for group in self.live_groups:
+            q = query[start:start + group.rows]
+            keys, values = group.keys[layer][:, :, :group.span], group.values[layer][:, :, :group.span]
+            out.append(F.scaled_dot_product_attention(q, keys, values, attn_mask=group.mask, scale=scaling))
+            start += group.rows
+        return torch.cat(out).transpose(1, 2).contiguous()
+
+    def advance(self, t: int) -> None:
+        for group in self.live_groups:
+            group.lengths += t
+
+
+class TorchDecoder:
+    """The torch backend's Decoder (see pure_lite.generate), on CPU or CUDA.
+
+    ``graphs``: capture each step shape as a CUDA graph (default: on CUDA). ``device_loop``:
+    offer ``decode_plain_image`` to the decode loop (default: on CUDA). ``attend_bucket``: the
+    slots attention reads are rounded up to a multiple of this (default 1 when eager, exact;
+    512 with graphs, so a 512² restoration needs ~30 captured shapes).
+    """
+
+    def __init__(self, lm, image_head, device: str = "cpu", *, graphs: bool | None = None,
+                 device_loop: bool | None = None, attend_bucket: int | None = None):
+        use_grouped_attention(lm)
+        self.step_fn = ChameleonStep(lm).eval()
+        self.text_head = TextHead(lm).eval()
+        self.image_head = image_head.eval()
+        self.device = torch.device(device)
+        on_cuda = self.device.type == "cuda"
+        self.graphs = on_cuda if graphs is None else graphs
+        if self.graphs and not on_cuda:
+            raise ValueError("CUDA graphs need a CUDA device")
+        self.bucket = attend_bucket or (512 if self.graphs else 1)
+        if not (device_loop if device_loop is not None else on_cuda):
+            self.decode_plain_image = None  # the decode loop samples on the host
+        self.dtype = lm.model.embed_tokens.weight.dtype
+        self.layers = lm.config.num_hidden_layers
+        self.heads, self.head_dim = kv_shape(lm.config)
+        self.captured: dict[tuple, tuple] = {}  # shape key -> (graph, its outputs)
+        self.capture_s = 0.0
+        self.pool = None  # one memory pool for all graphs: they never run concurrently
+        self.chain: _ChainState | None = None
+
+    # --- the Decoder protocol -------------------------------------------------------------
+
+    def prefill(self, prompts, capacity: int, max_step: int, unconditional_capacity: int | None = None) -> np.ndarray:
+        batch, longest = len(prompts), max(len(p) for p in prompts)
+        capacity = max(capacity, longest)
+        self.kv = GroupedKV(self.layers, self.heads, self.head_dim,
+                            [(batch, capacity), (batch, unconditional_capacity or capacity)],
+                            max(max_step, longest), self.dtype, self.device)
+        self.lengths = np.zeros(2 * batch, np.int64)
+        self.batch, self.live, self.max_step = batch, batch, max_step
+        self.captured.clear()  # graphs hold this batch's buffers
+        self.step_inputs: dict[tuple[int, int], torch.Tensor] = {}
+        ids = np.zeros((batch, longest), np.int64)  # right-padded; the padding is rewound below
+        for row, prompt in enumerate(prompts):
+            ids[row, :len(prompt)] = prompt
+        hidden = self._forward(torch.as_tensor(ids, device=self.device))
+        self.rewind(np.array([longest - len(p) for p in prompts]))
+        last = torch.as_tensor([len(p) - 1 for p in prompts], device=self.device)
+        return self._logits(hidden[torch.arange(batch, device=self.device), last], image=False)
+
+    def begin_unconditional(self) -> None:
+        self.live = 2 * self.batch  # rows B..2B-1 start empty: length 0, positions from 0
+        self.lengths[self.batch:] = 0
+        self.kv.live = 2
+        self.kv.groups[1].lengths.zero_()
+
+    def step(self, ids: np.ndarray, image: bool = False, all_positions: bool = False) -> np.ndarray:
+        ids = np.asarray(ids, dtype=np.int64)
+        if ids.shape[0] != self.live:
+            raise ValueError(f"step got {ids.shape[0]} rows, the decoder has {self.live} live rows")
+        if self.graphs:
+            return self._captured_step(ids, image, all_positions)
+        hidden = self._forward(torch.as_tensor(ids, device=self.device))
+        return self._logits(hidden if all_positions else hidden[:, -1], image)
+
+    def rewind(self, counts: np.ndarray) -> None:
+        self.lengths[:self.live] -= np.asarray(counts, dtype=np.int64)
+        for group, part in zip(self.kv.live_groups, np.split(self.lengths[:self.live], self.kv.live)):
+            group.lengths.copy_(torch.from_numpy(part))
+
+    # --- plain image decoding chained on the device -----------------------------------------
+
+    @torch.inference_mode()
+    def decode_plain_image(self, header: Sequence[int], side: int, config: SamplingConfig, seeds: Sequence[int],
+                           image_ids: np.ndarray, row_end: int,
+                           progress: Callable[[int], None] | None = None) -> tuple[np.ndarray, np.ndarray, int]:
+        """Decode every restoration's side x side codes after ``header``, plain (no speculation).
+
+        Restoration i draws its j-th code with ``counter_uniforms(fold_seed(seeds[i]), j)``.
+        Returns (codes (B, side²) int64, entropies (B, side²) float32, decoder calls).
+        ``progress(codes done per restoration)`` is called after every image row, once the
+        device has finished it.
+        """
+        batch, total, cfg = self.batch, side * side, config.uses_cfg
+        dev = self.device
+        self.captured = {key: entry for key, entry in self.captured.items() if key[0] != "link"}  # old chain's
+        hidden = self._forward(torch.as_tensor(np.tile(np.asarray(header, np.int64), (self.live, 1)), device=dev))
+        state = _ChainState(
+            logits=self.image_head(hidden[:, -1]),
+            codes=torch.zeros((batch, total), dtype=torch.int64, device=dev),
+            entropy=torch.zeros((batch, total), dtype=torch.float64 if dev.type != "mps" else torch.float32,
+                                device=dev),
+            counter=torch.zeros((), dtype=torch.int64, device=dev),
+            seeds=torch.tensor([torch_sampler.fold_seed(s) for s in seeds], dtype=torch.int64, device=dev),
+            image_ids=torch.as_tensor(np.array(image_ids, np.int64), device=dev),
+            ids={1: torch.zeros((self.live, 1), dtype=torch.int64, device=dev),
+                 2: torch.full((self.live, 2), row_end, dtype=torch.int64, device=dev)},
+            config=config, cfg=cfg, batch=batch,
+        )
+        self.chain = state
+        for index in range(total):
+            t = 0 if index == total - 1 else (2 if index % side == side - 1 else 1)
+            self._run_link(t)
+            if index % side == side - 1:
+                if dev.type == "cuda":
+                    torch.cuda.current_stream(dev).synchronize()
+                if progress is not None:
+                    progress(index + 1)
+        codes = state.codes.cpu().numpy()
+        entropy = state.entropy.float().cpu().numpy()
+        self.chain = None
+        return codes, entropy, total
+
+    def _link(self, t: int, spans: tuple[int, ...]) -> None:
+        """Draw every restoration's next code from ``chain.logits``; then, if t > 0, feed it (with a row end
+        when t == 2) and leave the next logits in ``chain.logits``. Device work only: capturable."""
+        s = self.chain
+        b = s.batch
+        uniforms = torch_sampler.counter_uniforms(s.seeds, s.counter)
+        code, entropy = torch_sampler.image_codes(s.logits[:b], s.logits[b:] if s.cfg else None, s.config, uniforms)
+        column = s.counter.view(1)
+        s.codes.index_copy_(1, column, code.unsqueeze(1))
+        s.entropy.index_copy_(1, column, entropy.to(s.entropy.dtype).unsqueeze(1))
+        s.counter += 1
+        if t == 0:
+            return
+        token = s.image_ids[code]
+        ids = s.ids[t]
+        ids[:, 0].copy_(torch.cat([token, token]) if s.cfg else token)
+        positions = self.kv.prepare(t, spans)
+        hidden = self.step_fn.run(ids, None, positions, self.kv, grouped_cache=self.kv)
+        self.kv.advance(t)
+        s.logits.copy_(self.image_head(hidden[:, -1]))
+
+    @torch.inference_mode()
+    def _run_link(self, t: int) -> None:
+        spans = self._spans(t)
+        if self.graphs:
+            self._replay(("link", t, spans), lambda: self._link(t, spans))
+        else:
+            self._link(t, spans)
+        self.lengths[:self.live] += t
+
+    # --- CUDA graphs ----------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def _captured_step(self, ids: np.ndarray, image: bool, all_positions: bool) -> np.ndarray:
+        """``step`` through a captured graph: the call is padded to a power-of-two width (the padding is
+        rewound at once), so text steps and speculative windows reuse a few shapes."""
+        rows, t = ids.shape
+        width = min(1 << (t - 1).bit_length(), max(self.max_step, t))
+        spans = self._spans(width)
+        buffer = self.step_inputs.get((rows, width))
+        if buffer is None:
+            buffer = self.step_inputs[(rows, width)] = torch.zeros((rows, width), dtype=torch.int64,
+                                                                   device=self.device)
+        padded = np.empty((rows, width), np.int64)
+        padded[:, :t], padded[:, t:] = ids, ids[:, -1:]
+        buffer.copy_(torch.from_numpy(padded))
+        last = slice(None) if all_positions else slice(t - 1, t)
+        key = ("step", rows, width, spans, image)
+        outputs = self._replay(key, lambda: self._graph_step(buffer, spans, image))
+        self.lengths[:self.live] += width
+        logits = outputs[:, last].cpu().numpy()  # read before any other graph reuses the pool
+        self.rewind(np.full(self.live, width - t))
+        return logits if all_positions else logits[:, 0]
+
+    def _graph_step(self, ids: torch.Tensor, spans: tuple[int, ...], image: bool) -> torch.Tensor:
+        """One decoder call on device buffers; returns every position's logits (capturable)."""
+        positions = self.kv.prepare(ids.shape[1], spans)
+        hidden = self.step_fn.run(ids, None, positions, self.kv, grouped_cache=self.kv)
+        self.kv.advance(ids.shape[1])
+        return (self.image_head if image else self.text_head)(hidden)
+
+    def _replay(self, key: tuple, body: Callable[[], object]):
+        """Replay the graph captured for ``key`` (capturing it on first use); returns what ``body`` returned
+        at capture, whose memory the replay refills. Off CUDA (the tests' CPU check of this path) the body
+        runs eagerly: same shapes, same buffers, no capture."""
+        if self.device.type != "cuda":
+            return body()
+        entry = self.captured.get(key)
+        if entry is None:
+            entry = self.captured[key] = self._capture(body)
+        graph, outputs = entry
+        graph.replay()
+        return outputs
+
+    def _capture(self, body: Callable[[], object]) -> tuple[torch.cuda.CUDAGraph, object]:
+        """Warm ``body`` up once (on a side stream, as capture requires), undo its effect on the lengths and
+        the chain, then capture it. The warm-up writes the same cache slots the replay writes again."""
+        import time
+
+        start = time.perf_counter()
+        s = self.chain
+        lengths = [g.lengths.clone() for g in self.kv.live_groups]
+        chain = [] if s is None else [(s.logits, s.logits.clone()), (s.counter, s.counter.clone())]
+        side_stream = torch.cuda.Stream(self.device)
+        side_stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side_stream):
+            body()
+        torch.cuda.current_stream(self.device).wait_stream(side_stream)
+        for group, saved in zip(self.kv.live_groups, lengths):
+            group.lengths.copy_(saved)
+        for tensor, saved in chain:
+            tensor.copy_(saved)
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            outputs = body()
+        torch.cuda.current_stream(self.device).synchronize()
+        self.capture_s += time.perf_counter() - start
+        return graph, outputs
+
+    # --- internals ------------------------------------------------------------------------
+
+    def _spans(self, t: int) -> tuple[int, ...]:
+        """Slots attention reads per live group for a call of t tokens: the longest row's, rounded up to the bucket."""
+        spans = []
+        for group, lengths in zip(self.kv.live_groups, np.split(self.lengths[:self.live], self.kv.live)):
+            needed = int(lengths.max()) + t
+            if needed > group.capacity:
+                raise GenerationError(f"KV cache capacity {group.capacity} exceeded")
+            spans.append(min(group.capacity, math.ceil(max(needed, 1) / self.bucket) * self.bucket))
+        return tuple(spans)
+
+    @torch.inference_mode()
+    def _forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """Append ids (R, T) to the live rows, eagerly; returns their final-norm hidden states (R, T, hidden)."""
+        t = ids.shape[1]
+        positions = self.kv.prepare(t, self._spans(t))
+        hidden = self.step_fn.run(ids, None, positions, self.kv, grouped_cache=self.kv)
+        self.kv.advance(t)
+        self.lengths[:self.live] += t
+        return hidden
+
+    @torch.inference_mode()
+    def _logits(self, hidden: torch.Tensor, image: bool) -> np.ndarray:
+        return (self.image_head if image else self.text_head)(hidden).cpu().numpy()
+
+
+class _ChainState:
+    """The device tensors a chained image decode reads and writes in place (a graph's fixed addresses)."""
+
+    def __init__(self, **fields):
+        self.__dict__.update(fields)

@@ -1,0 +1,152 @@
+"""The torch backend's chained on-device image loop (TorchDecoder.decode_plain_image) against the shared
+host loop, on CPU (eager: the same code a CUDA graph captures; tests/test_gpu.py replays it on a GPU).
+
+- greedy: the chained loop gives the host loop's tokens exactly, alone and in a batch with
+  different prompt lengths, with and without CFG, and with attention over bucketed spans;
+- sampled: the chained loop's codes equal a step-by-step host driver that draws each code with
+  ``torch_sampler.image_codes`` at ``counter_uniforms(seed, index)`` (two independent drivers of
+  the same maths); a tile's codes do not depend on its batch;
+- progress is reported once per image row; cancelling stops the decode.
+"""
+
+import numpy as np
+import pytest
+import torch
+
+from pure_lite import torch_sampler as ts
+from pure_lite.checkpoint import CheckpointFiles
+from pure_lite.errors import GenerationCancelled
+from pure_lite.generate import generate_batch
+from pure_lite.lm import ImageHead, load_language_model
+from pure_lite.prompt import TextTokenizer, prompt_ids
+from pure_lite.sampling import SamplingConfig
+from pure_lite.tokens import LATENT_STRIDE, TokenLayout, image_block_length
+from pure_lite.torch_decoder import TorchDecoder
+
+from conftest import TARGET
+
+SIDE = TARGET // LATENT_STRIDE
+
+
+@pytest.fixture(scope="module")
+def model(tiny_compact):
+    files = CheckpointFiles.locate(tiny_compact)
+    layout = TokenLayout.from_tokenizer_file(files.tokenizer, files.read_config()["vocab_size"])
+    lm = load_language_model(files)
+    tokenizer = TextTokenizer(files.tokenizer)
+    prompts = [prompt_ids(tokenizer, layout, layout.encode_image((np.arange(64).reshape(8, 8) * (i + 3))
+                                                                  % layout.codebook_size)) for i in range(3)]
+    prompts[1] = prompts[1][:-5]  # prompts of different lengths: rows at different positions
+    return lm, ImageHead(lm, layout.image_ids), layout, prompts
+
+
+def _run(model, prompts, config, seeds, **decoder_args):
+    lm, head, layout, _ = model
+    return generate_batch(TorchDecoder(lm, head, **decoder_args), prompts, layout, TARGET, config,
+                          [np.random.default_rng(s) for s in seeds], max_positions=4096)
+
+
+@pytest.mark.parametrize("cfg_scale", [0.8, 1.0])
+def test_chained_greedy_equals_the_host_loop(model, cfg_scale):
+    prompts = model[3]
+    config = SamplingConfig(temperature=0, cfg_scale=cfg_scale, max_text_tokens=5)
+    host = _run(model, prompts, config, [0, 1, 2])
+    chained = _run(model, prompts, config, [0, 1, 2], device_loop=True)
+    bucketed = _run(model, prompts, config, [0, 1, 2], device_loop=True, attend_bucket=16)
+    for h, c, b in zip(host, chained, bucketed):
+        np.testing.assert_array_equal(c.tokens, h.tokens)
+        np.testing.assert_array_equal(b.tokens, h.tokens)
+        np.testing.assert_allclose(c.entropy, h.entropy, atol=1e-4)
+        assert c.timings["decoder_calls"] == h.timings["decoder_calls"] == SIDE * SIDE
+    assert len({g.tokens.tobytes() for g in host}) > 1
+
+
+def _host_driver(model, prompt, config, seed):
+    """Step by step through the Decoder protocol, drawing code j with the torch sampler at counter j."""
+    lm, head, layout, _ = model
+    dec = TorchDecoder(lm, head)
+    block = image_block_length(TARGET, TARGET)
+    dec.prefill([prompt], len(prompt) + block + 8, 3, unconditional_capacity=block + 3)
+    dec.begin_unconditional()
+    logits = dec.step(np.tile(layout.header(TARGET, TARGET), (2, 1)), image=True)
+    codes = []
+    seeds = torch.tensor([ts.fold_seed(seed)])
+    for j in range(SIDE * SIDE):
+        code, _ = ts.image_codes(torch.from_numpy(logits[:1]), torch.from_numpy(logits[1:]), config,
+                                 ts.counter_uniforms(seeds, j))
+        codes.append(int(code[0]))
+        if j == SIDE * SIDE - 1:
+            break
+        ids = [int(layout.image_ids[codes[-1]])] + ([layout.row_end] if j % SIDE == SIDE - 1 else [])
+        logits = dec.step(np.array([ids, ids]), image=True)
+    return np.array(codes)
+
+
+def test_chained_sampling_equals_a_step_by_step_driver(model):
+    lm, head, layout, prompts = model
+    config = SamplingConfig(cfg_scale=0.8)
+    dec = TorchDecoder(lm, head, device_loop=True)
+    block = image_block_length(TARGET, TARGET)
+    dec.prefill(prompts[:1], len(prompts[0]) + block + 8, 3, unconditional_capacity=block + 3)
+    dec.begin_unconditional()
+    codes, entropy, calls = dec.decode_plain_image(layout.header(TARGET, TARGET), SIDE, config, [1234],
+                                                   layout.image_ids, layout.row_end)
+    expected = _host_driver(model, prompts[0], config, 1234)
+    np.testing.assert_array_equal(codes[0], expected)
+    assert calls == SIDE * SIDE and entropy.shape == (1, SIDE * SIDE) and (entropy > 0).all()
+    assert len(set(expected.tolist())) > 4  # really sampled, not a constant
+
+
+def test_chained_tile_does_not_depend_on_its_batch(model):
+    prompts = model[3]
+    config = SamplingConfig(cfg_scale=0.8, max_text_tokens=3)
+    batch = _run(model, prompts, config, [5, 6, 7], device_loop=True)
+    alone = _run(model, prompts[1:2], config, [6], device_loop=True)[0]
+    np.testing.assert_array_equal(batch[1].tokens, alone.tokens)
+    assert not np.array_equal(batch[0].codes, batch[2].codes)
+
+
+def test_progress_per_image_row_and_cancel(model):
+    prompts = model[3][:2]
+    config = SamplingConfig(cfg_scale=0.8, max_text_tokens=2)
+    seen = []
+    lm, head, layout, _ = model
+    generate_batch(TorchDecoder(lm, head, device_loop=True), prompts, layout, TARGET, config,
+                   [np.random.default_rng(s) for s in (1, 2)], max_positions=4096,
+                   on_step=lambda done, total: seen.append((done, total)))
+    assert seen == [(2 * SIDE * r, 2 * SIDE * SIDE) for r in range(1, SIDE + 1)]
+    calls = []
+
+    def cancel():
+        calls.append(1)
+        return len(calls) > 2
+
+    with pytest.raises(GenerationCancelled):
+        generate_batch(TorchDecoder(lm, head, device_loop=True), prompts, layout, TARGET, config,
+                       [np.random.default_rng(s) for s in (1, 2)], max_positions=4096, cancel=cancel)
+
+
+def test_graphs_need_cuda(model):
+    lm, head, _, _ = model
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: tests/test_gpu.py covers graphs")
+    with pytest.raises(ValueError, match="CUDA"):
+        TorchDecoder(lm, head, graphs=True)
+
+
+@pytest.mark.parametrize("window", [0, 4])
+def test_fixed_shape_path_equals_eager(model, window):
+    """The path CUDA graphs capture (calls padded to power-of-two widths and rewound, device-side lengths,
+    bucketed spans), run eagerly on CPU: the same greedy tokens as the eager decoder, through text steps,
+    speculative windows (window 4) and the chained image loop (window 0)."""
+    lm, head, layout, prompts = model
+    config = SamplingConfig(temperature=0, cfg_scale=0.8, max_text_tokens=5, jacobi_window=window)
+    eager = _run(model, prompts, config, [0, 1, 2])
+    fixed = TorchDecoder(lm, head, device_loop=True, attend_bucket=16)
+    fixed.graphs = True  # off CUDA, TorchDecoder._replay runs the would-be-captured body eagerly
+    out = generate_batch(fixed, prompts, layout, TARGET, config, [np.random.default_rng(s) for s in (0, 1, 2)],
+                         max_positions=4096)
+    for e, f in zip(eager, out):
+        np.testing.assert_array_equal(f.tokens, e.tokens)
+    widths = {width for rows, width in fixed.step_inputs}  # the fixed-shape step ran: text at width 1
+    assert (3, 1) in fixed.step_inputs and (max(widths) > 1) == (window > 0)
