@@ -60,7 +60,7 @@ def main() -> None:
 
     def ours():
         rows = layout.image_logits(logits)
-        return sampler.image_codes(rows[0:1], rows[1:2], cfg, [rng])  # what the decode loop calls, one tile
+        return sampler.image_code(rows[0], rows[1], cfg, rng)
 
     results = {"vocab": V, "steps": args.steps, "pure_lite_numpy_ms": 1e3 * timed(ours, args.steps)}
     try:

@@ -185,9 +185,8 @@ def _write_text(decoder, logits, layout, config, rngs, sampler, budget, cancel) 
             raise GenerationCancelled("cancelled while writing text")
         ids = np.full(batch, layout.image_start, dtype=np.int64)  # padding for rows not writing: rewound
         fed = np.zeros(batch, bool)
-        rows = np.flatnonzero(writing)
-        for i, token in zip(rows, sampler.text_tokens(logits[rows], banned, config, [rngs[i] for i in rows])):
-            token = int(token)
+        for i in np.flatnonzero(writing):
+            token = sampler.text_token(logits[i], banned, config, rngs[i])
             if token == layout.image_start:
                 writing[i] = False
                 continue
@@ -332,7 +331,7 @@ def _decode_images(decoder, images: list[_ImageDecode], layout, size_px, config,
             ids[i, : len(tokens)] = tokens
         logits = decoder.step(np.concatenate([ids, ids]) if cfg else ids, image=True, all_positions=True)
         calls += 1
-        # Every restoration's outputs go through the sampler together: one set of NumPy calls per step.
+        # The outputs each restoration reads, gathered for all of them: SJD's distributions are one call.
         live = [i for i in range(batch) if inputs[i]]
         reads = [images[i].outputs(fed[i]) for i in live]
         row = np.repeat(live, [len(r) for r in reads])
@@ -345,9 +344,9 @@ def _decode_images(decoder, images: list[_ImageDecode], layout, size_px, config,
             for i, end, n in zip(live, ends, map(len, reads)):
                 keep[i] = images[i].advance(probs[end - n:end], ents[end - n:end], fed[i])
         else:
-            codes, ents = sampler.image_codes(cond, uncond, config, [images[i].rng for i in live])
-            for i, code, ent in zip(live, codes, ents):
-                keep[i] = images[i].take(int(code), float(ent), fed[i])
+            for j, i in enumerate(live):
+                code, entropy = sampler.image_code(cond[j], None if uncond is None else uncond[j], config, images[i].rng)
+                keep[i] = images[i].take(code, entropy, fed[i])
         drop = width - keep
         decoder.rewind(np.concatenate([drop, drop]) if cfg else drop)
         if on_step is not None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Protocol, Sequence
+from typing import Protocol
 
 import numpy as np
 
@@ -122,42 +122,16 @@ def _sample_top_k(logits: np.ndarray, k: int, temperature: float, rng: np.random
     return int(keep[min(pick, len(keep) - 1)])
 
 
-def top_k_kept(scores: np.ndarray, k: np.ndarray, temperature: float):
-    """Every row's top-k survivors (ids >= the row's k-th largest, ties kept; ``k`` (N,) may differ
-    per row) with their temperature weights exp((s - max) / T); temperature > 0.
-
-    Returns (row, id, weight) of every survivor, row-major with ids ascending within a row (the
-    reference's ``top_k_keep`` order). The weights are, element for element, those
-    ``_sample_top_k`` computes (the same threshold value, the same float64 maths), and only the
-    survivors are exponentiated. One ``partition`` of all rows at the largest k, then one of that
-    top slice at each row's own rank, finds the thresholds.
-    """
+def top_k_thresholds(scores: np.ndarray, k: np.ndarray) -> np.ndarray:
+    """(N, 1): each row's k-th largest score, ``k`` (N,) per row (the value ``top_k_keep`` compares
+    against). One ``partition`` of all rows at the largest k, then a sort of that top slice."""
     n = scores.shape[-1]
     k = np.minimum(np.asarray(k, dtype=np.int64), n)
     width = int(k.max())
     top = scores if width == n else np.partition(scores, n - width, axis=-1)[:, n - width:]
-    rank = width - k  # the row's k-th largest is the rank-th smallest of its top `width`
-    threshold = np.take_along_axis(np.partition(top, np.unique(rank), axis=-1), rank[:, None], axis=-1)
-    row, ids = np.nonzero(scores >= threshold)
-    peak = scores.max(axis=-1).astype(np.float64)
-    return row, ids, np.exp((scores[row, ids].astype(np.float64) - peak[row]) / temperature)
-
-
-def draw_kept(row: np.ndarray, ids: np.ndarray, weight: np.ndarray, rows: int, rngs) -> np.ndarray:
-    """One id per row from ``top_k_kept``'s survivors, row r drawn with ``rngs[r]`` (one ``random()``
-    each) exactly as ``_sample_top_k`` draws: the row's weights are packed to the left of a zero-padded
-    matrix, so its cumulative sum is the reference's, term for term; the first survivor whose
-    cumulative weight exceeds u * total is picked (an overshoot by rounding: the last survivor)."""
-    counts = np.bincount(row, minlength=rows)
-    slot = np.arange(len(row)) - (np.cumsum(counts) - counts)[row]
-    packed = np.zeros((rows, int(counts.max())))
-    packed[row, slot] = weight
-    packed_ids = np.zeros(packed.shape, np.int64)
-    packed_ids[row, slot] = ids
-    cdf = np.cumsum(packed, axis=-1)
-    target = np.array([rng.random() for rng in rngs]) * cdf[:, -1]
-    pick = np.minimum((cdf <= target[:, None]).sum(axis=-1), counts - 1)  # searchsorted(side="right") per row
-    return packed_ids[np.arange(rows), pick]
+    if (k == width).all():
+        return top.min(axis=-1, keepdims=True)
+    return np.take_along_axis(np.sort(top, axis=-1), (width - k)[:, None], axis=-1)
 
 
 def image_distributions(cond: np.ndarray, uncond: np.ndarray | None, config: SamplingConfig):
@@ -177,8 +151,13 @@ def image_distributions(cond: np.ndarray, uncond: np.ndarray | None, config: Sam
     probs[greedy, scores[greedy].argmax(axis=-1)] = 1.0
     rest = np.flatnonzero(k > 1)
     if rest.size:
-        row, ids, weight = top_k_kept(scores[rest], k[rest], config.temperature)
-        probs[rest[row], ids] = weight / np.bincount(row, weight, minlength=len(rest))[row]
+        kept = scores[rest]
+        weights = kept.astype(np.float64)
+        weights -= weights.max(axis=-1, keepdims=True)
+        weights /= config.temperature
+        weights[kept < top_k_thresholds(kept, k[rest])] = -np.inf
+        np.exp(weights, out=weights)
+        probs[rest] = weights / weights.sum(axis=-1, keepdims=True)
     return probs, entropy
 
 
@@ -189,33 +168,34 @@ def draw(probs: np.ndarray, rng: np.random.Generator) -> int:
 
 
 class Sampler(Protocol):
-    """What the decode loop asks of a sampler: one token per row of host arrays, all rows of a
-    step in one call (the tiles of a batch), row r drawing only from ``rngs[r]``.
+    """What the decode loop asks of a sampler, one token at a time on host arrays.
 
-    ``NumpySampler`` is the implementation; ``pure_lite.torch_sampler`` is the same maths on
-    batched device tensors, for a decode step that stays on the GPU.
+    ``NumpySampler`` is the implementation and the reference; ``pure_lite.torch_sampler`` is the
+    same maths on batched device tensors, for a decode step that stays on the GPU.
     """
 
-    def image_codes(
-        self, cond: np.ndarray, uncond: np.ndarray | None, config: SamplingConfig, rngs: Sequence[np.random.Generator]
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """One VQ code per row of (N, codebook) image-subset logits: ((N,) codes, (N,) entropies in nats)."""
+    def image_code(
+        self, cond: np.ndarray, uncond: np.ndarray | None, config: SamplingConfig, rng: np.random.Generator
+    ) -> tuple[int, float]:
+        """Draw one VQ code from image-subset logits; returns (code, entropy in nats)."""
         ...
 
-    def text_tokens(
-        self, logits: np.ndarray, banned: np.ndarray, config: SamplingConfig, rngs: Sequence[np.random.Generator]
-    ) -> np.ndarray:
-        """One text token per row of (N, V) full-vocabulary logits, never one of ``banned``."""
+    def text_token(
+        self, logits: np.ndarray, banned: np.ndarray, config: SamplingConfig, rng: np.random.Generator
+    ) -> int:
+        """Draw one text token from full-vocabulary logits, never one of ``banned``."""
         ...
 
 
 class NumpySampler:
     """The reference sampler in NumPy (CPU).
 
-    ``image_code``/``text_token`` are the reference, one row at a time; ``image_codes``/
-    ``text_tokens`` (what the decode loop calls) do all rows in one set of NumPy calls and make
-    the same draws: each row consumes one ``random()`` of its own generator exactly when the
-    reference would, and picks the same id (tested).
+    One row at a time on purpose: drawing every tile's code of a step in one set of NumPy calls
+    was measured (docs/benchmarks.md, "Where a step's time goes") and does not pay. With PURE-tiny's codebook
+    (1024) and entropy-based k of several hundred, the work is per element, not per call, and
+    a batched draw needs full-width float64 passes that the per-row one avoids (it
+    exponentiates and accumulates only the k survivors): 1.5x faster for 8 rows, slower for
+    one row, 3x slower for one row of 16384 image tokens.
     """
 
     def image_code(self, cond, uncond, config, rng):
@@ -228,27 +208,3 @@ class NumpySampler:
         scores = logits.copy()
         scores[banned] = -np.inf
         return _sample_top_k(scores, config.text_top_k, config.temperature, rng)
-
-    def image_codes(self, cond, uncond, config, rngs):
-        scores = cond if uncond is None else cfg_mix(cond, uncond, config.cfg_scale)
-        entropy = softmax_entropies(scores)
-        if config.temperature == 0:
-            return scores.argmax(axis=-1), entropy
-        return _draw_top_k(scores, entropy_top_k(entropy, config.k_min, config.k_max), config.temperature, rngs), entropy
-
-    def text_tokens(self, logits, banned, config, rngs):
-        scores = logits.copy()
-        scores[:, banned] = -np.inf
-        if config.temperature == 0:
-            return scores.argmax(axis=-1)
-        return _draw_top_k(scores, np.full(len(scores), config.text_top_k), config.temperature, rngs)
-
-
-def _draw_top_k(scores: np.ndarray, k: np.ndarray, temperature: float, rngs) -> np.ndarray:
-    """``_sample_top_k`` for every row at once: argmax where k == 1 (no draw), else a top-k draw."""
-    out = scores.argmax(axis=-1)
-    rest = np.flatnonzero(k > 1)
-    if rest.size:
-        kept = top_k_kept(scores[rest], k[rest], temperature)
-        out[rest] = draw_kept(*kept, len(rest), [rngs[i] for i in rest])
-    return out
