@@ -12,6 +12,8 @@ with PURE's default sampling (CFG 0.8 as batch 2, entropy top-k, temperature 0.9
 - ``torchao-int4-...`` / ``torchao-int8-...``: torchao weight-only int4 (tinygemm layout, bf16
   activations, group 128) and int8 (per row) weights, when torchao is installed;
 - ``...-4-tiles``: four restorations decoded together (8 rows per step): ms per step, for all four;
+- ``sjd-w16-graphs``: speculative Jacobi decoding, window 16, through the shared loop with captured
+  steps (random weights accept few drafts: read its ms per *call*);
 - ``hf-static-compiled``: plain transformers ``generate``, batch 2, static cache (auto-compiled), greedy,
   no PURE sampling: the alternative a user has without pure-lite (``--skip-hf`` to leave it out).
 
@@ -34,9 +36,8 @@ import numpy as np
 import report
 
 PROMPT = 4200
-CODEBOOK = 8192
-ROW_END, HEADER = 8196, [8197, 8198, 8199]
 DEVICE = "cuda"
+LAYOUT = None  # PURE's token layout (image ids, grid tokens, row end), from a tiny checkpoint's tokenizer
 SHAPE = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
              num_key_value_heads=32)
 
@@ -89,18 +90,34 @@ def build(quant: str):
     return model
 
 
+def pure_layout():
+    import tempfile
+
+    from pure_lite.testing import make_tiny_checkpoint
+    from pure_lite.tokens import TokenLayout
+
+    folder = make_tiny_checkpoint(tempfile.mkdtemp(), layout="pure")
+    return TokenLayout.from_tokenizer_file(folder / "tokenizer.json", vocab_size=73728)
+
+
 def decoder(model, **kw):
     from pure_lite.lm import ImageHead
     from pure_lite.torch_decoder import TorchDecoder
 
-    image_ids = np.arange(4, 4 + CODEBOOK)
-    return TorchDecoder(model, ImageHead(model, image_ids), DEVICE, **kw), image_ids
+    return TorchDecoder(model, ImageHead(model, LAYOUT.image_ids), DEVICE, **kw), LAYOUT.image_ids
+
+
+def prompts(batch: int) -> list:
+    return list(np.random.default_rng(0).choice(LAYOUT.image_ids, (batch, PROMPT)))
+
+
+def header(side: int) -> list[int]:
+    return [int(t) for t in LAYOUT.header(side * 8, side * 8)]
 
 
 def open_rows(dec, side: int, batch: int = 1) -> None:
-    prompts = list(np.random.default_rng(0).integers(4, 4 + CODEBOOK, (batch, PROMPT)))
     block = side * (side + 1) + 4
-    dec.prefill(prompts, PROMPT + block + 8, 3, unconditional_capacity=block + 3)
+    dec.prefill(prompts(batch), PROMPT + block + 8, 3, unconditional_capacity=block + 3)
     dec.begin_unconditional()
 
 
@@ -115,10 +132,10 @@ def time_host(model, side: int) -> dict:
     config, rng, sampler = SamplingConfig(), np.random.default_rng(0), NumpySampler()
     sync()
     start = time.perf_counter()
-    logits = dec.step(np.array([HEADER, HEADER]), image=True)
+    logits = dec.step(np.array([header(side)] * 2), image=True)
     for j in range(side * side - 1):
         code, _ = sampler.image_code(logits[0], logits[1], config, rng)
-        ids = [int(image_ids[code])] + ([ROW_END] if j % side == side - 1 else [])
+        ids = [int(image_ids[code])] + ([LAYOUT.row_end] if j % side == side - 1 else [])
         logits = dec.step(np.array([ids, ids]), image=True)
     sync()
     return {"ms_per_step": 1000 * (time.perf_counter() - start) / (side * side)}
@@ -138,7 +155,8 @@ def time_chained(model, side: int, batch: int = 1, **kw) -> dict:
     if DEVICE == "cuda":
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
-    codes, _, _ = dec.decode_plain_image(HEADER, side, SamplingConfig(), list(range(batch)), image_ids, ROW_END)
+    codes, _, _ = dec.decode_plain_image(header(side), side, SamplingConfig(), list(range(batch)), image_ids,
+                                         LAYOUT.row_end)
     sync()
     seconds = time.perf_counter() - start
     return {"ms_per_step": 1000 * (seconds - dec.capture_s) / (side * side), "capture_s": dec.capture_s,
@@ -146,11 +164,31 @@ def time_chained(model, side: int, batch: int = 1, **kw) -> dict:
             "peak_vram_gb": peak_gb()}
 
 
+def time_jacobi(model, side: int, window: int) -> dict:
+    """Speculative Jacobi decoding through the shared loop (each call a captured graph, the acceptance on the
+    host). Random weights accept almost no drafts, so this measures the cost of a window call, not SJD's gain:
+    multiply by the calls per image measured on a trained model (docs/benchmarks.md, jacobi)."""
+    from pure_lite.generate import generate_batch
+    from pure_lite.sampling import SamplingConfig
+
+    dec, _ = decoder(model)
+    config = SamplingConfig(jacobi_window=window, max_text_tokens=0)
+    sync()
+    start = time.perf_counter()
+    out = generate_batch(dec, prompts(1), LAYOUT, side * 8, config, [np.random.default_rng(0)],
+                         max_positions=1 << 16)[0]
+    sync()
+    seconds = time.perf_counter() - start - dec.capture_s
+    calls = out.timings["decoder_calls"]
+    return {"ms_per_step": 1000 * seconds / (side * side), "ms_per_call": 1000 * seconds / calls, "calls": calls,
+            "capture_s": dec.capture_s, "graphs": len(dec.captured)}
+
+
 def time_hf(model, steps: int) -> dict:
     """transformers' generate, batch 2, static cache: its auto-compile (CUDA graphs) is timed apart."""
     import torch
 
-    ids = torch.as_tensor(np.random.default_rng(0).integers(4, 4 + CODEBOOK, (2, PROMPT)), device=DEVICE)
+    ids = torch.as_tensor(np.stack(prompts(2)), device=DEVICE)
     kw = dict(max_new_tokens=steps, min_new_tokens=steps, do_sample=False, cache_implementation="static")
     start = time.perf_counter()
     model.generate(ids, **kw)  # compiles
@@ -185,6 +223,11 @@ def main() -> None:
     elif not torch.cuda.is_available():
         raise SystemExit("error: this benchmark needs a CUDA GPU (--smoke checks it on CPU)")
     side = int(round(args.steps ** 0.5))
+    if side % 4:
+        raise SystemExit("error: --steps must be the square of a multiple of 4 (codes of an image whose side is a "
+                         "multiple of 32 px): 64, 256, 576, ...")
+    global LAYOUT
+    LAYOUT = pure_layout()
     results = {"device": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu (smoke)", "torch": torch.__version__, "prompt": PROMPT,
                "steps": side * side, "variants": {}, "full_512": {}}
     import transformers
@@ -214,6 +257,8 @@ def main() -> None:
             record(name, time_chained, model, side, attend_bucket=bucket)
         if quant in ("fp16", "nf4"):  # tiles decoded together (issue 12): one step serves 4 tiles' 8 rows
             record(f"{prefix}graphs-b512-4-tiles", time_chained, model, side, batch=4, attend_bucket=512)
+        if quant == "fp16":
+            record("sjd-w16-graphs", time_jacobi, model, side, 16)
         if not args.skip_full and quant in ("fp16", "nf4"):
             try:
                 results["full_512"][quant] = time_chained(model, 64, attend_bucket=512)

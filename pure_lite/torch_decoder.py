@@ -26,6 +26,7 @@ Speculative decoding and the text before the image always go through the shared 
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Callable, Sequence
 
 import numpy as np
@@ -314,7 +315,13 @@ class TorchDecoder:
             return body()
         entry = self.captured.get(key)
         if entry is None:
-            entry = self.captured[key] = self._capture(body)
+            try:
+                entry = self.captured[key] = self._capture(body)
+            except RuntimeError as exc:  # e.g. a quantized layer whose kernel cannot be captured
+                warnings.warn(f"CUDA graph capture failed, this batch decodes eagerly: {str(exc)[:200]}",
+                              RuntimeWarning, stacklevel=2)
+                self.graphs = False
+                return body()
         graph, outputs = entry
         graph.replay()
         return outputs
