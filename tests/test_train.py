@@ -294,7 +294,7 @@ def test_vq_training_reduces_reconstruction_and_saves_release_format(hq_dir, tmp
     from pure_lite.vq import VQConfig, VQModel
 
     vq_cfg = VQConfig(base_channels=32, z_channels=32, codebook_size=64)
-    x = _crops(load_training_images(hq_dir, 32, lambda m: None), np.random.default_rng(123), 8, 32)
+    x = torch.from_numpy(_crops(load_training_images(hq_dir, 32, lambda m: None), np.random.default_rng(123), 8, 32))
     torch.manual_seed(0)  # train_vq seeds the same way, so this is its starting point
     with torch.no_grad():
         start = vq_losses(VQModel(vq_cfg), x, 0.25)[1].item()
