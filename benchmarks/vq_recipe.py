@@ -40,7 +40,7 @@ def run(name: str, train, heldout, steps: int, batch: int, log) -> dict:
     from pure_lite.train.vq_train import round_trip_psnr, train_vq_on
 
     vq_kw, train_kw = CONFIGS[name]
-    config = VQTrainConfig(steps=steps, batch_size=batch, crop=64, disc_weight=0.0, log_every=100,
+    config = VQTrainConfig(steps=steps, batch_size=batch, crop=64, disc_weight=0.0, log_every=25,
                            **{"lr": 5e-4, **train_kw})
     torch.set_num_threads(max(1, torch.get_num_threads()))
     start = time.monotonic()

@@ -208,5 +208,19 @@ def test_pack_training_runs_stops_at_its_deadline_and_resumes(tiny_pack, tmp_pat
     files = CheckpointFiles.locate(model)
     assert files.read_config()["hidden_size"] == 32 and files.vq.exists()
     assert not (out / "work").exists() and not (model / "checkpoints").exists()
+    assert (out / "vq" / "vq_ds8_c2i.pt").exists()
+    import safetensors.torch
+    shards = sorted(model.glob("*.safetensors"))
+    assert shards and all(t.dtype == __import__("torch").bfloat16
+                          for t in safetensors.torch.load_file(str(shards[0])).values())
     tokens_per_sample = 3 + 8 * 9 + 1  # an 64x64 image block: 8 rows of 8 codes + row ends, grids and bounds
     assert tokens_per_sample < 512
+
+
+def test_the_default_device_run_fits_the_shipped_size_limit():
+    pytest.importorskip("torch")
+    from pure_lite.train.pack_train import SHIPPED_LIMIT_BYTES, PackTrainConfig, shipped_bytes_estimate
+
+    config = PackTrainConfig()
+    vocab = 4 + 256 + 4 + 16 + config.vq_codebook_size
+    assert shipped_bytes_estimate(config, vocab) <= SHIPPED_LIMIT_BYTES

@@ -5,8 +5,11 @@
 needs nothing but the pack and pure-lite's own dependencies (torch, transformers, safetensors,
 numpy, Pillow): no apt, no OpenCV, no SciPy, no scikit-image, no network. It uses CUDA when present
 (bf16 autocast for the language model) and writes the trained weights to OUT/model, in the layout
-``Restorer.from_pretrained`` and ``export_onnx`` read. Everything else it makes lives in OUT/work and
-is removed when the run completes:
+``Restorer.from_pretrained`` and ``export_onnx`` read: the language model in bfloat16 (as PURE's
+release), in shards of at most 15 MB so that a borrowed machine can hand every file back (its
+limit is 16 MiB a file, 8 files). The trained tokenizer alone is also copied to OUT/vq as soon as it
+exists, so a run cut short still returns it. Everything else lives in the work folder (``--work``,
+default OUT/work: give a folder outside OUT on a borrowed machine) and is removed at the end:
 
  1. vq      ``train_vq_on`` over 64x64 windows of the pack's HQ crops (OUT/work/vq.ckpt)
  2. init    a random-init Chameleon with the compact vocabulary and the trained VQ (OUT/work/init)
@@ -36,6 +39,9 @@ from .config import TrainConfig, VQTrainConfig
 from .pack import TrainingPack, hq_batch, load_pack
 
 SHIPPED_LIMIT_BYTES = 25_000_000  # the default model's int8 export (docs/pure-tiny.md)
+# what v1's int8 export held beyond 1 byte per LM weight and 4 per VQ weight (graphs, heads, tokenizer):
+# 14.7 MB shipped against 11.87 MB estimated
+EXPORT_OVERHEAD_BYTES = 2_900_000
 EXIT_OUT_OF_TIME = 3
 
 
@@ -43,10 +49,10 @@ EXIT_OUT_OF_TIME = 3
 class LMShape:
     """The language model's size (a narrow Chameleon)."""
 
-    hidden_size: int = 384
+    hidden_size: int = 320
     num_layers: int = 8
-    num_heads: int = 6
-    intermediate_size: int = 1024
+    num_heads: int = 5
+    intermediate_size: int = 896
     max_position_embeddings: int = 1024
 
 
@@ -76,13 +82,14 @@ class PackTrainConfig:
 
 
 def shipped_bytes_estimate(config: PackTrainConfig, vocab_size: int) -> int:
-    """int8 export size, roughly: LM weights at 1 byte (untied embeddings and head), the VQ kept float32."""
+    """int8 export size, roughly: LM weights at 1 byte (untied embeddings and head), the VQ kept float32,
+    plus ``EXPORT_OVERHEAD_BYTES``; compare with ``SHIPPED_LIMIT_BYTES`` before spending GPU time."""
     from ..vq import VQModel
 
     vq = sum(p.numel() for p in VQModel(config.vq_config()).parameters())
     h, s = config.lm.hidden_size, config.lm
     lm = 2 * vocab_size * h + s.num_layers * (4 * h * h + 3 * h * s.intermediate_size)
-    return 4 * vq + lm
+    return 4 * vq + lm + EXPORT_OVERHEAD_BYTES
 
 
 # ----------------------------------------------------------------------------- stages
@@ -185,8 +192,28 @@ def stage_lm(init: Path, tokens: Path, work: Path, config: PackTrainConfig, devi
     return lm_out if result.steps >= total and (lm_out / "config.json").exists() else None
 
 
+def publish_model(lm_dir: Path, final: Path, shard: str = "15MB") -> Path:
+    """Re-save the trained model as bfloat16 shards of at most ``shard`` beside its tokenizer and VQ."""
+    import torch
+
+    from ..checkpoint import CheckpointFiles
+    from ..lm import load_language_model
+
+    files = CheckpointFiles.locate(lm_dir)
+    tmp = final.with_name(final.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    lm = load_language_model(files, device="cpu").to(torch.bfloat16)
+    lm.save_pretrained(tmp, max_shard_size=shard)
+    (tmp / "generation_config.json").unlink(missing_ok=True)
+    shutil.copyfile(files.tokenizer, tmp / files.tokenizer.name)
+    shutil.copyfile(files.vq, tmp / files.vq.name)
+    tmp.rename(final)
+    return final
+
+
 def run(pack_path: str | Path, out: str | Path, config: PackTrainConfig = PackTrainConfig(), *,
-        minutes: float | None = None, device: str | None = None, keep_work: bool = False, log=print) -> Path | None:
+        minutes: float | None = None, device: str | None = None, work: str | Path | None = None,
+        keep_work: bool = False, log=print) -> Path | None:
     """The whole run; returns OUT/model, or None when ``minutes`` ran out first (run again to resume)."""
     import torch
 
@@ -202,9 +229,12 @@ def run(pack_path: str | Path, out: str | Path, config: PackTrainConfig = PackTr
         say(f"{final} already holds a trained model")
         return final
     pack = load_pack(pack_path)
-    work = out / "work"
+    work = Path(work) if work is not None else out / "work"
     work.mkdir(parents=True, exist_ok=True)
     (work / "config.json").write_text(json.dumps(asdict(config), indent=1, default=str))
+    vocab = 4 + 256 + 4 + 16 + config.vq_codebook_size  # testing._compact_vocab: basic, bytes, markers, grids, codes
+    say(f"int8 export estimate {shipped_bytes_estimate(config, vocab) / 1e6:.1f} MB "
+        f"(limit {SHIPPED_LIMIT_BYTES / 1e6:.0f} MB)")
     say(f"pack: {len(pack)} crops of {pack.size}px, {pack.lq.shape[1]} LQ versions each, from {len(pack.photos)} "
         f"photos; device {device}")
     started = time.monotonic()
@@ -212,14 +242,16 @@ def run(pack_path: str | Path, out: str | Path, config: PackTrainConfig = PackTr
     if vq_file is None:
         return None
     say(f"vq done ({time.monotonic() - started:.0f} s)")
+    if not (out / "vq" / vq_file.name).exists():
+        (out / "vq").mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(vq_file, out / "vq" / vq_file.name)
     init = stage_init(work, vq_file, config)
     tokens = stage_tokens(pack, init, work, config, device, say)
     model = stage_lm(init, tokens, work, config, device, deadline, say)
     if model is None:
         return None
-    shutil.rmtree(model / "checkpoints", ignore_errors=True)
     final.parent.mkdir(parents=True, exist_ok=True)
-    model.rename(final)
+    publish_model(model, final)
     if not keep_work:
         shutil.rmtree(work)
     say(f"saved the trained model to {final} ({time.monotonic() - started:.0f} s)")
@@ -237,7 +269,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--vq-batch", type=int, default=d.vq_train.batch_size, help=f"(default: {d.vq_train.batch_size})")
     ap.add_argument("--lm-steps", type=int, default=d.lm_train.max_steps, help=f"(default: {d.lm_train.max_steps})")
     ap.add_argument("--lm-batch", type=int, default=d.lm_train.batch_size, help=f"(default: {d.lm_train.batch_size})")
-    ap.add_argument("--keep-work", action="store_true", help="keep OUT/work (checkpoints, tokens) after success")
+    ap.add_argument("--work", type=Path, default=None, help="resumable state (default: OUT/work)")
+    ap.add_argument("--keep-work", action="store_true", help="keep the work folder (checkpoints, tokens) after success")
     args = ap.parse_args(argv)
     config = replace(d, vq_train=replace(d.vq_train, steps=args.vq_steps, batch_size=args.vq_batch,
                                          save_every=min(d.vq_train.save_every, args.vq_steps)),
@@ -245,7 +278,8 @@ def main(argv: list[str] | None = None) -> int:
                                       save_every=min(d.lm_train.save_every, args.lm_steps),
                                       warmup_steps=min(d.lm_train.warmup_steps, max(1, args.lm_steps // 10))))
     try:
-        model = run(args.pack, args.out, config, minutes=args.minutes, device=args.device, keep_work=args.keep_work,
+        model = run(args.pack, args.out, config, minutes=args.minutes, device=args.device, work=args.work,
+                    keep_work=args.keep_work,
                     log=lambda m: print(m, flush=True))
     except PureLiteError as exc:
         print(f"error: {exc}", file=sys.stderr)
