@@ -196,8 +196,9 @@ def test_pack_training_runs_stops_at_its_deadline_and_resumes(tiny_pack, tmp_pat
     assert (out / "work" / "vq.ckpt").exists() and not (out / "model").exists()
     assert any("time is up at step 1/2" in m for m in logs)
 
-    logs.clear()  # VQ resumes and finishes; the LM stops after its first step
-    assert run(tiny_pack, out, config, minutes=expired, device="cpu", log=logs.append) is None
+    logs.clear()  # VQ resumes and finishes; the LM stops after its first step and publishes what it has
+    assert run(tiny_pack, out, config, minutes=expired, device="cpu", publish_partial=True, log=logs.append) is None
+    assert (out / "model-partial" / "config.json").exists() and (out / "vq" / "vq_ds8_c2i.pt").exists()
     assert any("resumed from" in m and "step 1" in m for m in logs)
     assert (out / "work" / "tokens" / "index.json").exists()
     assert (out / "work" / "lm" / "checkpoints" / "step-1").is_dir()
@@ -224,3 +225,10 @@ def test_the_default_device_run_fits_the_shipped_size_limit():
     config = PackTrainConfig()
     vocab = 4 + 256 + 4 + 16 + config.vq_codebook_size
     assert shipped_bytes_estimate(config, vocab) <= SHIPPED_LIMIT_BYTES
+
+
+def test_the_photo_list_in_the_docs_is_the_one_the_code_uses():
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "pure-tiny-photos.md").read_text(encoding="utf-8")
+    assert doc.endswith(ps.licence_table()), "regenerate docs/pure-tiny-photos.md (see its first lines)"

@@ -192,9 +192,14 @@ def stage_lm(init: Path, tokens: Path, work: Path, config: PackTrainConfig, devi
     return lm_out if result.steps >= total and (lm_out / "config.json").exists() else None
 
 
-def publish_model(lm_dir: Path, final: Path, shard: str = "15MB") -> Path:
-    """Re-save the trained model as bfloat16 shards of at most ``shard`` beside its tokenizer and VQ."""
+def publish_model(lm_dir: Path, final: Path, shard: str = "15MB", *, weights: Path | None = None) -> Path:
+    """Re-save the trained model as bfloat16 shards of at most ``shard`` beside its tokenizer and VQ.
+
+    ``weights``: a training checkpoint's ``trainable.safetensors`` to load over ``lm_dir``'s weights
+    (publishing a run that ran out of time).
+    """
     import torch
+    from safetensors.torch import load_file
 
     from ..checkpoint import CheckpointFiles
     from ..lm import load_language_model
@@ -202,7 +207,14 @@ def publish_model(lm_dir: Path, final: Path, shard: str = "15MB") -> Path:
     files = CheckpointFiles.locate(lm_dir)
     tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    lm = load_language_model(files, device="cpu").to(torch.bfloat16)
+    lm = load_language_model(files, device="cpu")
+    if weights is not None:
+        state = load_file(str(weights))
+        unknown = set(state) - {n for n, _ in lm.named_parameters()}
+        if unknown:
+            raise PureLiteError(f"{weights} does not match {lm_dir} (e.g. {sorted(unknown)[:3]})")
+        lm.load_state_dict(state, strict=False)
+    lm = lm.to(torch.bfloat16)
     lm.save_pretrained(tmp, max_shard_size=shard)
     (tmp / "generation_config.json").unlink(missing_ok=True)
     shutil.copyfile(files.tokenizer, tmp / files.tokenizer.name)
@@ -213,8 +225,13 @@ def publish_model(lm_dir: Path, final: Path, shard: str = "15MB") -> Path:
 
 def run(pack_path: str | Path, out: str | Path, config: PackTrainConfig = PackTrainConfig(), *,
         minutes: float | None = None, device: str | None = None, work: str | Path | None = None,
-        keep_work: bool = False, log=print) -> Path | None:
-    """The whole run; returns OUT/model, or None when ``minutes`` ran out first (run again to resume)."""
+        keep_work: bool = False, publish_partial: bool = False, log=print) -> Path | None:
+    """The whole run; returns OUT/model, or None when ``minutes`` ran out first (run again to resume).
+
+    ``publish_partial``: when time runs out during the language model, also write its weights as
+    they are to OUT/model-partial (a borrowed machine's work folder is lost with the machine; the
+    partial model can still be exported, measured, or fine-tuned further as a new init).
+    """
     import torch
 
     say = log or (lambda message: None)
@@ -249,6 +266,13 @@ def run(pack_path: str | Path, out: str | Path, config: PackTrainConfig = PackTr
     tokens = stage_tokens(pack, init, work, config, device, say)
     model = stage_lm(init, tokens, work, config, device, deadline, say)
     if model is None:
+        from .finetune import _latest_checkpoint
+
+        latest = _latest_checkpoint(work / "lm" / "checkpoints")
+        if publish_partial and latest is not None:
+            shutil.rmtree(out / "model-partial", ignore_errors=True)
+            publish_model(init, out / "model-partial", weights=latest / "trainable.safetensors")
+            say(f"wrote the language model as of {latest.name} to {out / 'model-partial'}")
         return None
     final.parent.mkdir(parents=True, exist_ok=True)
     publish_model(model, final)
@@ -270,6 +294,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lm-steps", type=int, default=d.lm_train.max_steps, help=f"(default: {d.lm_train.max_steps})")
     ap.add_argument("--lm-batch", type=int, default=d.lm_train.batch_size, help=f"(default: {d.lm_train.batch_size})")
     ap.add_argument("--work", type=Path, default=None, help="resumable state (default: OUT/work)")
+    ap.add_argument("--publish-partial", action="store_true",
+                    help="when time runs out during the language model, write its weights to OUT/model-partial")
     ap.add_argument("--keep-work", action="store_true", help="keep the work folder (checkpoints, tokens) after success")
     args = ap.parse_args(argv)
     config = replace(d, vq_train=replace(d.vq_train, steps=args.vq_steps, batch_size=args.vq_batch,
@@ -279,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
                                       warmup_steps=min(d.lm_train.warmup_steps, max(1, args.lm_steps // 10))))
     try:
         model = run(args.pack, args.out, config, minutes=args.minutes, device=args.device, work=args.work,
-                    keep_work=args.keep_work,
+                    keep_work=args.keep_work, publish_partial=args.publish_partial,
                     log=lambda m: print(m, flush=True))
     except PureLiteError as exc:
         print(f"error: {exc}", file=sys.stderr)
