@@ -168,6 +168,11 @@ def test_hq_batch_windows_come_from_the_pack(tiny_pack):
     assert x.shape == (5, 3, 32, 32) and x.dtype == np.float32
     assert -1.0 <= x.min() and x.max() <= 1.0
     np.testing.assert_array_equal(x, hq_batch(pack.hq, np.random.default_rng(0), 5, 32))
+    pixels = np.round((x + 1) * 127.5).astype(np.uint8).transpose(0, 2, 3, 1)  # back to (n, 32, 32, 3)
+    windows = np.lib.stride_tricks.sliding_window_view(pack.hq, (32, 32), axis=(1, 2))
+    windows = windows.transpose(0, 1, 2, 4, 5, 3).reshape(-1, 32, 32, 3)  # every window of every crop
+    for w in pixels:  # each is a window of a pack crop, as it is or mirrored
+        assert any((windows == v).all(axis=(1, 2, 3)).any() for v in (w, w[:, ::-1])), "not a window of the pack"
     with pytest.raises(PackError, match="larger"):
         hq_batch(pack.hq, np.random.default_rng(0), 1, 128)
 
@@ -232,3 +237,11 @@ def test_the_photo_list_in_the_docs_is_the_one_the_code_uses():
 
     doc = (Path(__file__).resolve().parents[1] / "docs" / "pure-tiny-photos.md").read_text(encoding="utf-8")
     assert doc.endswith(ps.licence_table()), "regenerate docs/pure-tiny-photos.md (see its first lines)"
+
+
+def test_vq_recipe_knobs_are_validated():
+    from pure_lite.train.config import VQTrainConfig
+
+    for bad in (dict(l2_weight=1.5), dict(min_lr_ratio=0.0), dict(steps=0), dict(crop=60)):
+        with pytest.raises(ValueError):
+            VQTrainConfig(**bad)
