@@ -1,24 +1,25 @@
-"""Train PURE-tiny, the package's default demonstration model, from photos that ship inside packages.
+"""Train PURE-tiny, the package's default demonstration model, from licensed photographs.
 
     pip install torch==2.13.0 && pip install -e ".[export,train,pure-tiny]"
-    python examples/train_pure_tiny.py build/pure-tiny --install int8   # about an hour on 2 CPU cores
+    python -m pure_lite.train.photo_sources fetch ~/.cache/pure-lite-photos       # apt-get download, no root
+    python examples/train_pure_tiny.py build/pure-tiny --photos ~/.cache/pure-lite-photos --install int8
 
-Every stage uses the project's own pipeline and a fixed seed, and is skipped when its output
-already exists, so an interrupted run picks up where it stopped:
+Every stage uses the project's own pipeline and a fixed seed, and is skipped (or resumed) when its
+output already exists, so an interrupted run picks up where it stopped:
 
- 1. photos     scikit-image's, scikit-learn's and matplotlib's bundled photos, split by photo into
-               training and held-out sets (HELD_OUT below); the held-out photos never reach training
- 2. crops      random square windows of the training photos (128 px up to the photo's short side),
-               area-resized to 128x128, random horizontal flips: the HQ training set
- 3. vq         ``train_vq``: a narrow LlamaGen-architecture VQ-8 (channels 32/32/64/64, 1024 codes),
-               L1 + VQ losses only (the patch-GAN term made held-out reconstructions worse here)
- 4. init       a narrow Chameleon (hidden 256, 6 layers, 4 heads) with a compact vocabulary
-               (byte-level text, 1024 image codes), random init, plus the trained VQ
- 5. data       ``prepare_data``: Real-ESRGAN-style degradation, 128x128 HQ from 32x32 LQ
- 6. lm         ``pretokenize`` + ``train`` (full fine-tuning from scratch)
- 7. export     ``export_onnx`` float / int8 / int4 (manifest image_size 128)
+ 1. pack       pure_lite.train.photo_sources: the bundled photos (scikit-image, scikit-learn,
+               matplotlib) and the hand-checked Debian wallpaper photographs, split by photo into
+               training and held-out sets; pure_lite.train.pack cuts random windows of the training
+               photos (128 px, log-uniform scale), degrades each twice (Real-ESRGAN-style, 32x32 LQ)
+               and writes BUILD/pack/train.npz (<= 60 MB), the only input of stage 2; the held-out
+               photos give BUILD/pack/heldout.npz and its HQ crops as BUILD/heldout/*.png
+ 2. train      pure_lite.train.pack_train: VQ, then the language model, on CUDA when present, else
+               CPU (slow: days at the default step counts; every part checkpoints and resumes).
+               ``--pack-only`` stops before it, to carry the pack to a GPU machine instead
+               (docs/pure-tiny.md, "Training on a GPU"); ``--trained DIR`` takes that run's
+               OUT/model and goes on with stage 3
+ 3. export     ``export_onnx`` float / int8 / int4 (manifest image_size 128)
 
-The held-out evaluation crops (BUILD/heldout, 4 windows per held-out photo) are written in stage 2.
 ``--install`` copies the chosen export into ``pure_lite/models/pure_tiny`` (what ``pure-lite
 restore`` uses without ``--model``) and remakes ``examples/images/example.png`` and the README
 picture. Then ``python benchmarks/pure_tiny.py BUILD`` measures it (docs/pure-tiny.md).
@@ -34,107 +35,47 @@ from pathlib import Path
 import numpy as np
 
 SIZE, SCALE, SEED = 128, 4, 0
-HELD_OUT = {"chelsea", "coffee", "flower", "grace_hopper"}
-CROPS, EVAL_CROPS_PER_PHOTO = 3000, 4
-VQ = dict(base_channels=32, channel_mult=(1, 1, 2, 2), z_channels=32, codebook_size=1024)
-LM = dict(hidden_size=256, num_layers=6, num_heads=4, intermediate_size=768, max_position_embeddings=1024)
-VQ_STEPS, VQ_LR, LM_STEPS, LM_BATCH, LM_LR = 3000, 5e-4, 2500, 4, 1e-3
+LQ_PER_CROP, EVAL_CROPS_PER_PHOTO = 2, 4
 
 
-def bundled_photos() -> dict[str, Path]:
-    """Name -> path of every photo we use (the grey ones become grey RGB when loaded)."""
-    import matplotlib
-    import skimage
-    import sklearn
+def _loader(photo, cache):
+    from pure_lite.images import load_image
+    from pure_lite.train.photo_sources import locate
 
-    sk = Path(skimage.__file__).parent / "data"
-    names = ["astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycle_left.png",
-             "motorcycle_right.png", "hubble_deep_field.jpg", "retina.jpg", "ihc.png", "camera.png",
-             "brick.png", "grass.png", "gravel.png", "moon.png", "coins.png", "page.png", "text.png"]
-    photos = {Path(n).stem: sk / n for n in names}
-    for n in ("china.jpg", "flower.jpg"):
-        photos[Path(n).stem] = Path(sklearn.__file__).parent / "datasets" / "images" / n
-    photos["grace_hopper"] = Path(matplotlib.__file__).parent / "mpl-data" / "sample_data" / "grace_hopper.jpg"
-    return photos
+    return lambda: load_image(locate(photo, cache))
 
 
-def random_crops(photos: list[np.ndarray], n: int, rng: np.random.Generator) -> list[np.ndarray]:
-    from pure_lite.train.degrade import resize_image
+def stage_pack(build: Path, cache: Path | None) -> Path:
+    """BUILD/pack/train.npz (as many crops as fit 60 MB), heldout.npz and BUILD/heldout/*.png."""
+    from pure_lite.images import save_image_atomic, to_pil
+    from pure_lite.train.pack import build_pack, load_pack, max_crops
+    from pure_lite.train.photo_sources import split
 
-    out = []
-    for _ in range(n):
-        img = photos[int(rng.integers(len(photos)))]
-        h, w = img.shape[:2]
-        side = int(rng.integers(SIZE, min(h, w) + 1))
-        top, left = int(rng.integers(h - side + 1)), int(rng.integers(w - side + 1))
-        crop = img[top:top + side, left:left + side]
-        if rng.random() < 0.5:
-            crop = crop[:, ::-1]
-        out.append(np.clip(resize_image(np.ascontiguousarray(crop), SIZE, SIZE, "area"), 0, 1))
-    return out
-
-
-def stage_photos(build: Path) -> None:
-    from pure_lite.images import load_image, save_image_atomic, to_pil
-
-    for name, path in bundled_photos().items():
-        split = "heldout" if name in HELD_OUT else "train"
-        dst = build / "photos" / split / f"{name}.png"
+    parts = split()
+    train, held = build / "pack" / "train.npz", build / "pack" / "heldout.npz"
+    if not train.exists():
+        photos = [(p.key, _loader(p, cache)) for p in parts["train"]]
+        per_photo = max_crops(LQ_PER_CROP, SIZE, SCALE, photos=len(photos)) // len(photos)
+        build_pack(photos, train, crops_per_photo=per_photo, lq_per_crop=LQ_PER_CROP, size=SIZE, scale=SCALE, seed=SEED)
+    if not held.exists():
+        photos = [(p.key, _loader(p, cache)) for p in parts["heldout"]]
+        build_pack(photos, held, crops_per_photo=EVAL_CROPS_PER_PHOTO, lq_per_crop=1, size=SIZE, scale=SCALE,
+                   seed=SEED + 1)
+    pack = load_pack(held)
+    for i, crop in enumerate(pack.hq):  # what benchmarks/pure_tiny.py scores
+        dst = build / "heldout" / f"heldout_{i:05d}.png"
         if not dst.exists():
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            save_image_atomic(to_pil(load_image(path)), dst)
+            save_image_atomic(to_pil(crop.astype(np.float32) / 255.0), dst)
+    return train
 
 
-def stage_crops(build: Path, split: str, n: int, folder: str) -> None:
-    from pure_lite.images import load_image, save_image_atomic, to_pil
+def stage_train(build: Path, pack: Path) -> Path:
+    from pure_lite.train.pack_train import run
 
-    out = build / folder
-    if out.is_dir() and len(list(out.glob("*.png"))) == n:
-        return
-    out.mkdir(parents=True, exist_ok=True)
-    photos = [load_image(p) for p in sorted((build / "photos" / split).glob("*.png"))]
-    rng = np.random.default_rng(SEED if split == "train" else SEED + 1)
-    for i, crop in enumerate(random_crops(photos, n, rng)):
-        save_image_atomic(to_pil(crop), out / f"{split}_{i:05d}.png")
-
-
-def stage_vq(build: Path) -> Path:
-    from pure_lite.train.vq_train import VQTrainConfig, train_vq
-    from pure_lite.vq import VQConfig
-
-    out = build / "vq"
-    if not (out / "vq_ds8_c2i.pt").exists():
-        train_vq(build / "crops", out, VQConfig(**VQ), VQTrainConfig(steps=VQ_STEPS, batch_size=8, crop=64, lr=VQ_LR, disc_weight=0.0, seed=SEED))
-    return out / "vq_ds8_c2i.pt"
-
-
-def stage_init(build: Path, vq_file: Path) -> Path:
-    from pure_lite.testing import make_tiny_checkpoint
-
-    out = build / "init"
-    if not (out / "config.json").exists():
-        make_tiny_checkpoint(out, seed=SEED, layout="compact", compact_codebook=VQ["codebook_size"],
-                             init_std=0.02, vq_base_channels=VQ["base_channels"], **LM)
-        shutil.copyfile(vq_file, out / "vq_ds8_c2i.pt")
-        (out / "tiny_checkpoint.json").unlink()
-    return out
-
-
-def stage_lm(build: Path, init: Path) -> Path:
-    from pure_lite.train.config import TrainConfig
-    from pure_lite.train.data import prepare_data
-    from pure_lite.train.finetune import train
-    from pure_lite.train.pretokenize import pretokenize
-
-    data, out = build / "data", build / "model"
-    if not (data / "conversations.json").exists():
-        prepare_data(build / "crops", data, size=SIZE, scale=SCALE, pairs_per_image=1, seed=SEED)
-    if not (out / "config.json").exists():
-        pretokenize(data, init, data / "tokens")
-        config = TrainConfig(lr=LM_LR, max_steps=LM_STEPS, batch_size=LM_BATCH, warmup_steps=200, dropout=0.0,
-                             save_every=500, log_every=25, seed=SEED)
-        train(init, data / "tokens", out, config, device="cpu")
-    return out
+    model = run(pack, build / "train")
+    if model is None:
+        sys.exit("training stopped before the end; run the same command again to resume")
+    return model
 
 
 def stage_export(build: Path, model: Path) -> None:
@@ -173,13 +114,17 @@ def install(build: Path, variant: str, example: str = "heldout_00000.png") -> Pa
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("build", type=Path, help="working folder (created; reruns resume)")
+    ap.add_argument("--photos", type=Path, help="the folder `python -m pure_lite.train.photo_sources fetch` filled")
+    ap.add_argument("--pack-only", action="store_true", help="stop once BUILD/pack/train.npz is written")
+    ap.add_argument("--trained", type=Path, help="a trained model folder (pack_train's OUT/model): skip training")
     ap.add_argument("--install", choices=["float", "int8", "int4"], help="copy this export into the package")
     args = ap.parse_args()
     build = args.build
-    stage_photos(build)
-    stage_crops(build, "train", CROPS, "crops")
-    stage_crops(build, "heldout", EVAL_CROPS_PER_PHOTO * len(HELD_OUT), "heldout")
-    model = stage_lm(build, stage_init(build, stage_vq(build)))
+    pack = stage_pack(build, args.photos)
+    if args.pack_only:
+        print(f"pack: {pack} ({pack.stat().st_size / 1e6:.1f} MB)")
+        return
+    model = args.trained or stage_train(build, pack)
     stage_export(build, model)
     if args.install:
         print(f"installed {install(build, args.install)}")

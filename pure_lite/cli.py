@@ -254,9 +254,12 @@ def _train_vq(args: argparse.Namespace) -> int:
     from .vq import VQConfig
 
     path = train_vq(args.images, args.output,
-                    VQConfig(base_channels=args.width, z_channels=args.z_channels, codebook_size=args.codebook_size),
+                    VQConfig(base_channels=args.width, channel_mult=tuple(args.channel_mult), z_channels=args.z_channels,
+                             codebook_size=args.codebook_size, codebook_dim=args.codebook_dim),
                     VQTrainConfig(steps=args.steps, batch_size=args.batch_size, crop=args.crop, lr=args.lr,
-                                  disc_weight=args.disc_weight, seed=args.seed))
+                                  warmup_steps=args.warmup_steps, min_lr_ratio=args.min_lr_ratio,
+                                  l2_weight=args.l2_weight, disc_weight=args.disc_weight, seed=args.seed),
+                    device=args.device)
     print(f"saved {path}")
     return 0
 
@@ -475,12 +478,22 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("images", metavar="IMAGE_DIR", help="folder of training photos")
     v.add_argument("-o", "--output", required=True, help="output folder for the tokenizer's weights")
     v.add_argument("--width", type=int, default=32, help="base channels (default: 32; the release: 128)")
+    v.add_argument("--channel-mult", type=int, nargs=4, default=[1, 1, 2, 2], metavar="M",
+                   help="width multipliers of the four levels (default: 1 1 2 2; the release: 1 2 2 4)")
     v.add_argument("--z-channels", type=int, default=32, help="latent channels before quant_conv (default: 32)")
+    v.add_argument("--codebook-dim", type=int, default=8, help="dimension of each code (default: 8, as released)")
     v.add_argument("--codebook-size", type=int, default=1024, help="number of codes (default: 1024; the release: 16384)")
     v.add_argument("--steps", type=int, default=2000, help="training steps (default: 2000)")
     v.add_argument("--batch-size", type=int, default=8, help="crops per step (default: 8)")
     v.add_argument("--crop", type=int, default=64, help="training crop side in pixels, a multiple of 8 (default: 64)")
     v.add_argument("--lr", type=float, default=_VQ_DEFAULTS.lr, help=f"Adam learning rate (default: {_VQ_DEFAULTS.lr})")
+    v.add_argument("--warmup-steps", type=int, default=_VQ_DEFAULTS.warmup_steps,
+                   help=f"linear warm-up steps (default: {_VQ_DEFAULTS.warmup_steps})")
+    v.add_argument("--min-lr-ratio", type=float, default=_VQ_DEFAULTS.min_lr_ratio,
+                   help=f"cosine decay to lr x this; 1 = constant (default: {_VQ_DEFAULTS.min_lr_ratio})")
+    v.add_argument("--l2-weight", type=float, default=_VQ_DEFAULTS.l2_weight,
+                   help=f"reconstruction = (1 - w) L1 + w MSE (default: {_VQ_DEFAULTS.l2_weight})")
+    v.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     v.add_argument("--disc-weight", type=float, default=_VQ_DEFAULTS.disc_weight,
                    help="weight of the patch-GAN term, 0 = L1 + VQ losses only (PURE-tiny used 0)")
     v.add_argument("--seed", type=int, default=0, help="seed of initialisation and crops (default: 0)")

@@ -294,12 +294,14 @@ def test_vq_training_reduces_reconstruction_and_saves_release_format(hq_dir, tmp
     from pure_lite.vq import VQConfig, VQModel
 
     vq_cfg = VQConfig(base_channels=32, z_channels=32, codebook_size=64)
-    x = _crops(load_training_images(hq_dir, 32, lambda m: None), np.random.default_rng(123), 8, 32)
+    x = torch.from_numpy(_crops(load_training_images(hq_dir, 32, lambda m: None), np.random.default_rng(123), 8, 32))
     torch.manual_seed(0)  # train_vq seeds the same way, so this is its starting point
     with torch.no_grad():
         start = vq_losses(VQModel(vq_cfg), x, 0.25)[1].item()
-    path = train_vq(hq_dir, tmp_path, vq_cfg, VQTrainConfig(steps=80, batch_size=4, crop=32, lr=1e-3, disc_start=60),
-                    log=None)
+    # no adversarial term: with it the end loss of so short a run swings (0.80-0.99 x start over seeds
+    # 0-3, before and after issue 15); without it, warm-up + cosine gives 0.56-0.76 x start
+    path = train_vq(hq_dir, tmp_path, vq_cfg, VQTrainConfig(steps=80, batch_size=4, crop=32, lr=1e-3, warmup_steps=10,
+                                                            min_lr_ratio=0.1, disc_weight=0.0), log=None)
     state = load_vq_state_dict(path)
     vq = VQModel(VQConfig.from_state_dict(state))
     vq.load_state_dict(state, strict=True)

@@ -42,19 +42,34 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class VQTrainConfig:
-    """``pure-lite train-vq`` knobs (vq_train.py)."""
+    """``pure-lite train-vq`` knobs (vq_train.py).
+
+    The learning rate warms up linearly over ``warmup_steps`` and then follows a cosine to
+    ``lr * min_lr_ratio`` (``min_lr_ratio`` 1 keeps it constant, the v1 behaviour). The
+    reconstruction loss is ``(1 - l2_weight) * L1 + l2_weight * MSE``: L1 keeps edges, MSE is what
+    PSNR measures.
+    """
 
     steps: int = 2000
     batch_size: int = 8
     crop: int = 64  # training crops, a multiple of 8
     lr: float = 2e-4
+    warmup_steps: int = 0
+    min_lr_ratio: float = 1.0
+    l2_weight: float = 0.0
     beta: float = 0.25  # commitment weight
     disc_weight: float = 0.1
     disc_start: int = 500
     restart_every: int = 20  # re-seed codes unused over this many steps from current encoder outputs
     seed: int = 0
     log_every: int = 50
+    save_every: int = 0  # steps between resumable checkpoints (0: none)
 
     def __post_init__(self) -> None:
         if self.crop % 8:
             raise ValueError(f"crop must be a multiple of 8, got {self.crop}")
+        if self.steps < 1 or self.batch_size < 1 or self.lr <= 0:
+            raise ValueError("steps and batch_size must be >= 1 and lr > 0")
+        if not 0.0 <= self.l2_weight <= 1.0 or not 0.0 < self.min_lr_ratio <= 1.0:
+            raise ValueError(f"l2_weight must be in [0, 1] and min_lr_ratio in (0, 1], "
+                             f"got {self.l2_weight} and {self.min_lr_ratio}")

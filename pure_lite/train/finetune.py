@@ -16,6 +16,7 @@ import json
 import math
 import os
 import shutil
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -109,9 +110,15 @@ def train(
     *,
     device: str | None = None,
     resume: bool = True,
+    deadline: float | None = None,
     log: Callable[[str], None] | None = print,
 ) -> TrainResult:
-    """Fine-tune; checkpoints go to OUT_DIR/checkpoints/step-N, the final model to OUT_DIR itself."""
+    """Fine-tune; checkpoints go to OUT_DIR/checkpoints/step-N, the final model to OUT_DIR itself.
+
+    When ``deadline`` (a ``time.monotonic()`` value) passes before the last step, a checkpoint is
+    saved and training stops without writing the final model (``TrainResult.steps`` < the total):
+    a borrowed GPU's time runs out, and the run resumes elsewhere from that checkpoint.
+    """
     from safetensors.torch import load_file, save_file
 
     say = log or (lambda message: None)
@@ -206,6 +213,14 @@ def train(
             say(f"step {step}/{total}  loss {running:.4f}  lr {scheduler.get_last_lr()[0]:.2e}")
         if rank == 0 and config.save_every and step % config.save_every == 0 and step < total:
             _save_checkpoint(ckpts / f"step-{step}", lm, optimizer, scheduler, step, config, save_file)
+        if deadline is not None and time.monotonic() > deadline and step < total:
+            if rank == 0:
+                if not (ckpts / f"step-{step}").exists():
+                    _save_checkpoint(ckpts / f"step-{step}", lm, optimizer, scheduler, step, config, save_file)
+                say(f"time is up at step {step}/{total}; checkpoint saved, run again to go on")
+            if world > 1:
+                torch.distributed.destroy_process_group()
+            return TrainResult(out_dir=out, steps=step, losses=losses)
 
     if rank == 0:
         _save_final(lm, files, out, config)

@@ -1,18 +1,24 @@
 """Training small VQ-8 image tokenizers (same architecture as LlamaGen's, any width).
 
-Loss = L1 reconstruction + codebook term ||sg(z) - q||^2 + beta * commitment ||z - sg(q)||^2
-(z and q L2-normalised, as the quantizer searches on the sphere; straight-through gradients;
-codes left unused for ``restart_every`` steps are re-seeded from current encoder outputs, which
-keeps a small codebook from collapsing onto a few codes)
-+ an adversarial term: a small patch discriminator with hinge loss, switched on after
+Loss = reconstruction ((1 - l2_weight) L1 + l2_weight MSE) + codebook term ||sg(z) - q||^2
++ beta * commitment ||z - sg(q)||^2 (z and q L2-normalised, as the quantizer searches on the
+sphere; straight-through gradients; codes left unused for ``restart_every`` steps are re-seeded
+from current encoder outputs, which keeps a codebook from collapsing onto a few codes)
++ an optional adversarial term: a small patch discriminator with hinge loss, switched on after
 ``disc_start`` steps so the autoencoder first learns to reconstruct. We chose the adversarial
-term over a perceptual one because a perceptual network's weights cannot be downloaded here.
+term over a perceptual one because a perceptual network's weights cannot be downloaded here;
+PURE-tiny leaves it off (it made held-out reconstructions worse).
+
+The loop (``train_vq_on``) takes a batch sampler, so a folder of photos (``train_vq``, the CLI)
+and a training pack (pack_train.py) share it. Batches are drawn from a generator seeded by
+(seed, step), so a run resumed from a checkpoint sees the batches an uninterrupted one would.
 The result is saved as ``vq_ds8_c2i.pt`` ({"model": state_dict}), the released format.
 """
 
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -27,6 +33,10 @@ from ..images import load_image
 from ..vq import VQConfig, VQModel
 from .config import VQTrainConfig
 from .data import IMAGE_SUFFIXES
+from .finetune import lr_factor
+
+# (rng, batch size, crop) -> float32 (b, 3, crop, crop) in [-1, 1]
+BatchSampler = Callable[[np.random.Generator, int, int], np.ndarray]
 
 
 class PatchDiscriminator(nn.Module):
@@ -44,14 +54,17 @@ class PatchDiscriminator(nn.Module):
         return self.net(x)
 
 
-def vq_losses(vq: VQModel, pixels: torch.Tensor, beta: float, *, with_latents: bool = False):
-    """(reconstruction, L1 loss, codebook + commitment loss[, latents, codes]), straight-through quantization."""
+def vq_losses(vq: VQModel, pixels: torch.Tensor, beta: float, *, l2_weight: float = 0.0, with_latents: bool = False):
+    """(reconstruction, reconstruction loss, codebook + commitment loss[, latents, codes]), straight-through."""
     z = F.normalize(vq.quant_conv(vq.encoder(pixels)), dim=1)  # (b, d, h, w)
     codes = vq.quantize.nearest(z)
     q = vq.quantize.lookup(codes)
     vq_loss = F.mse_loss(q, z.detach()) + beta * F.mse_loss(z, q.detach())
     recon = vq.decoder(vq.post_quant_conv(z + (q - z).detach()))
-    out = (recon, F.l1_loss(recon, pixels), vq_loss)
+    rec = F.l1_loss(recon, pixels)
+    if l2_weight:
+        rec = (1 - l2_weight) * rec + l2_weight * F.mse_loss(recon, pixels)
+    out = (recon, rec, vq_loss)
     return out + (z.detach(), codes) if with_latents else out
 
 
@@ -61,12 +74,28 @@ def restart_dead_codes(vq: VQModel, used: torch.Tensor, latents: torch.Tensor, g
     dead = torch.nonzero(~used).flatten()
     if len(dead):
         pool = latents.permute(0, 2, 3, 1).reshape(-1, latents.shape[1])
-        pick = torch.randint(len(pool), (len(dead),), generator=generator)
+        pick = torch.randint(len(pool), (len(dead),), generator=generator, device="cpu").to(pool.device)
         vq.quantize.embedding.weight[dead] = pool[pick]
     return len(dead)
 
 
-def _crops(images: list[np.ndarray], rng: np.random.Generator, n: int, crop: int) -> torch.Tensor:
+@torch.no_grad()
+def round_trip_psnr(vq: VQModel, images: np.ndarray, *, batch: int = 32) -> np.ndarray:
+    """PSNR (dB, RGB in [0, 1]) of encode -> decode for each uint8 (N, S, S, 3) image: the tokenizer's ceiling."""
+    device = next(vq.parameters()).device
+    was_training = vq.training
+    vq.eval()
+    out = []
+    for i in range(0, len(images), batch):
+        x = torch.from_numpy(images[i:i + batch]).to(device).permute(0, 3, 1, 2).float() / 127.5 - 1
+        y = vq.decode(vq.encode(x))
+        mse = (((y - x) / 2) ** 2).flatten(1).mean(1).clamp_min(1e-12)
+        out.append((-10 * torch.log10(mse)).cpu().numpy())
+    vq.train(was_training)
+    return np.concatenate(out)
+
+
+def _crops(images: list[np.ndarray], rng: np.random.Generator, n: int, crop: int) -> np.ndarray:
     out = np.empty((n, 3, crop, crop), np.float32)
     for i in range(n):
         img = images[int(rng.integers(len(images)))]
@@ -76,7 +105,7 @@ def _crops(images: list[np.ndarray], rng: np.random.Generator, n: int, crop: int
         if rng.random() < 0.5:
             patch = patch[:, ::-1]
         out[i] = patch.transpose(2, 0, 1) * 2 - 1
-    return torch.from_numpy(out)
+    return out
 
 
 def load_training_images(folder: str | os.PathLike, min_side: int, log: Callable[[str], None]) -> list[np.ndarray]:
@@ -98,20 +127,63 @@ def load_training_images(folder: str | os.PathLike, min_side: int, log: Callable
     return images
 
 
-def train_vq(image_dir: str | os.PathLike, out_dir: str | os.PathLike, vq_config: VQConfig,
-             config: VQTrainConfig = VQTrainConfig(), *, log: Callable[[str], None] | None = print) -> Path:
+def _save_atomic(obj, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def train_vq_on(
+    sample: BatchSampler,
+    vq_config: VQConfig,
+    config: VQTrainConfig,
+    *,
+    device: str | None = None,
+    checkpoint: str | os.PathLike | None = None,
+    deadline: float | None = None,
+    log: Callable[[str], None] | None = print,
+) -> tuple[VQModel, int]:
+    """Train (or resume from ``checkpoint``) for ``config.steps`` steps; returns (model in eval mode, steps done).
+
+    ``checkpoint`` is written every ``config.save_every`` steps and when ``deadline`` (a
+    ``time.monotonic()`` value) passes, in which case training stops early: call again to go on.
+    """
     say = log or (lambda message: None)
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(config.seed)
-    rng = np.random.default_rng(config.seed)
-    images = load_training_images(image_dir, config.crop, say)
-    vq, disc = VQModel(vq_config).train(), PatchDiscriminator().train()
+    vq, disc = VQModel(vq_config).to(dev).train(), PatchDiscriminator().to(dev).train()
     opt = torch.optim.Adam(vq.parameters(), lr=config.lr, betas=(0.5, 0.9))
     opt_d = torch.optim.Adam(disc.parameters(), lr=config.lr, betas=(0.5, 0.9))
-    used = torch.zeros(vq_config.codebook_size, dtype=torch.bool)
-    generator = torch.Generator().manual_seed(config.seed)
-    for step in range(1, config.steps + 1):
-        x = _crops(images, rng, config.batch_size, config.crop)
-        recon, rec, vql, latents, codes = vq_losses(vq, x, config.beta, with_latents=True)
+    schedule = lambda s: lr_factor(s, config.steps, config.warmup_steps, config.min_lr_ratio)  # noqa: E731
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+    used = torch.zeros(vq_config.codebook_size, dtype=torch.bool, device=dev)
+    step = 0
+    ckpt = Path(checkpoint) if checkpoint is not None else None
+    if ckpt is not None and ckpt.exists():
+        state = torch.load(ckpt, map_location=dev, weights_only=True)
+        if state["vq_config"] != repr(vq_config):
+            raise PureLiteError(f"{ckpt} was made for another VQ config ({state['vq_config']}); use a new folder")
+        vq.load_state_dict(state["model"])
+        disc.load_state_dict(state["disc"])
+        opt.load_state_dict(state["opt"])
+        opt_d.load_state_dict(state["opt_d"])
+        sched.load_state_dict(state["sched"])
+        used.copy_(state["used"])
+        step = int(state["step"])
+        say(f"vq: resumed from {ckpt} at step {step}")
+
+    def save() -> None:
+        if ckpt is not None:
+            _save_atomic({"model": vq.state_dict(), "disc": disc.state_dict(), "opt": opt.state_dict(),
+                          "opt_d": opt_d.state_dict(), "sched": sched.state_dict(), "used": used, "step": step,
+                          "vq_config": repr(vq_config)}, ckpt)
+
+    started, logged = time.monotonic(), step
+    while step < config.steps:
+        step += 1
+        rng = np.random.default_rng([config.seed, step])
+        x = torch.from_numpy(sample(rng, config.batch_size, config.crop)).to(dev, non_blocking=True)
+        recon, rec, vql, latents, codes = vq_losses(vq, x, config.beta, l2_weight=config.l2_weight, with_latents=True)
         used[codes.flatten()] = True
         loss = rec + vql
         adversarial = step > config.disc_start and config.disc_weight > 0
@@ -120,8 +192,9 @@ def train_vq(image_dir: str | os.PathLike, out_dir: str | os.PathLike, vq_config
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        sched.step()
         if config.restart_every and step % config.restart_every == 0 and step <= config.steps // 2:
-            restart_dead_codes(vq, used, latents, generator)
+            restart_dead_codes(vq, used, latents, torch.Generator().manual_seed(config.seed * 1_000_003 + step))
             used[:] = False
         if adversarial:
             d_loss = F.relu(1 - disc(x)).mean() + F.relu(1 + disc(recon.detach())).mean()
@@ -129,10 +202,37 @@ def train_vq(image_dir: str | os.PathLike, out_dir: str | os.PathLike, vq_config
             d_loss.backward()
             opt_d.step()
         if step % config.log_every == 0 or step == config.steps:
-            say(f"vq step {step}/{config.steps}  l1 {rec.item():.4f}  vq {vql.item():.4f}")
+            rate = (time.monotonic() - started) / (step - logged)
+            say(f"vq step {step}/{config.steps}  rec {rec.item():.4f}  vq {vql.item():.4f}  "
+                f"lr {sched.get_last_lr()[0]:.2e}  {rate:.3f} s/step")
+            started, logged = time.monotonic(), step
+        if config.save_every and step % config.save_every == 0 and step < config.steps:
+            save()
+        if deadline is not None and time.monotonic() > deadline and step < config.steps:
+            save()
+            say(f"vq: time is up at step {step}/{config.steps}; checkpoint saved, run again to go on")
+            break
+    if step == config.steps and ckpt is not None:
+        save()
+    return vq.eval(), step
+
+
+def save_vq(vq: VQModel, out_dir: str | os.PathLike) -> Path:
+    """Write ``vq_ds8_c2i.pt`` ({"model": state_dict}, CPU tensors) atomically; returns its path."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tmp = out / (VQ_PICKLE_FILE + ".tmp")
-    torch.save({"model": vq.eval().state_dict()}, tmp)
-    os.replace(tmp, out / VQ_PICKLE_FILE)
+    state = {k: v.detach().cpu() for k, v in vq.state_dict().items()}
+    _save_atomic({"model": state}, out / VQ_PICKLE_FILE)
     return out / VQ_PICKLE_FILE
+
+
+def train_vq(image_dir: str | os.PathLike, out_dir: str | os.PathLike, vq_config: VQConfig,
+             config: VQTrainConfig = VQTrainConfig(), *, device: str | None = None,
+             log: Callable[[str], None] | None = print) -> Path:
+    """``pure-lite train-vq``: random crops of the photos in IMAGE_DIR; the tokenizer goes to OUT_DIR."""
+    say = log or (lambda message: None)
+    images = load_training_images(image_dir, config.crop, say)
+    vq, _ = train_vq_on(lambda rng, n, crop: _crops(images, rng, n, crop), vq_config, config,
+                        device=device, log=log)
+    return save_vq(vq, out_dir)
+

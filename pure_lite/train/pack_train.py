@@ -1,0 +1,320 @@
+"""Train PURE-tiny's tokenizer and language model from one training pack: the self-contained GPU run.
+
+    python -m pure_lite.train.pack_train PACK.npz OUT --minutes 8
+
+needs nothing but the pack and pure-lite's own dependencies (torch, transformers, safetensors,
+numpy, Pillow): no apt, no OpenCV, no SciPy, no scikit-image, no network. It uses CUDA when present
+(bf16 autocast for the language model) and writes the trained weights to OUT/model, in the layout
+``Restorer.from_pretrained`` and ``export_onnx`` read: the language model in bfloat16 (as PURE's
+release), in shards of at most 15 MB so that a borrowed machine can hand every file back (its
+limit is 16 MiB a file, 8 files). The trained tokenizer alone is also copied to OUT/vq as soon as it
+exists, so a run cut short still returns it. Everything else lives in the work folder (``--work``,
+default OUT/work: give a folder outside OUT on a borrowed machine) and is removed at the end:
+
+ 1. vq      ``train_vq_on`` over 64x64 windows of the pack's HQ crops (OUT/work/vq.ckpt)
+ 2. init    a random-init Chameleon with the compact vocabulary and the trained VQ (OUT/work/init)
+ 3. tokens  every (crop, LQ version, horizontal flip) as one conversation: the LQ resized to the HQ
+            size with the restore pipeline's own bicubic, both encoded with the trained VQ, the
+            assistant's text the degradation sentence of the pack's levels (OUT/work/tokens)
+ 4. lm      ``finetune.train`` (OUT/work/lm/checkpoints)
+
+``--minutes`` bounds the wall-clock time: when it runs out, the current stage saves a checkpoint
+and the command exits with status 3; the same command (on any machine, CPU included) resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import PureLiteError
+from .config import TrainConfig, VQTrainConfig
+from .pack import TrainingPack, hq_batch, load_pack
+
+SHIPPED_LIMIT_BYTES = 25_000_000  # the default model's int8 export (docs/pure-tiny.md)
+# what v1's int8 export held beyond 1 byte per LM weight and 4 per VQ weight (graphs, heads, tokenizer):
+# 14.7 MB shipped against 11.87 MB estimated
+EXPORT_OVERHEAD_BYTES = 2_900_000
+EXIT_OUT_OF_TIME = 3
+
+
+@dataclass(frozen=True)
+class LMShape:
+    """The language model's size (a narrow Chameleon)."""
+
+    hidden_size: int = 320
+    num_layers: int = 8
+    num_heads: int = 5
+    intermediate_size: int = 896
+    max_position_embeddings: int = 1024
+
+
+@dataclass(frozen=True)
+class PackTrainConfig:
+    """The whole device run; the defaults are the PURE-tiny v2 plan (docs/pure-tiny.md, "Training on a GPU")."""
+
+    vq_base_channels: int = 32
+    vq_channel_mult: tuple[int, ...] = (1, 1, 2, 2)
+    vq_z_channels: int = 32
+    vq_codebook_size: int = 1024  # 4096 measured 0.4 dB worse after 600 CPU steps (docs/pure-tiny.md)
+    vq_train: VQTrainConfig = field(default_factory=lambda: VQTrainConfig(
+        steps=6000, batch_size=64, crop=64, lr=1e-3, warmup_steps=200, min_lr_ratio=0.1, l2_weight=0.5,
+        disc_weight=0.0, restart_every=50, log_every=250, save_every=1000))
+    lm: LMShape = field(default_factory=LMShape)
+    lm_train: TrainConfig = field(default_factory=lambda: TrainConfig(
+        lr=1e-3, max_steps=4000, batch_size=32, warmup_steps=200, min_lr_ratio=0.1, weight_decay=0.1, grad_clip=4.0,
+        dropout=0.0, save_every=1000, log_every=100))
+    flips: bool = True  # each crop also enters the LM data mirrored (degradations are mirror-symmetric)
+    seed: int = 0
+
+    def vq_config(self):
+        from ..vq import VQConfig
+
+        return VQConfig(base_channels=self.vq_base_channels, channel_mult=self.vq_channel_mult,
+                        z_channels=self.vq_z_channels, codebook_size=self.vq_codebook_size)
+
+
+def shipped_bytes_estimate(config: PackTrainConfig, vocab_size: int) -> int:
+    """int8 export size, roughly: LM weights at 1 byte (untied embeddings and head), the VQ kept float32,
+    plus ``EXPORT_OVERHEAD_BYTES``; compare with ``SHIPPED_LIMIT_BYTES`` before spending GPU time."""
+    from ..vq import VQModel
+
+    vq = sum(p.numel() for p in VQModel(config.vq_config()).parameters())
+    h, s = config.lm.hidden_size, config.lm
+    lm = 2 * vocab_size * h + s.num_layers * (4 * h * h + 3 * h * s.intermediate_size)
+    return 4 * vq + lm + EXPORT_OVERHEAD_BYTES
+
+
+# ----------------------------------------------------------------------------- stages
+
+
+def stage_vq(pack: TrainingPack, work: Path, config: PackTrainConfig, device: str, deadline: float, log) -> Path | None:
+    from .vq_train import round_trip_psnr, save_vq, train_vq_on
+
+    final = work / "vq" / "vq_ds8_c2i.pt"
+    if final.exists():
+        return final
+    train_cfg = replace(config.vq_train, seed=config.seed)
+    vq, steps = train_vq_on(lambda rng, n, crop: hq_batch(pack.hq, rng, n, crop), config.vq_config(), train_cfg,
+                            device=device, checkpoint=work / "vq.ckpt", deadline=deadline, log=log)
+    if steps < train_cfg.steps:
+        return None
+    psnr = round_trip_psnr(vq, pack.hq[:256])
+    log(f"vq: round trip of 256 training crops {psnr.mean():.2f} dB (the held-out number comes from the benchmark)")
+    return save_vq(vq, work / "vq")
+
+
+def stage_init(work: Path, vq_file: Path, config: PackTrainConfig) -> Path:
+    from ..testing import make_tiny_checkpoint
+
+    out = work / "init"
+    if not (out / "config.json").exists():
+        tmp = work / "init.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        make_tiny_checkpoint(tmp, seed=config.seed, layout="compact", compact_codebook=config.vq_codebook_size,
+                             init_std=0.02, vq_base_channels=config.vq_base_channels, **asdict(config.lm))
+        shutil.copyfile(vq_file, tmp / "vq_ds8_c2i.pt")  # the trained tokenizer replaces the random one
+        (tmp / "tiny_checkpoint.json").unlink(missing_ok=True)
+        tmp.rename(out)
+    return out
+
+
+def stage_tokens(pack: TrainingPack, init: Path, work: Path, config: PackTrainConfig, device: str, log) -> Path:
+    """Write the pack's conversations in pretokenize's shard format (TokenDataset reads them)."""
+    import torch
+
+    from ..checkpoint import CheckpointFiles
+    from ..images import resize
+    from ..prompt import TextTokenizer, degradation_sentence, training_example
+    from ..tokens import TokenLayout
+    from ..torch_backend import load_vq
+    from .degrade import DEGRADATION_TYPES, LEVELS
+
+    out = work / "tokens"
+    if (out / "index.json").exists():
+        return out
+    files = CheckpointFiles.locate(init)
+    layout = TokenLayout.from_tokenizer_file(files.tokenizer, files.read_config()["vocab_size"])
+    tokenizer = TextTokenizer(files.tokenizer)
+    vq = load_vq(files).to(device)
+    size = pack.size
+
+    def encode(images: np.ndarray) -> np.ndarray:  # float32 (n, S, S, 3) in [0, 1] -> (n, S/8, S/8) codes
+        codes = []
+        for i in range(0, len(images), 64):
+            x = torch.from_numpy(images[i:i + 64]).to(device).permute(0, 3, 1, 2) * 2 - 1
+            with torch.no_grad():
+                codes.append(vq.encode(x).cpu().numpy())
+        return np.concatenate(codes)
+
+    flips = (False, True) if config.flips else (False,)
+    ids_all, samples, offset = [], [], 0
+    for flip in flips:
+        hq = pack.hq[:, :, ::-1] if flip else pack.hq
+        hq_codes = encode(hq.astype(np.float32) / 255.0)
+        for k in range(pack.lq.shape[1]):
+            lq = pack.lq[:, k, :, ::-1] if flip else pack.lq[:, k]
+            lq_up = np.stack([resize(x.astype(np.float32) / 255.0, size) for x in lq])  # what restore feeds the VQ
+            lq_codes = encode(lq_up)
+            for i in range(len(pack)):
+                levels = {t: LEVELS[pack.levels[i, k, j]] for j, t in enumerate(DEGRADATION_TYPES)}
+                ids, labels = training_example(tokenizer, layout, layout.encode_image(lq_codes[i]),
+                                               degradation_sentence(levels), layout.encode_image(hq_codes[i]))
+                ids_all.append(ids.astype(np.int32))
+                samples.append({"index": len(samples), "id": f"{i}-{k}-{int(flip)}", "offset": offset,
+                                "length": len(ids), "prompt_len": int(np.argmax(labels >= 0))})
+                offset += len(ids)
+        log(f"tokens: {len(samples)} conversations")
+    tmp = work / "tokens.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    np.save(tmp / "shard_00000.ids.npy", np.concatenate(ids_all))
+    (tmp / "shard_00000.json").write_text(json.dumps({"samples": samples}))
+    (tmp / "index.json").write_text(json.dumps({"shards": 1, "samples": len(samples), "skipped": []}))
+    tmp.rename(out)
+    return out
+
+
+def stage_lm(init: Path, tokens: Path, work: Path, config: PackTrainConfig, device: str, deadline: float, log) -> Path | None:
+    from .finetune import train
+
+    lm_out = work / "lm"
+    cfg = replace(config.lm_train, seed=config.seed)
+    result = train(init, tokens, lm_out, cfg, device=device, deadline=deadline, log=log)
+    total = cfg.max_steps
+    return lm_out if result.steps >= total and (lm_out / "config.json").exists() else None
+
+
+def publish_model(lm_dir: Path, final: Path, shard: str = "15MB", *, weights: Path | None = None) -> Path:
+    """Re-save the trained model as bfloat16 shards of at most ``shard`` beside its tokenizer and VQ.
+
+    ``weights``: a training checkpoint's ``trainable.safetensors`` to load over ``lm_dir``'s weights
+    (publishing a run that ran out of time).
+    """
+    import torch
+    from safetensors.torch import load_file
+
+    from ..checkpoint import CheckpointFiles
+    from ..lm import load_language_model
+
+    files = CheckpointFiles.locate(lm_dir)
+    tmp = final.with_name(final.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    lm = load_language_model(files, device="cpu")
+    if weights is not None:
+        state = load_file(str(weights))
+        unknown = set(state) - {n for n, _ in lm.named_parameters()}
+        if unknown:
+            raise PureLiteError(f"{weights} does not match {lm_dir} (e.g. {sorted(unknown)[:3]})")
+        lm.load_state_dict(state, strict=False)
+    lm = lm.to(torch.bfloat16)
+    lm.save_pretrained(tmp, max_shard_size=shard)
+    (tmp / "generation_config.json").unlink(missing_ok=True)
+    shutil.copyfile(files.tokenizer, tmp / files.tokenizer.name)
+    shutil.copyfile(files.vq, tmp / files.vq.name)
+    tmp.rename(final)
+    return final
+
+
+def run(pack_path: str | Path, out: str | Path, config: PackTrainConfig = PackTrainConfig(), *,
+        minutes: float | None = None, device: str | None = None, work: str | Path | None = None,
+        keep_work: bool = False, publish_partial: bool = False, log=print) -> Path | None:
+    """The whole run; returns OUT/model, or None when ``minutes`` ran out first (run again to resume).
+
+    ``publish_partial``: when time runs out during the language model, also write its weights as
+    they are to OUT/model-partial (a borrowed machine's work folder is lost with the machine; the
+    partial model can still be exported, measured, or fine-tuned further as a new init).
+    """
+    import torch
+
+    say = log or (lambda message: None)
+    deadline = time.monotonic() + 60 * minutes if minutes else None
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = True  # the VQ's convolutions and the LM's fp32 parts
+        torch.backends.cudnn.allow_tf32 = True
+    out = Path(out)
+    final = out / "model"
+    if (final / "config.json").exists():
+        say(f"{final} already holds a trained model")
+        return final
+    pack = load_pack(pack_path)
+    work = Path(work) if work is not None else out / "work"
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "config.json").write_text(json.dumps(asdict(config), indent=1, default=str))
+    vocab = 4 + 256 + 4 + 16 + config.vq_codebook_size  # testing._compact_vocab: basic, bytes, markers, grids, codes
+    say(f"int8 export estimate {shipped_bytes_estimate(config, vocab) / 1e6:.1f} MB "
+        f"(limit {SHIPPED_LIMIT_BYTES / 1e6:.0f} MB)")
+    say(f"pack: {len(pack)} crops of {pack.size}px, {pack.lq.shape[1]} LQ versions each, from {len(pack.photos)} "
+        f"photos; device {device}")
+    started = time.monotonic()
+    vq_file = stage_vq(pack, work, config, device, deadline, say)
+    if vq_file is None:
+        return None
+    say(f"vq done ({time.monotonic() - started:.0f} s)")
+    if not (out / "vq" / vq_file.name).exists():
+        (out / "vq").mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(vq_file, out / "vq" / vq_file.name)
+    init = stage_init(work, vq_file, config)
+    tokens = stage_tokens(pack, init, work, config, device, say)
+    model = stage_lm(init, tokens, work, config, device, deadline, say)
+    if model is None:
+        from .finetune import _latest_checkpoint
+
+        latest = _latest_checkpoint(work / "lm" / "checkpoints")
+        if publish_partial and latest is not None:
+            shutil.rmtree(out / "model-partial", ignore_errors=True)
+            publish_model(init, out / "model-partial", weights=latest / "trainable.safetensors")
+            say(f"wrote the language model as of {latest.name} to {out / 'model-partial'}")
+        return None
+    final.parent.mkdir(parents=True, exist_ok=True)
+    publish_model(model, final)
+    if not keep_work:
+        shutil.rmtree(work)
+    say(f"saved the trained model to {final} ({time.monotonic() - started:.0f} s)")
+    return final
+
+
+def main(argv: list[str] | None = None) -> int:
+    d = PackTrainConfig()
+    ap = argparse.ArgumentParser(prog="python -m pure_lite.train.pack_train", description=__doc__.split("\n")[0])
+    ap.add_argument("pack", type=Path, help="the training pack (.npz) built by examples/train_pure_tiny.py --pack-only")
+    ap.add_argument("out", type=Path, help="output folder: OUT/model gets the weights; OUT/work the resumable state")
+    ap.add_argument("--minutes", type=float, default=None, help="wall-clock budget; on expiry save, exit 3, rerun to resume")
+    ap.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    ap.add_argument("--vq-codebook-size", type=int, default=d.vq_codebook_size, help=f"(default: {d.vq_codebook_size})")
+    ap.add_argument("--vq-z-channels", type=int, default=d.vq_z_channels, help=f"(default: {d.vq_z_channels})")
+    ap.add_argument("--vq-steps", type=int, default=d.vq_train.steps, help=f"(default: {d.vq_train.steps})")
+    ap.add_argument("--vq-batch", type=int, default=d.vq_train.batch_size, help=f"(default: {d.vq_train.batch_size})")
+    ap.add_argument("--lm-steps", type=int, default=d.lm_train.max_steps, help=f"(default: {d.lm_train.max_steps})")
+    ap.add_argument("--lm-batch", type=int, default=d.lm_train.batch_size, help=f"(default: {d.lm_train.batch_size})")
+    ap.add_argument("--work", type=Path, default=None, help="resumable state (default: OUT/work)")
+    ap.add_argument("--publish-partial", action="store_true",
+                    help="when time runs out during the language model, write its weights to OUT/model-partial")
+    ap.add_argument("--keep-work", action="store_true", help="keep the work folder (checkpoints, tokens) after success")
+    args = ap.parse_args(argv)
+    config = replace(d, vq_codebook_size=args.vq_codebook_size, vq_z_channels=args.vq_z_channels,
+                     vq_train=replace(d.vq_train, steps=args.vq_steps, batch_size=args.vq_batch,
+                                         save_every=min(d.vq_train.save_every, args.vq_steps)),
+                     lm_train=replace(d.lm_train, max_steps=args.lm_steps, batch_size=args.lm_batch,
+                                      save_every=min(d.lm_train.save_every, args.lm_steps),
+                                      warmup_steps=min(d.lm_train.warmup_steps, max(1, args.lm_steps // 10))))
+    try:
+        model = run(args.pack, args.out, config, minutes=args.minutes, device=args.device, work=args.work,
+                    keep_work=args.keep_work, publish_partial=args.publish_partial,
+                    log=lambda m: print(m, flush=True))
+    except PureLiteError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0 if model is not None else EXIT_OUT_OF_TIME
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,247 @@
+"""PURE-tiny v2's data path: the photo list and its split, training packs, and the pack-only training run.
+
+All offline: the Debian packages are stood in for by a fake unpacked folder, and packs are built
+from small synthetic images.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from pure_lite.train import photo_sources as ps
+
+# ----------------------------------------------------------------------------- photo list and split
+
+
+def test_every_photo_has_a_licence_and_a_unique_key_and_name():
+    photos = ps.all_photos()
+    assert len(ps.DEBIAN_PHOTOS) >= 40
+    for p in photos:
+        assert p.licence.strip() and p.source and p.path, p
+    assert len({p.key for p in photos}) == len(photos)
+    assert len({p.name for p in photos}) == len(photos)
+
+
+def test_split_is_by_photo_disjoint_complete_and_independent_of_order():
+    parts = ps.split()
+    train, held = {p.key for p in parts["train"]}, {p.key for p in parts["heldout"]}
+    assert train.isdisjoint(held)
+    assert train | held == {p.key for p in ps.all_photos()}
+    shuffled = list(ps.all_photos())
+    np.random.default_rng(1).shuffle(shuffled)
+    again = ps.split(tuple(shuffled))
+    assert {p.key for p in again["heldout"]} == held  # membership depends on the photo alone
+    assert ps.split() == parts
+    # v1's held-out photos stay held out, and the Debian photos contribute to both sides
+    assert {p.name for p in parts["heldout"] if p.source in ("scikit-image", "scikit-learn", "matplotlib")} == {
+        "scikit-image-chelsea", "scikit-image-coffee", "scikit-learn-flower", "matplotlib-grace_hopper"}
+    debian_held = [p for p in parts["heldout"] if p in ps.DEBIAN_PHOTOS]
+    assert 0.1 < len(debian_held) / len(ps.DEBIAN_PHOTOS) < 0.4
+
+
+def test_licence_table_lists_every_photo_once():
+    table = ps.licence_table()
+    for p in ps.all_photos():
+        assert table.count(f"`{p.path}`") == 1
+
+
+def test_locate_finds_photos_in_an_unpacked_cache_and_names_what_is_missing(tmp_path):
+    photo = ps.DEBIAN_PHOTOS[0]
+    (tmp_path / photo.source / photo.path).parent.mkdir(parents=True)
+    (tmp_path / photo.source / photo.path).write_bytes(b"jpeg")
+    assert ps.locate(photo, tmp_path) == tmp_path / photo.source / photo.path
+    with pytest.raises(ps.PhotoSourceError, match="fetch"):
+        ps.locate(ps.DEBIAN_PHOTOS[-1], tmp_path)
+    with pytest.raises(ps.PhotoSourceError, match="cache folder"):
+        ps.locate(photo, None)
+
+
+def test_fetch_skips_packages_already_unpacked(tmp_path, monkeypatch):
+    for package in ps.DEBIAN_PACKAGES:
+        (tmp_path / package / "usr").mkdir(parents=True)
+
+    def no_network(*args, **kwargs):
+        raise AssertionError(f"fetch ran {args} although every package was unpacked")
+
+    monkeypatch.setattr(ps.subprocess, "run", no_network)
+    monkeypatch.setattr(ps.shutil, "which", lambda tool: f"/usr/bin/{tool}")
+    assert ps.fetch(tmp_path, log=lambda m: None) == tmp_path
+
+
+def test_fetch_reports_a_failed_download(tmp_path, monkeypatch):
+    class Failed:
+        returncode, stdout, stderr = 100, "", "E: Unable to locate package nope"
+
+    monkeypatch.setattr(ps.subprocess, "run", lambda *a, **k: Failed())
+    monkeypatch.setattr(ps.shutil, "which", lambda tool: f"/usr/bin/{tool}")
+    with pytest.raises(ps.PhotoSourceError, match="Unable to locate"):
+        ps.fetch(tmp_path, ("nope",), log=lambda m: None)
+    assert not (tmp_path / "nope").exists()
+
+
+# ----------------------------------------------------------------------------- packs
+
+
+def _synthetic_photos(n: int = 2, side: int = 96):
+    rng = np.random.default_rng(7)
+    out = []
+    for i in range(n):
+        y, x = np.mgrid[0:side, 0:side + 16 * i] / side
+        img = np.stack([np.sin(6 * x + i), np.cos(5 * y), x * y], axis=2) * 0.4 + 0.5
+        img = img + rng.normal(0, 0.02, img.shape)
+        out.append((f"synthetic:{i}", (lambda img=img: np.clip(img, 0, 1).astype(np.float32))))
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_pack(tmp_path_factory):
+    pytest.importorskip("cv2")
+    pytest.importorskip("scipy")
+    from pure_lite.train.pack import build_pack
+
+    path = tmp_path_factory.mktemp("pack") / "train.npz"
+    return build_pack(_synthetic_photos(), path, crops_per_photo=3, lq_per_crop=2, size=64, scale=4, seed=0, log=None)
+
+
+def test_pack_round_trip_shapes_dtypes_and_determinism(tiny_pack, tmp_path):
+    from pure_lite.train.pack import build_pack, load_pack, pack_bytes
+
+    pack = load_pack(tiny_pack)
+    assert pack.hq.shape == (6, 64, 64, 3) and pack.hq.dtype == np.uint8
+    assert pack.lq.shape == (6, 2, 16, 16, 3) and pack.lq.dtype == np.uint8
+    assert pack.levels.shape == (6, 2, 3) and pack.levels.max() < 3
+    assert list(pack.photo) == [0, 0, 0, 1, 1, 1]
+    assert pack.photos == ("synthetic:0", "synthetic:1")
+    assert (pack.size, pack.scale, len(pack)) == (64, 4, 6)
+    assert pack.meta["lq_per_crop"] == 2
+    assert abs(tiny_pack.stat().st_size - pack_bytes(6, 2, 64, 4)) < 4096
+    assert pack.hq.std() > 10  # crops of the pictures, not blank
+    again = load_pack(build_pack(_synthetic_photos(), tmp_path / "again.npz", crops_per_photo=3, lq_per_crop=2,
+                                 size=64, scale=4, seed=0, log=None))
+    np.testing.assert_array_equal(again.hq, pack.hq)
+    np.testing.assert_array_equal(again.lq, pack.lq)
+    np.testing.assert_array_equal(again.levels, pack.levels)
+
+
+def test_pack_size_limit_is_enforced_before_building_and_when_loading(tiny_pack, tmp_path):
+    from pure_lite.train.pack import PackError, build_pack, load_pack
+
+    with pytest.raises(PackError, match="at most 1 crops per photo"):
+        build_pack(_synthetic_photos(), tmp_path / "big.npz", crops_per_photo=3, lq_per_crop=2, size=64, scale=4,
+                   max_bytes=66_048 + 3 * 13_834 + 100, log=None)  # room for 3 crops
+    assert not (tmp_path / "big.npz").exists()
+    with pytest.raises(PackError, match="over the"):
+        load_pack(tiny_pack, max_bytes=10_000)
+
+
+def test_malformed_packs_are_refused_with_the_reason(tiny_pack, tmp_path):
+    from pure_lite.train.pack import PackError, load_pack
+
+    with np.load(tiny_pack) as z:
+        arrays = {k: z[k] for k in z.files}
+    cases = {
+        "no lq": {k: v for k, v in arrays.items() if k != "lq"},
+        "hq must be uint8": {**arrays, "hq": arrays["hq"].astype(np.float32)},
+        "levels must be": {**arrays, "levels": arrays["levels"] + 3},
+        "pack format": {**arrays, "meta": np.array(json.dumps({**json.loads(str(arrays["meta"])), "format": 99}))},
+    }
+    for message, bad in cases.items():
+        path = tmp_path / "bad.npz"
+        np.savez(path, **bad)
+        with pytest.raises(PackError, match=message):
+            load_pack(path)
+    (tmp_path / "junk.npz").write_bytes(b"not a zip")
+    with pytest.raises(PackError, match="not a readable"):
+        load_pack(tmp_path / "junk.npz")
+    with pytest.raises(PackError, match="no such"):
+        load_pack(tmp_path / "missing.npz")
+
+
+def test_hq_batch_windows_come_from_the_pack(tiny_pack):
+    from pure_lite.train.pack import PackError, hq_batch, load_pack
+
+    pack = load_pack(tiny_pack)
+    x = hq_batch(pack.hq, np.random.default_rng(0), 5, 32)
+    assert x.shape == (5, 3, 32, 32) and x.dtype == np.float32
+    assert -1.0 <= x.min() and x.max() <= 1.0
+    np.testing.assert_array_equal(x, hq_batch(pack.hq, np.random.default_rng(0), 5, 32))
+    pixels = np.round((x + 1) * 127.5).astype(np.uint8).transpose(0, 2, 3, 1)  # back to (n, 32, 32, 3)
+    windows = np.lib.stride_tricks.sliding_window_view(pack.hq, (32, 32), axis=(1, 2))
+    windows = windows.transpose(0, 1, 2, 4, 5, 3).reshape(-1, 32, 32, 3)  # every window of every crop
+    for w in pixels:  # each is a window of a pack crop, as it is or mirrored
+        assert any((windows == v).all(axis=(1, 2, 3)).any() for v in (w, w[:, ::-1])), "not a window of the pack"
+    with pytest.raises(PackError, match="larger"):
+        hq_batch(pack.hq, np.random.default_rng(0), 1, 128)
+
+
+# ----------------------------------------------------------------------------- the pack-only training run
+
+
+def test_pack_training_runs_stops_at_its_deadline_and_resumes(tiny_pack, tmp_path):
+    pytest.importorskip("transformers")
+    from dataclasses import replace
+
+    from pure_lite.checkpoint import CheckpointFiles
+    from pure_lite.train.config import TrainConfig, VQTrainConfig
+    from pure_lite.train.pack_train import LMShape, PackTrainConfig, run
+
+    config = PackTrainConfig(
+        vq_base_channels=32, vq_z_channels=32, vq_codebook_size=64,
+        vq_train=VQTrainConfig(steps=2, batch_size=2, crop=32, lr=1e-3, disc_weight=0.0, restart_every=0, log_every=1),
+        lm=LMShape(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, max_position_embeddings=512),
+        lm_train=TrainConfig(lr=1e-3, max_steps=2, batch_size=2, warmup_steps=1, dropout=0.0, save_every=0, log_every=1),
+    )
+    logs: list[str] = []
+    out = tmp_path / "run"
+    expired = 1e-9  # minutes: the deadline has passed by the end of the first step
+    assert run(tiny_pack, out, config, minutes=expired, device="cpu", log=logs.append) is None
+    assert (out / "work" / "vq.ckpt").exists() and not (out / "model").exists()
+    assert any("time is up at step 1/2" in m for m in logs)
+
+    logs.clear()  # VQ resumes and finishes; the LM stops after its first step and publishes what it has
+    assert run(tiny_pack, out, config, minutes=expired, device="cpu", publish_partial=True, log=logs.append) is None
+    assert (out / "model-partial" / "config.json").exists() and (out / "vq" / "vq_ds8_c2i.pt").exists()
+    assert any("resumed from" in m and "step 1" in m for m in logs)
+    assert (out / "work" / "tokens" / "index.json").exists()
+    assert (out / "work" / "lm" / "checkpoints" / "step-1").is_dir()
+
+    logs.clear()  # the LM resumes from its checkpoint and the weights are written
+    model = run(tiny_pack, out, replace(config), device="cpu", log=logs.append)
+    assert model == out / "model" and any("resumed from" in m and "step 1" in m for m in logs)
+    files = CheckpointFiles.locate(model)
+    assert files.read_config()["hidden_size"] == 32 and files.vq.exists()
+    assert not (out / "work").exists() and not (model / "checkpoints").exists()
+    assert (out / "vq" / "vq_ds8_c2i.pt").exists()
+    import safetensors.torch
+    shards = sorted(model.glob("*.safetensors"))
+    assert shards and all(t.dtype == __import__("torch").bfloat16
+                          for t in safetensors.torch.load_file(str(shards[0])).values())
+    tokens_per_sample = 3 + 8 * 9 + 1  # an 64x64 image block: 8 rows of 8 codes + row ends, grids and bounds
+    assert tokens_per_sample < 512
+
+
+def test_the_default_device_run_fits_the_shipped_size_limit():
+    pytest.importorskip("torch")
+    from pure_lite.train.pack_train import SHIPPED_LIMIT_BYTES, PackTrainConfig, shipped_bytes_estimate
+
+    config = PackTrainConfig()
+    vocab = 4 + 256 + 4 + 16 + config.vq_codebook_size
+    assert shipped_bytes_estimate(config, vocab) <= SHIPPED_LIMIT_BYTES
+
+
+def test_the_photo_list_in_the_docs_is_the_one_the_code_uses():
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "pure-tiny-photos.md").read_text(encoding="utf-8")
+    assert doc.endswith(ps.licence_table()), "regenerate docs/pure-tiny-photos.md (see its first lines)"
+
+
+def test_vq_recipe_knobs_are_validated():
+    from pure_lite.train.config import VQTrainConfig
+
+    for bad in (dict(l2_weight=1.5), dict(min_lr_ratio=0.0), dict(steps=0), dict(crop=60)):
+        with pytest.raises(ValueError):
+            VQTrainConfig(**bad)
