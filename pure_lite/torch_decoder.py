@@ -26,7 +26,9 @@ Speculative decoding and the text before the image always go through the shared 
 from __future__ import annotations
 
 import math
+import time
 import warnings
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import numpy as np
@@ -262,10 +264,7 @@ class TorchDecoder:
         token = s.image_ids[code]
         ids = s.ids[t]
         ids[:, 0].copy_(torch.cat([token, token]) if s.cfg else token)
-        positions = self.kv.prepare(t, spans)
-        hidden = self.step_fn.run(ids, None, positions, self.kv, grouped_cache=self.kv)
-        self.kv.advance(t)
-        s.logits.copy_(self.image_head(hidden[:, -1]))
+        s.logits.copy_(self.image_head(self._append(ids, spans)[:, -1]))
 
     @torch.inference_mode()
     def _run_link(self, t: int) -> None:
@@ -302,10 +301,7 @@ class TorchDecoder:
 
     def _graph_step(self, ids: torch.Tensor, spans: tuple[int, ...], image: bool) -> torch.Tensor:
         """One decoder call on device buffers; returns every position's logits (capturable)."""
-        positions = self.kv.prepare(ids.shape[1], spans)
-        hidden = self.step_fn.run(ids, None, positions, self.kv, grouped_cache=self.kv)
-        self.kv.advance(ids.shape[1])
-        return (self.image_head if image else self.text_head)(hidden)
+        return (self.image_head if image else self.text_head)(self._append(ids, spans))
 
     def _replay(self, key: tuple, body: Callable[[], object]):
         """Replay the graph captured for ``key`` (capturing it on first use); returns what ``body`` returned
@@ -329,8 +325,6 @@ class TorchDecoder:
     def _capture(self, body: Callable[[], object]) -> tuple[torch.cuda.CUDAGraph, object]:
         """Warm ``body`` up once (on a side stream, as capture requires), undo its effect on the lengths and
         the chain, then capture it. The warm-up writes the same cache slots the replay writes again."""
-        import time
-
         start = time.perf_counter()
         s = self.chain
         lengths = [g.lengths.clone() for g in self.kv.live_groups]
@@ -368,11 +362,16 @@ class TorchDecoder:
     @torch.inference_mode()
     def _forward(self, ids: torch.Tensor) -> torch.Tensor:
         """Append ids (R, T) to the live rows, eagerly; returns their final-norm hidden states (R, T, hidden)."""
-        t = ids.shape[1]
-        positions = self.kv.prepare(t, self._spans(t))
+        hidden = self._append(ids, self._spans(ids.shape[1]))
+        self.lengths[:self.live] += ids.shape[1]
+        return hidden
+
+    def _append(self, ids: torch.Tensor, spans: tuple[int, ...]) -> torch.Tensor:
+        """The decoder call on the device: place ids (R, T) at the rows' device-side lengths, run the
+        layers over the grouped cache, move the lengths on. Host lengths are the caller's (capturable)."""
+        positions = self.kv.prepare(ids.shape[1], spans)
         hidden = self.step_fn.run(ids, None, positions, self.kv, grouped_cache=self.kv)
-        self.kv.advance(t)
-        self.lengths[:self.live] += t
+        self.kv.advance(ids.shape[1])
         return hidden
 
     @torch.inference_mode()
@@ -380,8 +379,17 @@ class TorchDecoder:
         return (self.image_head if image else self.text_head)(hidden).cpu().numpy()
 
 
+@dataclass
 class _ChainState:
     """The device tensors a chained image decode reads and writes in place (a graph's fixed addresses)."""
 
-    def __init__(self, **fields):
-        self.__dict__.update(fields)
+    logits: torch.Tensor  # (rows, codebook): the outputs the next code is drawn from
+    codes: torch.Tensor  # (B, side²) int64
+    entropy: torch.Tensor  # (B, side²)
+    counter: torch.Tensor  # () int64: the index of the next code
+    seeds: torch.Tensor  # (B,) int64, folded to 32 bits
+    image_ids: torch.Tensor  # (codebook,) token id of each code
+    ids: dict[int, torch.Tensor]  # step width (1, or 2 with the row end) -> (rows, width) input buffer
+    config: SamplingConfig
+    cfg: bool
+    batch: int
