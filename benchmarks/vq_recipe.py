@@ -1,9 +1,10 @@
 """Which VQ recipe lifts the tokenizer's ceiling: held-out round-trip PSNR after a fixed number of steps.
 
     python benchmarks/vq_recipe.py TRAIN_PACK HELDOUT_PACK --configs v1 v1-cosine-l2 c4096 wide --steps 600
+    python benchmarks/vq_recipe.py TRAIN_PACK HELDOUT_PACK --configs v1-cosine-l2 --precision fp32 bf16
 
 Each named config trains from the same seed on the same batches (64x64 windows of the training
-pack's crops) and is scored on the held-out pack's 128x128 crops (photos never trained on):
+pack's crops), in each ``--precision`` asked for, and is scored on the held-out pack's 128x128 crops (photos never trained on):
 mean PSNR of encode -> decode. Results are appended to benchmarks/results/vq_recipe.json with the
 seconds per step, so a GPU run's step count can be planned from them. On a 2-core CPU keep each
 run under ten minutes: these are directions, not converged numbers.
@@ -34,14 +35,14 @@ CONFIGS: dict[str, tuple[dict, dict]] = {
 }
 
 
-def run(name: str, train, heldout, steps: int, batch: int, log) -> dict:
+def run(name: str, train, heldout, steps: int, batch: int, precision: str, log) -> dict:
     import torch
 
     from pure_lite.train.vq_train import round_trip_psnr, train_vq_on
 
     vq_kw, train_kw = CONFIGS[name]
     config = VQTrainConfig(steps=steps, batch_size=batch, crop=64, disc_weight=0.0, log_every=25,
-                           **{"lr": 5e-4, **train_kw})
+                           precision=precision, **{"lr": 5e-4, **train_kw})
     torch.set_num_threads(max(1, torch.get_num_threads()))
     start = time.monotonic()
     vq, done = train_vq_on(lambda rng, n, crop: hq_batch(train.hq, rng, n, crop), VQConfig(**vq_kw), config, log=log)
@@ -60,15 +61,19 @@ def main() -> None:
     ap.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     ap.add_argument("--steps", type=int, default=600)
     ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--precision", nargs="+", default=["auto"], choices=["auto", "bf16", "fp32"],
+                    help="bf16 autocast or fp32 (auto: bf16 where native, pure_lite.train.config.use_bf16)")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "vq_recipe.json")
     args = ap.parse_args()
     train, heldout = load_pack(args.train_pack), load_pack(args.heldout_pack)
     results = json.loads(args.out.read_text()) if args.out.exists() else []
     for name in args.configs:
-        row = run(name, train, heldout, args.steps, args.batch, log=lambda m: print(f"[{name}] {m}", flush=True))
-        print(json.dumps(row), flush=True)
-        results.append(row)
-        args.out.write_text(json.dumps(results, indent=1))
+        for precision in args.precision:
+            row = run(name, train, heldout, args.steps, args.batch, precision,
+                      log=lambda m: print(f"[{name} {precision}] {m}", flush=True))
+            print(json.dumps(row), flush=True)
+            results.append(row)
+            args.out.write_text(json.dumps(results, indent=1))
 
 
 if __name__ == "__main__":

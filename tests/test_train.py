@@ -308,3 +308,41 @@ def test_vq_training_reduces_reconstruction_and_saves_release_format(hq_dir, tmp
     with torch.no_grad():
         end = vq_losses(vq.eval(), x, 0.25)[1].item()
     assert end < 0.85 * start, (start, end)
+
+
+def test_precision_choice(monkeypatch):
+    import torch
+
+    from pure_lite.train.config import VQTrainConfig, use_bf16
+
+    cpu = torch.device("cpu")
+    assert use_bf16("bf16", cpu) and not use_bf16("fp32", cpu)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    assert not use_bf16("auto", cpu)  # emulated bf16 is slower than fp32: auto stays fp32
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
+    assert use_bf16("auto", cpu)
+    with pytest.raises(ValueError, match="precision"):
+        use_bf16("fp16", cpu)
+    with pytest.raises(ValueError, match="precision"):
+        VQTrainConfig(precision="half")
+
+
+def test_vq_losses_in_bf16_keep_the_code_search_and_losses_in_fp32():
+    import torch
+
+    from pure_lite.train.vq_train import vq_losses
+    from pure_lite.vq import VQConfig, VQModel
+
+    torch.manual_seed(0)
+    vq = VQModel(VQConfig(base_channels=32, z_channels=32, codebook_size=64)).eval()
+    x = torch.rand(4, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        full = vq_losses(vq, x, 0.25, l2_weight=0.5, with_latents=True)
+        half = vq_losses(vq, x, 0.25, l2_weight=0.5, with_latents=True, bf16=True)
+    recon, rec, vql, z, codes = half
+    assert recon.dtype == z.dtype == rec.dtype == vql.dtype == torch.float32
+    assert torch.equal(codes, vq.quantize.nearest(z))  # the search ran on the fp32 latents it returns
+    # bf16 convolutions move the latents by ~1e-2: most codes and the losses stay put
+    assert (codes == full[4]).float().mean() > 0.8
+    assert abs(rec.item() - full[1].item()) < 0.05 * full[1].item()
+    assert abs(vql.item() - full[2].item()) < 0.1 * full[2].item() + 1e-4

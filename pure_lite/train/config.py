@@ -5,6 +5,25 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
+def use_bf16(precision: str, device) -> bool:
+    """Whether training runs its matmuls and convolutions under bf16 autocast on ``device`` (a torch.device).
+
+    "auto" picks bf16 where the hardware computes it natively: CUDA GPUs that support it and CPUs
+    with AMX tiles (Sapphire Rapids and later; there the PURE-tiny VQ trains 3x faster and the
+    language model 1.7x, measured on our 2 cores). Elsewhere bf16 is emulated and slower than fp32.
+    """
+    import torch
+
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision != "auto":
+        return precision == "bf16"
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
 
 
 @dataclass(frozen=True)
@@ -24,7 +43,7 @@ class TrainConfig:
     z_loss: float = 0.0
     dropout: float = 0.05
     gradient_checkpointing: bool = False
-    precision: str = "auto"  # "auto" (bf16 on CUDA when supported), "bf16" or "fp32"
+    precision: str = "auto"  # "auto" (bf16 where native: use_bf16), "bf16" or "fp32"
     lora_rank: int = 0  # 0 = full fine-tuning
     lora_alpha: int = 16
     lora_targets: tuple[str, ...] = LORA_TARGETS
@@ -36,7 +55,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.lr <= 0 or self.batch_size < 1 or self.grad_accum < 1:
             raise ValueError("lr must be > 0, batch_size and grad_accum >= 1")
-        if self.precision not in ("auto", "bf16", "fp32"):
+        if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be auto, bf16 or fp32, got {self.precision!r}")
 
 
@@ -47,7 +66,8 @@ class VQTrainConfig:
     The learning rate warms up linearly over ``warmup_steps`` and then follows a cosine to
     ``lr * min_lr_ratio`` (``min_lr_ratio`` 1 keeps it constant, the v1 behaviour). The
     reconstruction loss is ``(1 - l2_weight) * L1 + l2_weight * MSE``: L1 keeps edges, MSE is what
-    PSNR measures.
+    PSNR measures. Under bf16 (``precision``, see ``use_bf16``) only the encoder's and decoder's
+    convolutions run in bf16: the code lookup and the losses stay fp32.
     """
 
     steps: int = 2000
@@ -64,8 +84,11 @@ class VQTrainConfig:
     seed: int = 0
     log_every: int = 50
     save_every: int = 0  # steps between resumable checkpoints (0: none)
+    precision: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be auto, bf16 or fp32, got {self.precision!r}")
         if self.crop % 8:
             raise ValueError(f"crop must be a multiple of 8, got {self.crop}")
         if self.steps < 1 or self.batch_size < 1 or self.lr <= 0:

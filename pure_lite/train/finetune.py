@@ -30,7 +30,7 @@ from ..checkpoint import CheckpointFiles
 from ..errors import PureLiteError
 from ..lm import load_language_model
 from ..prompt import IGNORE_INDEX
-from .config import TrainConfig
+from .config import TrainConfig, use_bf16
 from .pretokenize import TokenDataset
 
 def lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:
@@ -126,8 +126,7 @@ def train(
     if device is None:
         device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
     dev = torch.device(device)
-    bf16 = config.precision == "bf16" or (
-        config.precision == "auto" and dev.type == "cuda" and torch.cuda.is_bf16_supported())
+    bf16 = use_bf16(config.precision, dev)
     torch.manual_seed(config.seed)
 
     files = CheckpointFiles.locate(model_dir)

@@ -4,7 +4,7 @@
 
 needs nothing but the pack and pure-lite's own dependencies (torch, transformers, safetensors,
 numpy, Pillow): no apt, no OpenCV, no SciPy, no scikit-image, no network. It uses CUDA when present
-(bf16 autocast for the language model) and writes the trained weights to OUT/model, in the layout
+(bf16 autocast for both models, and on CPUs with AMX) and writes the trained weights to OUT/model, in the layout
 ``Restorer.from_pretrained`` and ``export_onnx`` read: the language model in bfloat16 (as PURE's
 release), in shards of at most 15 MB so that a borrowed machine can hand every file back (its
 limit is 16 MiB a file, 8 files). The trained tokenizer alone is also copied to OUT/vq as soon as it
@@ -295,6 +295,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--vq-batch", type=int, default=d.vq_train.batch_size, help=f"(default: {d.vq_train.batch_size})")
     ap.add_argument("--lm-steps", type=int, default=d.lm_train.max_steps, help=f"(default: {d.lm_train.max_steps})")
     ap.add_argument("--lm-batch", type=int, default=d.lm_train.batch_size, help=f"(default: {d.lm_train.batch_size})")
+    ap.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
+                    help="bf16 autocast for both models (auto: where the hardware computes bf16 natively, "
+                         "CUDA or CPUs with AMX; see pure_lite.train.config.use_bf16)")
     ap.add_argument("--work", type=Path, default=None, help="resumable state (default: OUT/work)")
     ap.add_argument("--publish-partial", action="store_true",
                     help="when time runs out during the language model, write its weights to OUT/model-partial")
@@ -302,8 +305,9 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     config = replace(d, vq_codebook_size=args.vq_codebook_size, vq_z_channels=args.vq_z_channels,
                      vq_train=replace(d.vq_train, steps=args.vq_steps, batch_size=args.vq_batch,
-                                         save_every=min(d.vq_train.save_every, args.vq_steps)),
+                                         save_every=min(d.vq_train.save_every, args.vq_steps), precision=args.precision),
                      lm_train=replace(d.lm_train, max_steps=args.lm_steps, batch_size=args.lm_batch,
+                                      precision=args.precision,
                                       save_every=min(d.lm_train.save_every, args.lm_steps),
                                       warmup_steps=min(d.lm_train.warmup_steps, max(1, args.lm_steps // 10))))
     try:

@@ -31,7 +31,7 @@ from ..checkpoint import VQ_PICKLE_FILE
 from ..errors import InvalidImageError, PureLiteError
 from ..images import load_image
 from ..vq import VQConfig, VQModel
-from .config import VQTrainConfig
+from .config import VQTrainConfig, use_bf16
 from .data import IMAGE_SUFFIXES
 from .finetune import lr_factor
 
@@ -54,13 +54,22 @@ class PatchDiscriminator(nn.Module):
         return self.net(x)
 
 
-def vq_losses(vq: VQModel, pixels: torch.Tensor, beta: float, *, l2_weight: float = 0.0, with_latents: bool = False):
-    """(reconstruction, reconstruction loss, codebook + commitment loss[, latents, codes]), straight-through."""
-    z = F.normalize(vq.quant_conv(vq.encoder(pixels)), dim=1)  # (b, d, h, w)
+def vq_losses(vq: VQModel, pixels: torch.Tensor, beta: float, *, l2_weight: float = 0.0, with_latents: bool = False,
+              bf16: bool = False):
+    """(reconstruction, reconstruction loss, codebook + commitment loss[, latents, codes]), straight-through.
+
+    ``bf16`` runs the encoder and decoder under bf16 autocast; the nearest-code search, the codebook
+    and the losses stay fp32 (a code picked from bf16 distances would flip between near ties).
+    """
+    with torch.autocast(pixels.device.type, dtype=torch.bfloat16, enabled=bf16):
+        h = vq.quant_conv(vq.encoder(pixels))
+    z = F.normalize(h.float(), dim=1)  # (b, d, h, w)
     codes = vq.quantize.nearest(z)
     q = vq.quantize.lookup(codes)
     vq_loss = F.mse_loss(q, z.detach()) + beta * F.mse_loss(z, q.detach())
-    recon = vq.decoder(vq.post_quant_conv(z + (q - z).detach()))
+    with torch.autocast(pixels.device.type, dtype=torch.bfloat16, enabled=bf16):
+        recon = vq.decoder(vq.post_quant_conv(z + (q - z).detach()))
+    recon = recon.float()
     rec = F.l1_loss(recon, pixels)
     if l2_weight:
         rec = (1 - l2_weight) * rec + l2_weight * F.mse_loss(recon, pixels)
@@ -157,6 +166,8 @@ def train_vq_on(
     schedule = lambda s: lr_factor(s, config.steps, config.warmup_steps, config.min_lr_ratio)  # noqa: E731
     sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
     used = torch.zeros(vq_config.codebook_size, dtype=torch.bool, device=dev)
+    bf16 = use_bf16(config.precision, dev)
+    say(f"vq: training on {dev} in {'bf16 autocast' if bf16 else 'fp32'}")
     step = 0
     ckpt = Path(checkpoint) if checkpoint is not None else None
     if ckpt is not None and ckpt.exists():
@@ -183,7 +194,8 @@ def train_vq_on(
         step += 1
         rng = np.random.default_rng([config.seed, step])
         x = torch.from_numpy(sample(rng, config.batch_size, config.crop)).to(dev, non_blocking=True)
-        recon, rec, vql, latents, codes = vq_losses(vq, x, config.beta, l2_weight=config.l2_weight, with_latents=True)
+        recon, rec, vql, latents, codes = vq_losses(vq, x, config.beta, l2_weight=config.l2_weight, with_latents=True,
+                                                          bf16=bf16)
         used[codes.flatten()] = True
         loss = rec + vql
         adversarial = step > config.disc_start and config.disc_weight > 0
