@@ -8,12 +8,13 @@ LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 PRECISIONS = ("auto", "bf16", "fp32")
 
 
-def use_bf16(precision: str, device) -> bool:
-    """Whether training runs its matmuls and convolutions under bf16 autocast on ``device`` (a torch.device).
+def use_bf16(precision: str, device, *, amx_cpu: bool = True) -> bool:
+    """Whether training runs its matmuls (and convolutions) under bf16 autocast on ``device`` (a torch.device).
 
-    "auto" picks bf16 where the hardware computes it natively: CUDA GPUs that support it and CPUs
-    with AMX tiles (Sapphire Rapids and later; there the PURE-tiny VQ trains 3x faster and the
-    language model 1.7x, measured on our 2 cores). Elsewhere bf16 is emulated and slower than fp32.
+    "auto" picks bf16 on CUDA GPUs that support it and, when ``amx_cpu``, on CPUs with AMX tiles
+    (Sapphire Rapids and later), where PURE-tiny v2's language model steps 1.7x faster than in
+    fp32 (measured on our 2 cores). The VQ passes ``amx_cpu=False``: its small convolutions
+    stepped 1.25x *slower* under CPU autocast (the casts cost more than AMX saves).
     """
     import torch
 
@@ -23,7 +24,7 @@ def use_bf16(precision: str, device) -> bool:
         return precision == "bf16"
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
-    return device.type == "cpu" and getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+    return amx_cpu and device.type == "cpu" and getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
 
 
 @dataclass(frozen=True)

@@ -166,7 +166,7 @@ def train_vq_on(
     schedule = lambda s: lr_factor(s, config.steps, config.warmup_steps, config.min_lr_ratio)  # noqa: E731
     sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
     used = torch.zeros(vq_config.codebook_size, dtype=torch.bool, device=dev)
-    bf16 = use_bf16(config.precision, dev)
+    bf16 = use_bf16(config.precision, dev, amx_cpu=False)
     say(f"vq: training on {dev} in {'bf16 autocast' if bf16 else 'fp32'}")
     step = 0
     ckpt = Path(checkpoint) if checkpoint is not None else None
