@@ -7,6 +7,7 @@ from small synthetic images.
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -207,6 +208,15 @@ def test_pack_training_runs_stops_at_its_deadline_and_resumes(tiny_pack, tmp_pat
     assert any("resumed from" in m and "step 1" in m for m in logs)
     assert (out / "work" / "tokens" / "index.json").exists()
     assert (out / "work" / "lm" / "checkpoints" / "step-1").is_dir()
+
+    logs.clear()  # a borrowed machine given only the VQ and the tokens (no pack) trains the LM from scratch
+    carried = tmp_path / "carried"
+    for part in ("vq", "tokens"):
+        shutil.copytree(out / "work" / part, carried / part)
+    elsewhere = run(tmp_path / "no-such-pack.npz", tmp_path / "elsewhere", config, device="cpu", work=carried,
+                    log=logs.append)
+    assert elsewhere is not None and CheckpointFiles.locate(elsewhere).vq.exists()
+    assert any("the pack is not read" in m for m in logs)
 
     logs.clear()  # the LM resumes from its checkpoint and the weights are written
     model = run(tiny_pack, out, replace(config), device="cpu", log=logs.append)

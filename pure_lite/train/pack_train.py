@@ -34,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..checkpoint import VQ_PICKLE_FILE
 from ..errors import PureLiteError
 from .config import TrainConfig, VQTrainConfig
 from .pack import TrainingPack, hq_batch, load_pack
@@ -98,7 +99,7 @@ def shipped_bytes_estimate(config: PackTrainConfig, vocab_size: int) -> int:
 def stage_vq(pack: TrainingPack, work: Path, config: PackTrainConfig, device: str, deadline: float, log) -> Path | None:
     from .vq_train import round_trip_psnr, save_vq, train_vq_on
 
-    final = work / "vq" / "vq_ds8_c2i.pt"
+    final = work / "vq" / VQ_PICKLE_FILE
     if final.exists():
         return final
     train_cfg = replace(config.vq_train, seed=config.seed)
@@ -245,15 +246,21 @@ def run(pack_path: str | Path, out: str | Path, config: PackTrainConfig = PackTr
     if (final / "config.json").exists():
         say(f"{final} already holds a trained model")
         return final
-    pack = load_pack(pack_path)
     work = Path(work) if work is not None else out / "work"
     work.mkdir(parents=True, exist_ok=True)
     (work / "config.json").write_text(json.dumps(asdict(config), indent=1, default=str))
     vocab = 4 + 256 + 4 + 16 + config.vq_codebook_size  # testing._compact_vocab: basic, bytes, markers, grids, codes
     say(f"int8 export estimate {shipped_bytes_estimate(config, vocab) / 1e6:.1f} MB "
         f"(limit {SHIPPED_LIMIT_BYTES / 1e6:.0f} MB)")
-    say(f"pack: {len(pack)} crops of {pack.size}px, {pack.lq.shape[1]} LQ versions each, from {len(pack.photos)} "
-        f"photos; device {device}")
+    # the pack feeds only the VQ and the tokens stage: once both are in the work folder (say, made on
+    # a CPU), a borrowed GPU needs those two folders (~20 MB) instead of the 60 MB pack
+    if (work / "vq" / VQ_PICKLE_FILE).exists() and (work / "tokens" / "index.json").exists():
+        pack = None
+        say(f"vq and tokens found in {work}: the pack is not read; device {device}")
+    else:
+        pack = load_pack(pack_path)
+        say(f"pack: {len(pack)} crops of {pack.size}px, {pack.lq.shape[1]} LQ versions each, from "
+            f"{len(pack.photos)} photos; device {device}")
     started = time.monotonic()
     vq_file = stage_vq(pack, work, config, device, deadline, say)
     if vq_file is None:
