@@ -245,8 +245,14 @@ def _train(args: argparse.Namespace) -> int:
         gradient_checkpointing=args.gradient_checkpointing, precision=args.precision, lora_rank=args.lora_rank,
         save_every=args.save_every, seed=args.seed,
     )
-    train(args.model, tokens, args.output, config, device=args.device)
-    return 0
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # DDP ranks must stop together: no per-process requests
+        train(args.model, tokens, args.output, config, device=args.device)
+        return 0
+    from .train.stopping import stop_on_signals
+
+    with stop_on_signals(print):  # Ctrl-C: a checkpoint at the end of the step; rerunning resumes
+        result = train(args.model, tokens, args.output, config, device=args.device)
+    return 0 if result.finished else 3
 
 
 def _train_vq(args: argparse.Namespace) -> int:

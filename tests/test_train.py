@@ -347,3 +347,35 @@ def test_vq_losses_in_bf16_keep_the_code_search_and_losses_in_fp32():
     assert (codes == full[4]).float().mean() > 0.8
     assert abs(rec.item() - full[1].item()) < 0.05 * full[1].item()
     assert abs(vql.item() - full[2].item()) < 0.1 * full[2].item() + 1e-4
+
+
+def test_ctrl_c_saves_at_the_end_of_the_step_and_the_run_resumes(tmp_path):
+    import os
+    import signal
+
+    from pure_lite.train.config import VQTrainConfig
+    from pure_lite.train.stopping import stop_on_signals, stop_reason
+    from pure_lite.train.vq_train import train_vq_on
+    from pure_lite.vq import VQConfig
+
+    drawn = []
+
+    def sample(rng, n, crop):  # the signal arrives while step 2 is being prepared
+        drawn.append(n)
+        if len(drawn) == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+        return rng.uniform(-1, 1, (n, 3, crop, crop)).astype(np.float32)
+
+    vq_cfg = VQConfig(base_channels=32, z_channels=32, codebook_size=64)
+    train_cfg = VQTrainConfig(steps=4, batch_size=2, crop=32, disc_weight=0.0, restart_every=0, log_every=100)
+    before = signal.getsignal(signal.SIGINT)
+    logs: list[str] = []
+    with stop_on_signals(logs.append):
+        _, steps = train_vq_on(sample, vq_cfg, train_cfg, device="cpu", checkpoint=tmp_path / "vq.ckpt", log=logs.append)
+    assert steps == 2 and (tmp_path / "vq.ckpt").exists()  # step 2 completed, then saved: no KeyboardInterrupt
+    assert any(m.startswith("SIGINT:") for m in logs) and any("asked to stop at step 2/4" in m for m in logs)
+    assert signal.getsignal(signal.SIGINT) is before and stop_reason(None) is None
+
+    logs.clear()
+    _, steps = train_vq_on(sample, vq_cfg, train_cfg, device="cpu", checkpoint=tmp_path / "vq.ckpt", log=logs.append)
+    assert steps == 4 and any("resumed" in m and "step 2" in m for m in logs)

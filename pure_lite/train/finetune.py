@@ -32,6 +32,7 @@ from ..lm import load_language_model
 from ..prompt import IGNORE_INDEX
 from .config import TrainConfig, use_bf16
 from .pretokenize import TokenDataset
+from .stopping import stop_reason
 
 def lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:
     """Linear warm-up to 1, then cosine decay to ``min_ratio`` at ``total``."""
@@ -80,6 +81,7 @@ class TrainResult:
     out_dir: Path
     steps: int
     losses: list[float] = field(default_factory=list)
+    finished: bool = True  # False: stopped early (deadline or stop request) after saving a checkpoint
 
 
 def _distributed() -> tuple[int, int, int]:
@@ -115,7 +117,8 @@ def train(
 ) -> TrainResult:
     """Fine-tune; checkpoints go to OUT_DIR/checkpoints/step-N, the final model to OUT_DIR itself.
 
-    When ``deadline`` (a ``time.monotonic()`` value) passes before the last step, a checkpoint is
+    When ``deadline`` (a ``time.monotonic()`` value) passes, or a stop is requested
+    (``stopping.stop_on_signals``, single-process runs), before the last step, a checkpoint is
     saved and training stops without writing the final model (``TrainResult.steps`` < the total):
     a borrowed GPU's time runs out, and the run resumes elsewhere from that checkpoint.
     """
@@ -212,14 +215,15 @@ def train(
             say(f"step {step}/{total}  loss {running:.4f}  lr {scheduler.get_last_lr()[0]:.2e}")
         if rank == 0 and config.save_every and step % config.save_every == 0 and step < total:
             _save_checkpoint(ckpts / f"step-{step}", lm, optimizer, scheduler, step, config, save_file)
-        if deadline is not None and time.monotonic() > deadline and step < total:
+        reason = stop_reason(deadline)
+        if reason is not None and step < total:
             if rank == 0:
                 if not (ckpts / f"step-{step}").exists():
                     _save_checkpoint(ckpts / f"step-{step}", lm, optimizer, scheduler, step, config, save_file)
-                say(f"time is up at step {step}/{total}; checkpoint saved, run again to go on")
+                say(f"{reason} at step {step}/{total}; checkpoint saved, run again to go on")
             if world > 1:
                 torch.distributed.destroy_process_group()
-            return TrainResult(out_dir=out, steps=step, losses=losses)
+            return TrainResult(out_dir=out, steps=step, losses=losses, finished=False)
 
     if rank == 0:
         _save_final(lm, files, out, config)

@@ -18,8 +18,9 @@ default OUT/work: give a folder outside OUT on a borrowed machine) and is remove
             assistant's text the degradation sentence of the pack's levels (OUT/work/tokens)
  4. lm      ``finetune.train`` (OUT/work/lm/checkpoints)
 
-``--minutes`` bounds the wall-clock time: when it runs out, the current stage saves a checkpoint
-and the command exits with status 3; the same command (on any machine, CPU included) resumes.
+``--minutes`` bounds the wall-clock time: when it runs out (or at Ctrl-C / SIGTERM), the current
+stage saves a checkpoint at the end of its step and the command exits with status 3; the same
+command (on any machine, CPU included) resumes.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from ..checkpoint import VQ_PICKLE_FILE
 from ..errors import PureLiteError
 from .config import TrainConfig, VQTrainConfig
 from .pack import TrainingPack, hq_batch, load_pack
+from .stopping import stop_on_signals
 
 SHIPPED_LIMIT_BYTES = 25_000_000  # the default model's int8 export (docs/pure-tiny.md)
 # what v1's int8 export held beyond 1 byte per LM weight and 4 per VQ weight (graphs, heads, tokenizer):
@@ -189,8 +191,7 @@ def stage_lm(init: Path, tokens: Path, work: Path, config: PackTrainConfig, devi
     lm_out = work / "lm"
     cfg = replace(config.lm_train, seed=config.seed)
     result = train(init, tokens, lm_out, cfg, device=device, deadline=deadline, log=log)
-    total = cfg.max_steps
-    return lm_out if result.steps >= total and (lm_out / "config.json").exists() else None
+    return lm_out if result.finished and (lm_out / "config.json").exists() else None
 
 
 def publish_model(lm_dir: Path, final: Path, shard: str = "15MB", *, weights: Path | None = None) -> Path:
@@ -317,10 +318,11 @@ def main(argv: list[str] | None = None) -> int:
                                       precision=args.precision,
                                       save_every=min(d.lm_train.save_every, args.lm_steps),
                                       warmup_steps=min(d.lm_train.warmup_steps, max(1, args.lm_steps // 10))))
+    say = lambda m: print(m, flush=True)  # noqa: E731
     try:
-        model = run(args.pack, args.out, config, minutes=args.minutes, device=args.device, work=args.work,
-                    keep_work=args.keep_work, publish_partial=args.publish_partial,
-                    log=lambda m: print(m, flush=True))
+        with stop_on_signals(say):  # Ctrl-C / SIGTERM: checkpoint at the end of the step, exit 3, rerun resumes
+            model = run(args.pack, args.out, config, minutes=args.minutes, device=args.device, work=args.work,
+                        keep_work=args.keep_work, publish_partial=args.publish_partial, log=say)
     except PureLiteError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -34,6 +34,7 @@ from ..vq import VQConfig, VQModel
 from .config import VQTrainConfig, use_bf16
 from .data import IMAGE_SUFFIXES
 from .finetune import lr_factor
+from .stopping import stop_reason
 
 # (rng, batch size, crop) -> float32 (b, 3, crop, crop) in [-1, 1]
 BatchSampler = Callable[[np.random.Generator, int, int], np.ndarray]
@@ -155,7 +156,8 @@ def train_vq_on(
     """Train (or resume from ``checkpoint``) for ``config.steps`` steps; returns (model in eval mode, steps done).
 
     ``checkpoint`` is written every ``config.save_every`` steps and when ``deadline`` (a
-    ``time.monotonic()`` value) passes, in which case training stops early: call again to go on.
+    ``time.monotonic()`` value) passes or a stop is requested (``stopping.stop_on_signals``), in
+    which case training stops early: call again to go on.
     """
     say = log or (lambda message: None)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -220,9 +222,10 @@ def train_vq_on(
             started, logged = time.monotonic(), step
         if config.save_every and step % config.save_every == 0 and step < config.steps:
             save()
-        if deadline is not None and time.monotonic() > deadline and step < config.steps:
+        reason = stop_reason(deadline)
+        if reason is not None and step < config.steps:
             save()
-            say(f"vq: time is up at step {step}/{config.steps}; checkpoint saved, run again to go on")
+            say(f"vq: {reason} at step {step}/{config.steps}; checkpoint saved, run again to go on")
             break
     if step == config.steps and ckpt is not None:
         save()
