@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -16,7 +17,7 @@ from .export.quantize import QuantizationConfig
 from .lpips import SDIST as LPIPS_SDIST
 from .sampling import SamplingConfig
 from .tiles import DEFAULT_TILE_BATCH
-from .train.config import VQTrainConfig
+from .train.config import PRECISIONS, VQTrainConfig
 
 _DEFAULTS = SamplingConfig()
 _QUANT_DEFAULTS = QuantizationConfig()
@@ -233,6 +234,7 @@ def _train(args: argparse.Namespace) -> int:
     from .train.config import TrainConfig
     from .train.finetune import train
     from .train.pretokenize import pretokenize
+    from .train.stopping import stop_on_signals
 
     tokens = Path(args.data) / "tokens"
     report = pretokenize(args.data, args.model, tokens, progress=_tqdm())
@@ -245,12 +247,10 @@ def _train(args: argparse.Namespace) -> int:
         gradient_checkpointing=args.gradient_checkpointing, precision=args.precision, lora_rank=args.lora_rank,
         save_every=args.save_every, seed=args.seed,
     )
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # DDP ranks must stop together: no per-process requests
-        train(args.model, tokens, args.output, config, device=args.device)
-        return 0
-    from .train.stopping import stop_on_signals
-
-    with stop_on_signals(print):  # Ctrl-C: a checkpoint at the end of the step; rerunning resumes
+    # Ctrl-C: a checkpoint at the end of the step, exit 3, rerunning resumes. Not under DDP: ranks
+    # must stop together, and a signal reaches each process on its own.
+    single = int(os.environ.get("WORLD_SIZE", "1")) <= 1
+    with stop_on_signals(print) if single else contextlib.nullcontext():
         result = train(args.model, tokens, args.output, config, device=args.device)
     return 0 if result.finished else 3
 
@@ -470,8 +470,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--dropout", type=float, default=d.dropout, help=f"attention dropout (default: {d.dropout})")
     t.add_argument("--gradient-checkpointing", action="store_true",
                    help="recompute activations in the backward pass: less memory, more time")
-    t.add_argument("--precision", choices=["auto", "bf16", "fp32"], default=d.precision,
-                   help="auto = bf16 on GPUs that support it, else fp32 (default: auto)")
+    t.add_argument("--precision", choices=PRECISIONS, default=d.precision,
+                   help="auto = bf16 where the hardware computes it natively (GPUs that support it, CPUs "
+                        "with AMX), else fp32 (default: auto)")
     t.add_argument("--lora-rank", type=int, default=d.lora_rank,
                    help=f"LoRA rank, 0 = full fine-tuning (default: {d.lora_rank})")
     t.add_argument("--save-every", type=int, default=d.save_every,
