@@ -168,7 +168,7 @@ def train_vq_on(
     schedule = lambda s: lr_factor(s, config.steps, config.warmup_steps, config.min_lr_ratio)  # noqa: E731
     sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
     used = torch.zeros(vq_config.codebook_size, dtype=torch.bool, device=dev)
-    bf16 = use_bf16(config.precision, dev, amx_cpu=False)
+    bf16 = use_bf16(config.precision, dev)
     say(f"vq: training on {dev} in {'bf16 autocast' if bf16 else 'fp32'}")
     step = 0
     ckpt = Path(checkpoint) if checkpoint is not None else None
@@ -195,7 +195,7 @@ def train_vq_on(
     while step < config.steps:
         step += 1
         rng = np.random.default_rng([config.seed, step])
-        x = torch.from_numpy(sample(rng, config.batch_size, config.crop)).to(dev, non_blocking=True)
+        x = torch.from_numpy(np.ascontiguousarray(sample(rng, config.batch_size, config.crop))).to(dev, non_blocking=True)
         recon, rec, vql, latents, codes = vq_losses(vq, x, config.beta, l2_weight=config.l2_weight, with_latents=True,
                                                           bf16=bf16)
         used[codes.flatten()] = True
