@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pure_lite.train.config import VQTrainConfig
+from pure_lite.train.config import PRECISIONS, VQTrainConfig
 from pure_lite.train.pack import hq_batch, load_pack
 from pure_lite.vq import VQConfig
 
@@ -61,7 +61,7 @@ def main() -> None:
     ap.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     ap.add_argument("--steps", type=int, default=600)
     ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--precision", nargs="+", default=["auto"], choices=["auto", "bf16", "fp32"],
+    ap.add_argument("--precision", nargs="+", default=["auto"], choices=PRECISIONS,
                     help="bf16 autocast or fp32 (auto: bf16 where native, pure_lite.train.config.use_bf16)")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "vq_recipe.json")
     args = ap.parse_args()

@@ -8,6 +8,11 @@ LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 PRECISIONS = ("auto", "bf16", "fp32")
 
 
+def check_precision(precision: str) -> None:
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+
+
 def use_bf16(precision: str, device) -> bool:
     """Whether training runs its matmuls and convolutions under bf16 autocast on ``device`` (a torch.device).
 
@@ -18,8 +23,7 @@ def use_bf16(precision: str, device) -> bool:
     """
     import torch
 
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    check_precision(precision)
     if precision != "auto":
         return precision == "bf16"
     if device.type == "cuda":
@@ -56,8 +60,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.lr <= 0 or self.batch_size < 1 or self.grad_accum < 1:
             raise ValueError("lr must be > 0, batch_size and grad_accum >= 1")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be auto, bf16 or fp32, got {self.precision!r}")
+        check_precision(self.precision)
 
 
 @dataclass(frozen=True)
@@ -88,8 +91,7 @@ class VQTrainConfig:
     precision: str = "auto"
 
     def __post_init__(self) -> None:
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be auto, bf16 or fp32, got {self.precision!r}")
+        check_precision(self.precision)
         if self.crop % 8:
             raise ValueError(f"crop must be a multiple of 8, got {self.crop}")
         if self.steps < 1 or self.batch_size < 1 or self.lr <= 0:

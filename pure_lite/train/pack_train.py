@@ -4,8 +4,8 @@
 
 needs nothing but the pack and pure-lite's own dependencies (torch, transformers, safetensors,
 numpy, Pillow): no apt, no OpenCV, no SciPy, no scikit-image, no network. It uses CUDA when present
-and bf16 autocast where the hardware computes it natively (``config.use_bf16``: both models on
-CUDA, the language model on CPUs with AMX) and writes the trained weights to OUT/model, in the layout
+and bf16 autocast where the hardware computes it natively (``config.use_bf16``: both models, on
+CUDA and on CPUs with AMX) and writes the trained weights to OUT/model, in the layout
 ``Restorer.from_pretrained`` and ``export_onnx`` read: the language model in bfloat16 (as PURE's
 release), in shards of at most 15 MB so that a borrowed machine can hand every file back (its
 limit is 16 MiB a file, 8 files). The trained tokenizer alone is also copied to OUT/vq as soon as it
@@ -305,8 +305,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lm-steps", type=int, default=d.lm_train.max_steps, help=f"(default: {d.lm_train.max_steps})")
     ap.add_argument("--lm-batch", type=int, default=d.lm_train.batch_size, help=f"(default: {d.lm_train.batch_size})")
     ap.add_argument("--precision", choices=PRECISIONS, default="auto",
-                    help="bf16 autocast for both models, or fp32 (auto: where bf16 is native: both on CUDA, "
-                         "the language model on CPUs with AMX; pure_lite.train.config.use_bf16)")
+                    help="bf16 autocast for both models, or fp32 (auto: bf16 where it is native, CUDA and CPUs "
+                         "with AMX; pure_lite.train.config.use_bf16)")
     ap.add_argument("--work", type=Path, default=None, help="resumable state (default: OUT/work)")
     ap.add_argument("--publish-partial", action="store_true",
                     help="when time runs out during the language model, write its weights to OUT/model-partial")
