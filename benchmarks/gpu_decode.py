@@ -29,6 +29,7 @@ eagerly; no full run, no transformers baseline): a check of the script, not a me
 from __future__ import annotations
 
 import argparse
+import json
 import time
 
 import numpy as np
@@ -214,6 +215,8 @@ def main() -> None:
     parser.add_argument("--skip-hf", action="store_true")
     parser.add_argument("--skip-full", action="store_true")
     parser.add_argument("--smoke", action="store_true", help="check the script on CPU with a 2-layer model")
+    parser.add_argument("--partial", help="rewrite the results so far to this JSON file after every variant, so a "
+                        "run cut short by a time limit still reports what it measured")
     args = parser.parse_args()
     global DEVICE
     if args.smoke:
@@ -234,12 +237,18 @@ def main() -> None:
 
     results["transformers"] = transformers.__version__
 
+    def save_partial() -> None:
+        if args.partial:
+            with open(args.partial, "w") as f:
+                json.dump(results, f, indent=1)
+
     def record(name, fn, *a, **kw):
         try:
             results["variants"][name] = fn(*a, **kw)
         except Exception as exc:  # a variant that cannot run is reported, the others still run
             results["variants"][name] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
         print(name, results["variants"][name], flush=True)
+        save_partial()
 
     for quant in ("fp16", "nf4", "torchao-int4", "torchao-int8"):
         try:
@@ -247,6 +256,7 @@ def main() -> None:
         except Exception as exc:  # not installed, or its kernels refuse this GPU: reported
             results["variants"][quant] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
             print(quant, results["variants"][quant], flush=True)
+            save_partial()
             continue
         prefix = "" if quant == "fp16" else quant + "-"
         if quant == "fp16":
@@ -265,6 +275,7 @@ def main() -> None:
             except Exception as exc:
                 results["full_512"][quant] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
             print("full 512", quant, results["full_512"][quant], flush=True)
+            save_partial()
         if quant == "fp16" and not args.skip_hf:
             record("hf-static-compiled", time_hf, model, side * side)
         del model

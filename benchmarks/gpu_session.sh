@@ -11,18 +11,22 @@
 #   python -m pip download torchao==0.18.0 --no-deps -d build/device      # 3.4 MB, the int4/int8 variants
 #
 # then call the device tool with:  command="bash benchmarks/gpu_session.sh"  carry=["build/device"]
-# (add --skip-hf or --skip-full as arguments to shorten it: they are passed to the benchmark).
+# (add --skip-hf or --skip-full as arguments to shorten it: they are passed to the benchmark;
+# SKIP_TESTS=1 leaves out the GPU tests, BENCH_TIMEOUT=S bounds the benchmark, default 420 s: the
+# results so far are in $OUT/gpu_decode.partial.json even when it is cut short).
 set -uo pipefail
+# `python -m pip`, not `pip`: on the lent machine `pip` belongs to another interpreter than `python`
+# (found 2026-11-27: the install "succeeded" and nothing could import it).
 REPO=$(pwd)
 OUT=${OUT:-/tmp/pure-lite-gpu}
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 for wheel in build/device/bitsandbytes-*.whl build/device/torchao-*.whl; do
-  [ -f "$wheel" ] && pip install -q --no-deps "$wheel" 2>&1 | tail -2
+  [ -f "$wheel" ] && python -m pip install -q --no-deps "$wheel" 2>&1 | tail -2
 done
-pip install -q --no-deps --no-build-isolation ./ 2>&1 | tail -2
+python -m pip install -q --no-deps --no-build-isolation ./ 2>&1 | tail -2
 python -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/gpu.txt"
 # from another folder: the source tree would shadow the installed pure_lite.runtime / pure_lite.export
-(cd /tmp && timeout 240 python -m pytest -q -p no:cacheprovider -m gpu "$REPO/tests/test_gpu.py" 2>&1 | tail -25) | tee "$OUT/tests.txt"
-(cd "$REPO/benchmarks" && timeout 420 python gpu_decode.py "$@" 2>&1 | tail -40) | tee "$OUT/benchmark.txt"
+[ "${SKIP_TESTS:-0}" = 1 ] || (cd /tmp && timeout 240 python -m pytest -q -p no:cacheprovider -m gpu "$REPO/tests/test_gpu.py" 2>&1 | tail -25) | tee "$OUT/tests.txt"
+(cd "$REPO/benchmarks" && timeout "${BENCH_TIMEOUT:-420}" python gpu_decode.py --partial "$OUT/gpu_decode.partial.json" "$@" 2>&1 | tail -40) | tee "$OUT/benchmark.txt"
 cp -f "$REPO/benchmarks/results/gpu_decode.json" "$REPO/docs/benchmarks.md" "$OUT/" 2>/dev/null || true
