@@ -80,10 +80,10 @@ def fidelity(restorers: dict, inputs: list[np.ndarray]) -> dict:
 def _teacher_forced(decoder, prompt: np.ndarray, forced: np.ndarray, layout) -> np.ndarray:
     """Image-code logits at every position of ``forced`` that predicts an image token."""
     is_image = np.isin(forced, layout.image_ids)
-    logits = decoder.prefill(prompt, capacity=len(prompt) + len(forced) + 1)
+    decoder.prefill([list(prompt)], len(prompt) + len(forced) + 1, 1)
     rows = []
     for tok, next_is_image in zip(forced, np.append(is_image[1:], False)):
-        logits = decoder.step(np.array([tok], dtype=np.int64), image=bool(next_is_image))
+        logits = decoder.step(np.array([[tok]], dtype=np.int64), image=bool(next_is_image))
         if next_is_image:
             rows.append(logits[0].copy())
     return np.stack(rows)
@@ -107,6 +107,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("build", type=Path)
     parser.add_argument("--images", type=int, default=4, help="held-out inputs for fidelity and timing")
+    parser.add_argument("--model", type=Path, help="the trained checkpoint timed on the torch backend "
+                        "(default: BUILD/model; a model trained elsewhere: the --trained folder)")
     args = parser.parse_args()
 
     from end_to_end import folder_mb
@@ -124,8 +126,10 @@ def main() -> None:
                "sizes_mb": {v: folder_mb(build / f"export-{v}") for v in VARIANTS}, "lpips": lpips is not None}
     results["vq_reconstruction_psnr_db"] = vq_ceiling(build, exports["float"])
     results["quality"] = quality(build, exports, lpips)
+    print({v: r["mean"] | {"degradation_accuracy": r["degradation_accuracy"]} for v, r in results["quality"].items()},
+          flush=True)  # the longest part: shown before fidelity and timing
     results["fidelity"] = fidelity(exports, inputs)
-    torch_model = Restorer.from_pretrained(build / "model", backend="torch")
+    torch_model = Restorer.from_pretrained(args.model or build / "model", backend="torch")
     results["timing"] = timing({"torch (float32)": torch_model, **{f"runtime {v}": r for v, r in exports.items()}},
                                inputs, size)
 

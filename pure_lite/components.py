@@ -28,7 +28,7 @@ class Components:
     layout: TokenLayout
     tokenizer: TextTokenizer
     codec: ImageCodec
-    new_decoder: Callable[[], Decoder]  # fresh KV state for each restoration
+    new_decoder: Callable[[], Decoder]  # a decoder for the next batch (its prefill starts afresh; may be the same one)
     max_positions: int
     description: str
     image_size: int = PURE_IMAGE_SIZE  # the output side the model was trained for: restore()'s default target_size

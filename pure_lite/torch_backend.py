@@ -72,11 +72,14 @@ def load_components(path, *, device: str = "cpu", dtype: torch.dtype | None = No
             f"the VQ codebook has {vq.config.codebook_size} codes but the tokenizer has {layout.codebook_size} image tokens"
         )
     image_head = ImageHead(lm, layout.image_ids)  # built once: the image rows of lm_head, in code order
+    # One decoder for every batch: its cache buffers and CUDA graphs carry over to the next batch of the
+    # same shape (the next tiles, the next photo of that size) instead of being captured again.
+    decoder = TorchDecoder(lm, image_head, device)
     return Components(
         layout=layout,
         tokenizer=TextTokenizer(files.tokenizer),
         codec=TorchCodec(vq, device),
-        new_decoder=lambda: TorchDecoder(lm, image_head, device),
+        new_decoder=lambda: decoder,
         max_positions=config["max_position_embeddings"],
         description=f"torch ({device}, {str(dtype).removeprefix('torch.')}{', ' + quantization if quantization else ''})",
     )

@@ -122,3 +122,40 @@ def test_graph_decoder_matches_eager_on_cuda(tiny_compact):
     sampled = SamplingConfig(cfg_scale=0.8, max_text_tokens=4)
     for a, b in zip(run(sampled, graphs=False, attend_bucket=16), run(sampled, attend_bucket=16)):
         np.testing.assert_array_equal(a.tokens, b.tokens)
+
+
+@pytest.mark.gpu
+def test_graphs_carry_over_to_the_next_batch_of_the_same_shape(tiny_compact):
+    """The second batch of the same shape on one decoder captures nothing new and decodes, greedy, exactly
+    what a fresh decoder does (the graphs replay on the refilled buffers)."""
+    torch = _cuda()
+    from pure_lite.checkpoint import CheckpointFiles
+    from pure_lite.generate import generate_batch
+    from pure_lite.lm import ImageHead, load_language_model
+    from pure_lite.prompt import TextTokenizer, prompt_ids
+    from pure_lite.tokens import TokenLayout
+    from pure_lite.torch_decoder import TorchDecoder
+
+    from conftest import TARGET
+
+    files = CheckpointFiles.locate(tiny_compact)
+    layout = TokenLayout.from_tokenizer_file(files.tokenizer, files.read_config()["vocab_size"])
+    lm = load_language_model(files, device="cuda")
+    head = ImageHead(lm, layout.image_ids)
+    tok = TextTokenizer(files.tokenizer)
+    prompts = [prompt_ids(tok, layout, layout.encode_image((np.arange(64).reshape(8, 8) * (i + 3)) % layout.codebook_size))
+               for i in range(4)]
+    config = SamplingConfig(temperature=0, cfg_scale=0.8, max_text_tokens=0)
+    shared = TorchDecoder(lm, head, "cuda", attend_bucket=16)
+
+    def run(decoder, batch):
+        return generate_batch(decoder, batch, layout, TARGET, config, [np.random.default_rng(0)] * 2,
+                              max_positions=4096)
+
+    run(shared, prompts[:2])
+    captured = len(shared.captured)
+    assert captured > 0
+    second = run(shared, prompts[2:])
+    assert len(shared.captured) == captured and torch.cuda.is_available()
+    for a, b in zip(second, run(TorchDecoder(lm, head, "cuda", attend_bucket=16), prompts[2:])):
+        np.testing.assert_array_equal(a.tokens, b.tokens)

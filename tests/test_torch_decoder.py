@@ -150,3 +150,30 @@ def test_fixed_shape_path_equals_eager(model, window):
         np.testing.assert_array_equal(f.tokens, e.tokens)
     widths = {width for rows, width in fixed.step_inputs}  # the fixed-shape step ran: text at width 1
     assert (3, 1) in fixed.step_inputs and (max(widths) > 1) == (window > 0)
+
+
+def test_next_batch_of_the_same_shape_reuses_buffers(model):
+    """A decoder kept across batches (the next tiles, the next photo) refills the previous batch's buffers,
+    which CUDA graphs captured for it replay on, and still decodes exactly what a fresh decoder does;
+    a batch of another shape gets new buffers. The eager chained path here is the code the graphs capture."""
+    lm, head, layout, prompts = model
+    config = SamplingConfig(cfg_scale=0.8, max_text_tokens=3)
+    same = [prompts[0], prompts[2]]  # equal lengths: equal cache shapes
+    dec = TorchDecoder(lm, head, device_loop=True)
+
+    def decode(batch, seeds):
+        return generate_batch(dec, batch, layout, TARGET, config, [np.random.default_rng(s) for s in seeds],
+                              max_positions=4096)
+
+    first = decode(same, [5, 6])
+    keys, chain = dec.kv.groups[0].keys[0].data_ptr(), dec.chain_cache
+    second = decode(same[::-1], [7, 8])
+    assert dec.kv.groups[0].keys[0].data_ptr() == keys and dec.chain_cache is chain
+    alone = decode(same[:1], [9])
+    assert dec.kv.groups[0].keys[0].data_ptr() != keys and dec.chain_cache is not chain
+    for got, seeds, batch in ((first, [5, 6], same), (second, [7, 8], same[::-1]), (alone, [9], same[:1])):
+        fresh = _run(model, batch, config, seeds, device_loop=True)
+        for g, f in zip(got, fresh):
+            np.testing.assert_array_equal(g.tokens, f.tokens)
+            np.testing.assert_allclose(g.entropy, f.entropy, atol=1e-6)
+    assert not np.array_equal(first[0].codes, second[1].codes)  # same prompt, other seed: really resampled
