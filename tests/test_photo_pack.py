@@ -256,3 +256,34 @@ def test_vq_recipe_knobs_are_validated():
     for bad in (dict(l2_weight=1.5), dict(min_lr_ratio=0.0), dict(steps=0), dict(crop=60)):
         with pytest.raises(ValueError):
             VQTrainConfig(**bad)
+
+
+def test_pack_training_scores_the_heldout_pack_beside_it(tiny_pack, tmp_path):
+    """heldout.npz beside the training pack becomes WORK/tokens-heldout, which the language model stage
+    scores (here every step) to keep its best step; without it the run says so and keeps the last."""
+    pytest.importorskip("transformers")
+    from pure_lite.train.config import TrainConfig, VQTrainConfig
+    from pure_lite.train.pack_train import LMShape, PackTrainConfig, run
+    from pure_lite.train.pretokenize import TokenDataset
+
+    config = PackTrainConfig(
+        vq_base_channels=32, vq_z_channels=32, vq_codebook_size=64,
+        vq_train=VQTrainConfig(steps=1, batch_size=2, crop=32, lr=1e-3, disc_weight=0.0, restart_every=0, log_every=1),
+        lm=LMShape(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, max_position_embeddings=512),
+        lm_train=TrainConfig(lr=1e-3, max_steps=2, batch_size=2, warmup_steps=1, dropout=0.0, save_every=0,
+                             log_every=1, eval_every=1),
+    )
+    packs = tmp_path / "pack"
+    packs.mkdir()
+    shutil.copyfile(tiny_pack, packs / "train.npz")
+    logs: list[str] = []
+    assert run(packs / "train.npz", tmp_path / "alone", config, device="cpu", log=logs.append) is not None
+    assert any("no held-out pack" in m for m in logs) and not any("held-out loss" in m for m in logs)
+
+    shutil.copyfile(tiny_pack, packs / "heldout.npz")  # stands in for the held-out crops
+    logs.clear()
+    work = tmp_path / "work"
+    assert run(packs / "train.npz", tmp_path / "run", config, device="cpu", work=work, keep_work=True,
+               log=logs.append) is not None
+    assert len(TokenDataset(work / "tokens-heldout")) == len(TokenDataset(work / "tokens")) > 0
+    assert [m.split()[1] for m in logs if "held-out loss" in m] == ["1", "2"]

@@ -378,3 +378,32 @@ def test_ctrl_c_saves_at_the_end_of_the_step_and_the_run_resumes(tmp_path):
     logs.clear()
     _, steps = train_vq_on(sample, vq_cfg, train_cfg, device="cpu", checkpoint=tmp_path / "vq.ckpt", log=logs.append)
     assert steps == 4 and any("resumed" in m and "step 2" in m for m in logs)
+
+
+def test_heldout_scoring_keeps_the_best_steps_weights(train_ckpt, tokens, tmp_path):
+    """With held-out tokens the final model is the step that scored best on them, not the last: here a
+    learning rate far too high makes the later steps worse, so the two differ. The saved model's own
+    held-out loss (scored again, independently) equals the best logged score."""
+    from pure_lite.train.config import TrainConfig
+    from pure_lite.train.finetune import train
+
+    cfg = TrainConfig(lr=0.3, max_steps=6, batch_size=2, warmup_steps=1, dropout=0.0, log_every=100, save_every=0,
+                      eval_every=1, precision="fp32")
+    lines = []
+    result = train(train_ckpt, tokens, tmp_path / "run", cfg, device="cpu", log=lines.append, heldout_dir=tokens)
+    steps, scores = zip(*result.heldout)
+    assert steps == (1, 2, 3, 4, 5, 6)
+    assert result.best_step == steps[int(np.argmin(scores))] != 6, result.heldout
+    assert any(f"has step {result.best_step}'s weights" in line for line in lines)
+    assert _batch_loss(tmp_path / "run", tokens) == pytest.approx(min(scores), abs=1e-4)
+    assert (tmp_path / "run" / "checkpoints" / "best" / "trainable.safetensors").is_file()
+
+
+def test_heldout_tokens_need_an_eval_interval(train_ckpt, tokens, tmp_path):
+    from pure_lite.errors import PureLiteError
+    from pure_lite.train.config import TrainConfig
+    from pure_lite.train.finetune import train
+
+    with pytest.raises(PureLiteError, match="eval_every"):
+        train(train_ckpt, tokens, tmp_path / "run", TrainConfig(max_steps=1), device="cpu", log=None,
+              heldout_dir=tokens)

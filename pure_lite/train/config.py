@@ -54,6 +54,7 @@ class TrainConfig:
     lora_targets: tuple[str, ...] = LORA_TARGETS
     save_every: int = 500
     log_every: int = 10
+    eval_every: int = 0  # with held-out tokens: score them every N steps and keep the best step's weights
     seed: int = 0
     max_seq_len: int | None = None  # longer samples are skipped; default: the model's max positions
 

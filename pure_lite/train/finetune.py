@@ -82,6 +82,8 @@ class TrainResult:
     steps: int
     losses: list[float] = field(default_factory=list)
     finished: bool = True  # False: stopped early (deadline or stop request) after saving a checkpoint
+    heldout: list[tuple[int, float]] = field(default_factory=list)  # (step, held-out loss) scored by this call
+    best_step: int | None = None  # the step whose weights the final model has, when held-out tokens were given
 
 
 def _distributed() -> tuple[int, int, int]:
@@ -114,8 +116,15 @@ def train(
     resume: bool = True,
     deadline: float | None = None,
     log: Callable[[str], None] | None = print,
+    heldout_dir: str | os.PathLike | None = None,
 ) -> TrainResult:
     """Fine-tune; checkpoints go to OUT_DIR/checkpoints/step-N, the final model to OUT_DIR itself.
+
+    ``heldout_dir`` (pre-tokenized conversations never trained on) with ``config.eval_every``: their
+    loss is scored every ``eval_every`` steps and at the last, and the final model gets the weights of
+    the step that scored best, not necessarily the last (a small data set is memorised long before a
+    fixed schedule ends: PURE-tiny v2's last step scored 10.9 nats per held-out image token, worse than
+    chance). The best weights so far live in OUT_DIR/checkpoints/best, so a resumed run keeps them.
 
     When ``deadline`` (a ``time.monotonic()`` value) passes, or a stop is requested
     (``stopping.stop_on_signals``, single-process runs), before the last step, a checkpoint is
@@ -197,6 +206,9 @@ def train(
     for _ in range(step * config.grad_accum):  # skip what earlier steps consumed
         next(stream)
     losses = []
+    judge = _HeldOut(heldout_dir, lm, config, dev, bf16, ckpts / "best") if heldout_dir and rank == 0 else None
+    if judge is not None and config.eval_every < 1:
+        raise PureLiteError("held-out tokens were given but eval_every is 0: set how often to score them")
     while step < total:
         optimizer.zero_grad(set_to_none=True)
         running = 0.0
@@ -213,6 +225,8 @@ def train(
         losses.append(running)
         if rank == 0 and (step % config.log_every == 0 or step == total):
             say(f"step {step}/{total}  loss {running:.4f}  lr {scheduler.get_last_lr()[0]:.2e}")
+        if judge is not None and (step % config.eval_every == 0 or step == total):
+            say(judge.score(step, save_file))
         if rank == 0 and config.save_every and step % config.save_every == 0 and step < total:
             _save_checkpoint(ckpts / f"step-{step}", lm, optimizer, scheduler, step, config, save_file)
         reason = stop_reason(deadline)
@@ -223,14 +237,69 @@ def train(
                 say(f"{reason} at step {step}/{total}; checkpoint saved, run again to go on")
             if world > 1:
                 torch.distributed.destroy_process_group()
-            return TrainResult(out_dir=out, steps=step, losses=losses, finished=False)
+            return TrainResult(out_dir=out, steps=step, losses=losses, finished=False,
+                               heldout=judge.scores if judge else [])
 
+    best_step = None
+    if judge is not None and judge.best_step is not None:
+        best_step = judge.best_step
+        if best_step != step:
+            lm.load_state_dict(load_file(str(judge.folder / "trainable.safetensors"), device=str(dev)), strict=False)
+            say(f"the final model has step {best_step}'s weights (held-out loss {judge.best:.4f}), not step {step}'s")
     if rank == 0:
         _save_final(lm, files, out, config)
         say(f"saved the fine-tuned model to {out}")
     if world > 1:
         torch.distributed.destroy_process_group()
-    return TrainResult(out_dir=out, steps=step, losses=losses)
+    return TrainResult(out_dir=out, steps=step, losses=losses, heldout=judge.scores if judge else [],
+                       best_step=best_step)
+
+
+class _HeldOut:
+    """Scores the held-out conversations (mean loss per supervised token) and keeps the best step's
+    trainable weights in ``folder`` (written atomically; read back on resume)."""
+
+    def __init__(self, tokens_dir, lm, config: TrainConfig, dev: torch.device, bf16: bool, folder: Path):
+        self.dataset = TokenDataset(tokens_dir)
+        if len(self.dataset) == 0:
+            raise PureLiteError(f"no held-out samples in {tokens_dir}")
+        self.lm, self.config, self.dev, self.bf16, self.folder = lm, config, dev, bf16, folder
+        self.loss = CausalLMLoss(lm, 0.0)  # not the DDP wrapper: only rank 0 scores
+        self.scores: list[tuple[int, float]] = []
+        state = folder / "state.json"
+        saved = json.loads(state.read_text()) if state.exists() else {}
+        self.best, self.best_step = saved.get("loss", math.inf), saved.get("step")
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        was_training = self.lm.training
+        self.lm.eval()
+        total, count = 0.0, 0
+        for i in range(0, len(self.dataset), self.config.batch_size):
+            batch = collate([self.dataset[j] for j in range(i, min(i + self.config.batch_size, len(self.dataset)))],
+                            pad_id=0)
+            batch = {k: v.to(self.dev) for k, v in batch.items()}
+            tokens = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+            with torch.autocast(self.dev.type, dtype=torch.bfloat16, enabled=self.bf16):
+                loss = self.loss(batch["input_ids"], batch["attention_mask"], batch["labels"])
+            total, count = total + float(loss) * tokens, count + tokens
+        self.lm.train(was_training)
+        return total / max(count, 1)
+
+    def score(self, step: int, save_file) -> str:
+        loss = self.evaluate()
+        self.scores.append((step, loss))
+        if loss < self.best:
+            self.best, self.best_step = loss, step
+            tmp = self.folder.with_name(self.folder.name + ".tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            save_file({n: p.detach().contiguous().cpu() for n, p in self.lm.named_parameters() if p.requires_grad},
+                      str(tmp / "trainable.safetensors"))
+            (tmp / "state.json").write_text(json.dumps({"step": step, "loss": loss}))
+            shutil.rmtree(self.folder, ignore_errors=True)
+            os.replace(tmp, self.folder)
+        return f"step {step}  held-out loss {loss:.4f}  (best {self.best:.4f} at step {self.best_step})"
 
 
 def _save_checkpoint(path: Path, lm, optimizer, scheduler, step: int, config: TrainConfig, save_file) -> None:

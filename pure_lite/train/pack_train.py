@@ -17,7 +17,10 @@ default OUT/work: give a folder outside OUT on a borrowed machine) and is remove
  3. tokens  every (crop, LQ version, horizontal flip) as one conversation: the LQ resized to the HQ
             size with the restore pipeline's own bicubic, both encoded with the trained VQ, the
             assistant's text the degradation sentence of the pack's levels (OUT/work/tokens)
- 4. lm      ``finetune.train`` (OUT/work/lm/checkpoints)
+    and the same for the held-out pack (``heldout.npz`` beside PACK, OUT/work/tokens-heldout)
+ 4. lm      ``finetune.train`` (OUT/work/lm/checkpoints), scoring the held-out conversations every
+            200 steps and keeping the best-scoring step's weights (v2's first run, which did not,
+            memorised its 4312 conversations: its last step was worse than chance on held-out ones)
 
 ``--minutes`` bounds the wall-clock time: when it runs out (or at Ctrl-C / SIGTERM), the current
 stage saves a checkpoint at the end of its step and the command exits with status 3; the same
@@ -74,7 +77,7 @@ class PackTrainConfig:
     lm: LMShape = field(default_factory=LMShape)
     lm_train: TrainConfig = field(default_factory=lambda: TrainConfig(
         lr=1e-3, max_steps=4000, batch_size=32, warmup_steps=200, min_lr_ratio=0.1, weight_decay=0.1, grad_clip=4.0,
-        dropout=0.0, save_every=1000, log_every=100))
+        dropout=0.0, save_every=1000, log_every=100, eval_every=200))
     flips: bool = True  # each crop also enters the LM data mirrored (degradations are mirror-symmetric)
     seed: int = 0
 
@@ -130,8 +133,9 @@ def stage_init(work: Path, vq_file: Path, config: PackTrainConfig) -> Path:
     return out
 
 
-def stage_tokens(pack: TrainingPack, init: Path, work: Path, config: PackTrainConfig, device: str, log) -> Path:
-    """Write the pack's conversations in pretokenize's shard format (TokenDataset reads them)."""
+def stage_tokens(pack: TrainingPack, init: Path, work: Path, config: PackTrainConfig, device: str, log,
+                 name: str = "tokens") -> Path:
+    """Write the pack's conversations in pretokenize's shard format (TokenDataset reads them) to WORK/NAME."""
     import torch
 
     from ..checkpoint import CheckpointFiles
@@ -141,7 +145,7 @@ def stage_tokens(pack: TrainingPack, init: Path, work: Path, config: PackTrainCo
     from ..torch_backend import load_vq
     from .degrade import DEGRADATION_TYPES, LEVELS
 
-    out = work / "tokens"
+    out = work / name
     if (out / "index.json").exists():
         return out
     files = CheckpointFiles.locate(init)
@@ -176,7 +180,7 @@ def stage_tokens(pack: TrainingPack, init: Path, work: Path, config: PackTrainCo
                                 "length": len(ids), "prompt_len": int(np.argmax(labels >= 0))})
                 offset += len(ids)
         log(f"tokens: {len(samples)} conversations")
-    tmp = work / "tokens.tmp"
+    tmp = work / f"{name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     np.save(tmp / "shard_00000.ids.npy", np.concatenate(ids_all))
@@ -186,12 +190,27 @@ def stage_tokens(pack: TrainingPack, init: Path, work: Path, config: PackTrainCo
     return out
 
 
-def stage_lm(init: Path, tokens: Path, work: Path, config: PackTrainConfig, device: str, deadline: float, log) -> Path | None:
+def heldout_tokens(pack_path, init: Path, work: Path, config: PackTrainConfig, device: str, log) -> Path | None:
+    """WORK/tokens-heldout: the conversations of the held-out pack (``heldout.npz`` beside the training
+    pack), which the language model stage scores to keep its best step. None (with a warning) when
+    neither it nor the pack is there: the run then keeps the last step, memorised or not."""
+    if (work / "tokens-heldout" / "index.json").exists():
+        return work / "tokens-heldout"
+    pack_file = Path(pack_path).with_name("heldout.npz") if Path(pack_path).is_file() else None
+    if pack_file is None or not pack_file.is_file():
+        log("warning: no held-out pack (heldout.npz beside the training pack) and no WORK/tokens-heldout: "
+            "the language model keeps its last step, with no held-out check")
+        return None
+    return stage_tokens(load_pack(pack_file), init, work, config, device, log, name="tokens-heldout")
+
+
+def stage_lm(init: Path, tokens: Path, work: Path, config: PackTrainConfig, device: str, deadline: float, log,
+             heldout: Path | None = None) -> Path | None:
     from .finetune import train
 
     lm_out = work / "lm"
     cfg = replace(config.lm_train, seed=config.seed)
-    result = train(init, tokens, lm_out, cfg, device=device, deadline=deadline, log=log)
+    result = train(init, tokens, lm_out, cfg, device=device, deadline=deadline, log=log, heldout_dir=heldout)
     return lm_out if result.finished and (lm_out / "config.json").exists() else None
 
 
@@ -273,7 +292,8 @@ def run(pack_path: str | Path, out: str | Path, config: PackTrainConfig = PackTr
         shutil.copyfile(vq_file, out / "vq" / vq_file.name)
     init = stage_init(work, vq_file, config)
     tokens = stage_tokens(pack, init, work, config, device, say)
-    model = stage_lm(init, tokens, work, config, device, deadline, say)
+    heldout = heldout_tokens(pack_path, init, work, config, device, say) if config.lm_train.eval_every else None
+    model = stage_lm(init, tokens, work, config, device, deadline, say, heldout)
     if model is None:
         from .finetune import _latest_checkpoint
 
