@@ -90,27 +90,33 @@ def test_torch_sampler_replays_in_a_cuda_graph_with_fresh_draws():
     assert chi2.sf(float(((obs - exp) ** 2 / exp).sum()), len(exp) - 1) > 1e-3
 
 
+def _tiny_on_cuda(folder, n: int):
+    """The tiny checkpoint's language model on CUDA, its image head and layout, and n prompts of one length."""
+    from pure_lite.checkpoint import CheckpointFiles
+    from pure_lite.lm import ImageHead, load_language_model
+    from pure_lite.prompt import TextTokenizer, prompt_ids
+    from pure_lite.tokens import TokenLayout
+
+    files = CheckpointFiles.locate(folder)
+    layout = TokenLayout.from_tokenizer_file(files.tokenizer, files.read_config()["vocab_size"])
+    lm = load_language_model(files, device="cuda")
+    tok = TextTokenizer(files.tokenizer)
+    prompts = [prompt_ids(tok, layout, layout.encode_image((np.arange(64).reshape(8, 8) * (i + 3)) % layout.codebook_size))
+               for i in range(n)]
+    return lm, ImageHead(lm, layout.image_ids), layout, prompts
+
+
 @pytest.mark.gpu
 def test_graph_decoder_matches_eager_on_cuda(tiny_compact):
     """The captured chain (CUDA graphs, bucketed spans) against the eager host loop on the same GPU (greedy:
     identical tokens), and against the eager chain (sampled: identical codes, same kernels)."""
-    torch = _cuda()
-    from pure_lite.checkpoint import CheckpointFiles
+    _cuda()
     from pure_lite.generate import generate_batch
-    from pure_lite.lm import ImageHead, load_language_model
-    from pure_lite.prompt import TextTokenizer, prompt_ids
-    from pure_lite.tokens import TokenLayout
     from pure_lite.torch_decoder import TorchDecoder
 
     from conftest import TARGET
 
-    files = CheckpointFiles.locate(tiny_compact)
-    layout = TokenLayout.from_tokenizer_file(files.tokenizer, files.read_config()["vocab_size"])
-    lm = load_language_model(files, device="cuda")
-    head = ImageHead(lm, layout.image_ids)
-    tok = TextTokenizer(files.tokenizer)
-    prompts = [prompt_ids(tok, layout, layout.encode_image((np.arange(64).reshape(8, 8) * (i + 3)) % layout.codebook_size))
-               for i in range(2)]
+    lm, head, layout, prompts = _tiny_on_cuda(tiny_compact, 2)
 
     def run(config, **kw):
         return generate_batch(TorchDecoder(lm, head, "cuda", **kw), prompts, layout, TARGET, config,
@@ -128,23 +134,13 @@ def test_graph_decoder_matches_eager_on_cuda(tiny_compact):
 def test_graphs_carry_over_to_the_next_batch_of_the_same_shape(tiny_compact):
     """The second batch of the same shape on one decoder captures nothing new and decodes, greedy, exactly
     what a fresh decoder does (the graphs replay on the refilled buffers)."""
-    torch = _cuda()
-    from pure_lite.checkpoint import CheckpointFiles
+    _cuda()
     from pure_lite.generate import generate_batch
-    from pure_lite.lm import ImageHead, load_language_model
-    from pure_lite.prompt import TextTokenizer, prompt_ids
-    from pure_lite.tokens import TokenLayout
     from pure_lite.torch_decoder import TorchDecoder
 
     from conftest import TARGET
 
-    files = CheckpointFiles.locate(tiny_compact)
-    layout = TokenLayout.from_tokenizer_file(files.tokenizer, files.read_config()["vocab_size"])
-    lm = load_language_model(files, device="cuda")
-    head = ImageHead(lm, layout.image_ids)
-    tok = TextTokenizer(files.tokenizer)
-    prompts = [prompt_ids(tok, layout, layout.encode_image((np.arange(64).reshape(8, 8) * (i + 3)) % layout.codebook_size))
-               for i in range(4)]
+    lm, head, layout, prompts = _tiny_on_cuda(tiny_compact, 4)
     config = SamplingConfig(temperature=0, cfg_scale=0.8, max_text_tokens=0)
     shared = TorchDecoder(lm, head, "cuda", attend_bucket=16)
 
@@ -156,6 +152,6 @@ def test_graphs_carry_over_to_the_next_batch_of_the_same_shape(tiny_compact):
     captured = len(shared.captured)
     assert captured > 0
     second = run(shared, prompts[2:])
-    assert len(shared.captured) == captured and torch.cuda.is_available()
+    assert len(shared.captured) == captured
     for a, b in zip(second, run(TorchDecoder(lm, head, "cuda", attend_bucket=16), prompts[2:])):
         np.testing.assert_array_equal(a.tokens, b.tokens)
