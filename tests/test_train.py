@@ -407,3 +407,12 @@ def test_heldout_tokens_need_an_eval_interval(train_ckpt, tokens, tmp_path):
     with pytest.raises(PureLiteError, match="eval_every"):
         train(train_ckpt, tokens, tmp_path / "run", TrainConfig(max_steps=1), device="cpu", log=None,
               heldout_dir=tokens)
+
+
+def test_a_half_written_checkpoint_is_not_resumed_from(tmp_path):
+    from pure_lite.train.finetune import _latest_checkpoint
+
+    for name in ("step-2", "step-10", "step-11.tmp", "best"):
+        (tmp_path / name).mkdir()
+    assert _latest_checkpoint(tmp_path) == tmp_path / "step-10"
+    assert _latest_checkpoint(tmp_path / "step-2") is None

@@ -102,7 +102,8 @@ def _apply_dropout(lm, p: float) -> None:
 
 
 def _latest_checkpoint(folder: Path) -> Path | None:
-    steps = sorted(folder.glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
+    """The highest complete step-N folder (a step-N.tmp left by a crash mid-save is not one)."""
+    steps = sorted((p for p in folder.glob("step-*") if p.name[5:].isdigit()), key=lambda p: int(p.name[5:]))
     return steps[-1] if steps else None
 
 
