@@ -21,23 +21,18 @@ import report
 
 
 def losses(lm, dataset, indices, image_ids: np.ndarray, batch: int = 8) -> dict:
+    """Mean loss per supervised token over ``dataset[indices]``: all, image codes, and text."""
     import torch
-    import torch.nn.functional as F
 
+    from pure_lite.train.finetune import CausalLMLoss, collate
+
+    scorer = CausalLMLoss(lm, 0.0)
     totals = {"all": [0.0, 0], "image": [0.0, 0], "text": [0.0, 0]}
     image = torch.as_tensor(np.array(image_ids))
     for start in range(0, len(indices), batch):
-        items = [dataset[i] for i in indices[start:start + batch]]
-        width = max(len(ids) for ids, _ in items)
-        ids = torch.zeros((len(items), width), dtype=torch.int64)
-        labels = torch.full((len(items), width), -100, dtype=torch.int64)
-        for row, (x, y) in enumerate(items):
-            ids[row, :len(x)], labels[row, :len(y)] = torch.from_numpy(x), torch.from_numpy(y)
-        with torch.no_grad():  # decoder and lm_head directly: the stock forward masks image tokens out
-            logits = lm.lm_head(lm.model(input_ids=ids, use_cache=False).last_hidden_state[:, :-1]).float()
-        target = labels[:, 1:]
-        nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100,
-                              reduction="none").reshape(target.shape)
+        b = collate([dataset[i] for i in indices[start:start + batch]], pad_id=0)
+        with torch.no_grad():
+            nll, target = scorer.token_losses(b["input_ids"], b["attention_mask"], b["labels"])
         kept = target != -100
         is_image = torch.isin(target, image) & kept
         for name, mask in (("all", kept), ("image", is_image), ("text", kept & ~is_image)):
@@ -53,8 +48,6 @@ def main() -> None:
     parser.add_argument("--work", type=Path, help="the run's work folder with tokens/ (default: BUILD/v2/work)")
     parser.add_argument("--n", type=int, default=256, help="conversations of each kind (default: 256)")
     args = parser.parse_args()
-
-    import torch
 
     from pure_lite.checkpoint import CheckpointFiles
     from pure_lite.lm import load_language_model

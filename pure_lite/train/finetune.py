@@ -16,7 +16,6 @@ import json
 import math
 import os
 import shutil
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -53,10 +52,21 @@ class CausalLMLoss(nn.Module):
         super().__init__()
         self.lm, self.z_loss = lm, z_loss
 
-    def forward(self, input_ids, attention_mask, labels):
+    def logits(self, input_ids, attention_mask) -> torch.Tensor:
+        """(B, T-1, V) float32: the prediction of each next token."""
         hidden = self.lm.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
-        logits = self.lm.lm_head(hidden[:, :-1]).float()  # (B, T-1, V)
-        target = labels[:, 1:]
+        return self.lm.lm_head(hidden[:, :-1]).float()
+
+    def token_losses(self, input_ids, attention_mask, labels) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each position's next-token loss (B, T-1; 0 where unsupervised) and its target (B, T-1), for
+        scoring held-out data per token kind."""
+        logits, target = self.logits(input_ids, attention_mask), labels[:, 1:]
+        nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=IGNORE_INDEX,
+                              reduction="none")
+        return nll.reshape(target.shape), target
+
+    def forward(self, input_ids, attention_mask, labels):
+        logits, target = self.logits(input_ids, attention_mask), labels[:, 1:]
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=IGNORE_INDEX)
         if self.z_loss:
             lse = torch.logsumexp(logits, dim=-1)[target != IGNORE_INDEX]
@@ -280,10 +290,9 @@ class _HeldOut:
             batch = collate([self.dataset[j] for j in range(i, min(i + self.config.batch_size, len(self.dataset)))],
                             pad_id=0)
             batch = {k: v.to(self.dev) for k, v in batch.items()}
-            tokens = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
             with torch.autocast(self.dev.type, dtype=torch.bfloat16, enabled=self.bf16):
-                loss = self.loss(batch["input_ids"], batch["attention_mask"], batch["labels"])
-            total, count = total + float(loss) * tokens, count + tokens
+                nll, target = self.loss.token_losses(batch["input_ids"], batch["attention_mask"], batch["labels"])
+            total, count = total + float(nll.sum()), count + int((target != IGNORE_INDEX).sum())
         self.lm.train(was_training)
         return total / max(count, 1)
 
@@ -292,27 +301,38 @@ class _HeldOut:
         self.scores.append((step, loss))
         if loss < self.best:
             self.best, self.best_step = loss, step
-            tmp = self.folder.with_name(self.folder.name + ".tmp")
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-            save_file({n: p.detach().contiguous().cpu() for n, p in self.lm.named_parameters() if p.requires_grad},
-                      str(tmp / "trainable.safetensors"))
-            (tmp / "state.json").write_text(json.dumps({"step": step, "loss": loss}))
-            shutil.rmtree(self.folder, ignore_errors=True)
-            os.replace(tmp, self.folder)
+
+            def write(tmp: Path) -> None:
+                save_file(_trainable(self.lm), str(tmp / "trainable.safetensors"))
+                (tmp / "state.json").write_text(json.dumps({"step": step, "loss": loss}))
+
+            _replace_folder(self.folder, write)
         return f"step {step}  held-out loss {loss:.4f}  (best {self.best:.4f} at step {self.best_step})"
 
 
-def _save_checkpoint(path: Path, lm, optimizer, scheduler, step: int, config: TrainConfig, save_file) -> None:
+def _trainable(lm) -> dict[str, torch.Tensor]:
+    return {n: p.detach().contiguous().cpu() for n, p in lm.named_parameters() if p.requires_grad}
+
+
+def _replace_folder(path: Path, write: Callable[[Path], None]) -> None:
+    """Have ``write`` fill PATH.tmp, then put it in place of PATH: a crash mid-write leaves PATH as it was
+    (and a PATH.tmp that ``_latest_checkpoint`` ignores)."""
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    trainable = {n: p.detach().contiguous().cpu() for n, p in lm.named_parameters() if p.requires_grad}
-    save_file(trainable, str(tmp / "trainable.safetensors"))
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-    (tmp / "state.json").write_text(json.dumps({"step": step, "config": asdict(config)}, indent=1))
+    write(tmp)
+    shutil.rmtree(path, ignore_errors=True)
     os.replace(tmp, path)
+
+
+def _save_checkpoint(path: Path, lm, optimizer, scheduler, step: int, config: TrainConfig, save_file) -> None:
+    def write(tmp: Path) -> None:
+        save_file(_trainable(lm), str(tmp / "trainable.safetensors"))
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        (tmp / "state.json").write_text(json.dumps({"step": step, "config": asdict(config)}, indent=1))
+
+    _replace_folder(path, write)
 
 
 def _save_final(lm, files: CheckpointFiles, out: Path, config: TrainConfig) -> None:
