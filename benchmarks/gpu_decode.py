@@ -124,8 +124,6 @@ def open_rows(dec, side: int, batch: int = 1) -> None:
 
 def time_host(model, side: int) -> dict:
     """The shared loop's plain path: logits to the host, NumPy sampler, ids back."""
-    import torch
-
     from pure_lite.sampling import NumpySampler, SamplingConfig
 
     dec, image_ids = decoder(model, graphs=False, device_loop=False)
@@ -172,6 +170,67 @@ def time_chained(model, side: int, batch: int = 1, again: bool = False, **kw) ->
         sync()
         out.update(seconds_again=time.perf_counter() - start, graphs_captured_again=len(dec.captured) - captured,
                    capture_s_again=dec.capture_s - capture_s)
+    return out
+
+
+def time_attention(heads: int, head_dim: int, layers: int, spans=(8400, 4200), repeats: int = 20) -> dict:
+    """Where the step's attention time goes: the two groups' decode attention at the end of a 512² restoration
+    (conditional rows 8.4k slots, unconditional 4.2k, one query each, masked as TorchDecoder masks them), for
+    every layer's own keys, per SDPA kernel and as plain matmuls. Captured in a CUDA graph so launches do not
+    count. Reads: the KV bytes each kernel must stream; GB/s says how close to the card's bandwidth it gets."""
+    import torch
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    dtype = torch.float16 if DEVICE == "cuda" else torch.float32
+    groups = []
+    for span in spans:
+        keys = [torch.randn(1, heads, span, head_dim, device=DEVICE, dtype=dtype) for _ in range(layers)]
+        values = [torch.randn_like(k) for k in keys]
+        mask = (torch.arange(span, device=DEVICE) < span - 7).view(1, 1, 1, span)  # a few stale slots
+        groups.append((keys, values, mask))
+    query = torch.randn(1, heads, 1, head_dim, device=DEVICE, dtype=dtype)
+    scale = head_dim ** -0.5
+
+    def matmul(q, k, v, mask):
+        scores = torch.matmul(q, k.transpose(-1, -2)).float() * scale
+        return torch.matmul(scores.masked_fill(~mask, float("-inf")).softmax(-1).to(v.dtype), v)
+
+    kernels = {"sdpa-default": None, "sdpa-efficient": SDPBackend.EFFICIENT_ATTENTION,
+               "sdpa-cudnn": SDPBackend.CUDNN_ATTENTION, "sdpa-math": SDPBackend.MATH, "matmul": "matmul"}
+    bytes_read = sum(2 * layers * heads * span * head_dim * query.element_size() for span in spans)
+    out = {"kv_gb_per_step": bytes_read / 1e9}
+    for name, backend in kernels.items():
+        def body():
+            for keys, values, mask in groups:
+                for k, v in zip(keys, values):
+                    if backend == "matmul":
+                        matmul(query, k, v, mask)
+                    elif backend is None:
+                        F.scaled_dot_product_attention(query, k, v, attn_mask=mask, scale=scale)
+                    else:
+                        with sdpa_kernel(backend):
+                            F.scaled_dot_product_attention(query, k, v, attn_mask=mask, scale=scale)
+        try:
+            with torch.inference_mode():
+                body()  # warm-up (and: does this kernel take these inputs at all?)
+                if DEVICE == "cuda":
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph):
+                        body()
+                    run = graph.replay
+                else:
+                    run = body
+                sync()
+                start = time.perf_counter()
+                for _ in range(repeats):
+                    run()
+                sync()
+            ms = 1000 * (time.perf_counter() - start) / repeats
+            out[name] = {"ms_per_step": ms, "gb_per_s": bytes_read / ms / 1e6}
+        except Exception as exc:  # a kernel that refuses the mask or the shape is reported, not fatal
+            out[name] = {"error": f"{type(exc).__name__}: {exc}"[:200]}
+        print("attention", name, out[name], flush=True)
     return out
 
 
@@ -260,6 +319,10 @@ def main() -> None:
         print(name, results["variants"][name], flush=True)
         save_partial()
 
+    heads, head_dim = SHAPE["num_attention_heads"], SHAPE["hidden_size"] // SHAPE["num_attention_heads"]
+    results["attention"] = time_attention(heads, head_dim, SHAPE["num_hidden_layers"],
+                                          spans=(8400, 4200) if DEVICE == "cuda" else (300, 150))
+    save_partial()
     for quant in ("fp16", "nf4", "torchao-int4", "torchao-int8"):
         try:
             model = build(quant)
@@ -309,6 +372,13 @@ def main() -> None:
                          f"{r['seconds_again']:.1f} ({r['graphs_captured_again']}) |")
         else:
             lines.append(f"| {quant} | {r.get('error', '')} | | | |")
+    attention = results.get("attention", {})
+    lines += ["", f"| decode attention at the end of a 512² restoration ({attention.get('kv_gb_per_step', 0):.1f} GB "
+              "of KV per step, all layers, both groups, one graph) | ms per step | GB/s |", "| --- | --- | --- |"]
+    for name, r in attention.items():
+        if isinstance(r, dict):
+            lines.append(f"| {name} | {r['ms_per_step']:.2f} | {r['gb_per_s']:.0f} |" if "ms_per_step" in r
+                         else f"| {name} | {r['error']} | |")
     table = "\n".join(lines) + f"\n\n{results['device']}, torch {results['torch']}, transformers {results['transformers']}"
     if args.smoke:
         print(table)

@@ -287,3 +287,21 @@ def test_pack_training_scores_the_heldout_pack_beside_it(tiny_pack, tmp_path):
                log=logs.append) is not None
     assert len(TokenDataset(work / "tokens-heldout")) == len(TokenDataset(work / "tokens")) > 0
     assert [m.split()[1] for m in logs if "held-out loss" in m] == ["1", "2"]
+
+
+def test_an_unfinished_run_publishes_its_best_heldout_step(tmp_path):
+    """--publish-partial writes the weights a finished run would return: the best held-out step's when
+    held-out conversations were scored, else the latest checkpoint's."""
+    import json
+
+    from pure_lite.train.pack_train import partial_weights
+
+    checkpoints = tmp_path / "checkpoints"
+    assert partial_weights(checkpoints) is None
+    for step in (100, 200, 300):
+        (checkpoints / f"step-{step}").mkdir(parents=True)
+    assert partial_weights(checkpoints) == (checkpoints / "step-300" / "trainable.safetensors", "step-300")
+    (checkpoints / "best").mkdir()
+    (checkpoints / "best" / "state.json").write_text(json.dumps({"step": 200, "loss": 3.9}))
+    weights, label = partial_weights(checkpoints)
+    assert weights == checkpoints / "best" / "trainable.safetensors" and label.endswith("200")

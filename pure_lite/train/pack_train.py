@@ -245,6 +245,19 @@ def publish_model(lm_dir: Path, final: Path, shard: str = "15MB", *, weights: Pa
     return final
 
 
+def partial_weights(checkpoints: Path) -> tuple[Path, str] | None:
+    """The weights an unfinished language model stage publishes, and which step they are: the best held-out
+    step's when held-out conversations were scored (what a finished run returns too), else the latest
+    checkpoint's; None before the first checkpoint."""
+    from .finetune import _latest_checkpoint
+
+    best = checkpoints / "best" / "state.json"
+    if best.exists():
+        return best.with_name("trainable.safetensors"), f"the best held-out step, {json.loads(best.read_text())['step']}"
+    latest = _latest_checkpoint(checkpoints)
+    return None if latest is None else (latest / "trainable.safetensors", latest.name)
+
+
 def run(pack_path: str | Path, out: str | Path, config: PackTrainConfig = PackTrainConfig(), *,
         minutes: float | None = None, device: str | None = None, work: str | Path | None = None,
         keep_work: bool = False, publish_partial: bool = False, log=print) -> Path | None:
@@ -295,13 +308,11 @@ def run(pack_path: str | Path, out: str | Path, config: PackTrainConfig = PackTr
     heldout = heldout_tokens(pack_path, init, work, config, device, say) if config.lm_train.eval_every else None
     model = stage_lm(init, tokens, work, config, device, deadline, say, heldout)
     if model is None:
-        from .finetune import _latest_checkpoint
-
-        latest = _latest_checkpoint(work / "lm" / "checkpoints")
-        if publish_partial and latest is not None:
+        source = partial_weights(work / "lm" / "checkpoints")
+        if publish_partial and source is not None:
             shutil.rmtree(out / "model-partial", ignore_errors=True)
-            publish_model(init, out / "model-partial", weights=latest / "trainable.safetensors")
-            say(f"wrote the language model as of {latest.name} to {out / 'model-partial'}")
+            publish_model(init, out / "model-partial", weights=source[0])
+            say(f"wrote the language model as of {source[1]} to {out / 'model-partial'}")
         return None
     final.parent.mkdir(parents=True, exist_ok=True)
     publish_model(model, final)
@@ -324,6 +335,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--vq-batch", type=int, default=d.vq_train.batch_size, help=f"(default: {d.vq_train.batch_size})")
     ap.add_argument("--lm-steps", type=int, default=d.lm_train.max_steps, help=f"(default: {d.lm_train.max_steps})")
     ap.add_argument("--lm-batch", type=int, default=d.lm_train.batch_size, help=f"(default: {d.lm_train.batch_size})")
+    ap.add_argument("--lm-eval-every", type=int, default=None,
+                    help="score the held-out conversations every N steps and keep the best step's weights "
+                         f"(default: {d.lm_train.eval_every}, or a tenth of --lm-steps when that is fewer; 0: never)")
+    ap.add_argument("--lm-dropout", type=float, default=d.lm_train.dropout,
+                    help=f"dropout in the language model while it trains (default: {d.lm_train.dropout})")
     ap.add_argument("--precision", choices=PRECISIONS, default="auto",
                     help="bf16 autocast for both models, or fp32 (auto: bf16 where it is native, CUDA and CPUs "
                          "with AMX; pure_lite.train.config.use_bf16)")
@@ -332,11 +348,13 @@ def main(argv: list[str] | None = None) -> int:
                     help="when time runs out during the language model, write its weights to OUT/model-partial")
     ap.add_argument("--keep-work", action="store_true", help="keep the work folder (checkpoints, tokens) after success")
     args = ap.parse_args(argv)
+    eval_every = args.lm_eval_every if args.lm_eval_every is not None else min(d.lm_train.eval_every,
+                                                                               max(1, args.lm_steps // 10))
     config = replace(d, vq_codebook_size=args.vq_codebook_size, vq_z_channels=args.vq_z_channels,
                      vq_train=replace(d.vq_train, steps=args.vq_steps, batch_size=args.vq_batch,
                                          save_every=min(d.vq_train.save_every, args.vq_steps), precision=args.precision),
                      lm_train=replace(d.lm_train, max_steps=args.lm_steps, batch_size=args.lm_batch,
-                                      precision=args.precision,
+                                      precision=args.precision, eval_every=eval_every, dropout=args.lm_dropout,
                                       save_every=min(d.lm_train.save_every, args.lm_steps),
                                       warmup_steps=min(d.lm_train.warmup_steps, max(1, args.lm_steps // 10))))
     say = lambda m: print(m, flush=True)  # noqa: E731
