@@ -294,14 +294,14 @@ def test_an_unfinished_run_publishes_its_best_heldout_step(tmp_path):
     held-out conversations were scored, else the latest checkpoint's."""
     import json
 
-    from pure_lite.train.pack_train import partial_weights
+    from pure_lite.train.finetune import weights_so_far
 
     checkpoints = tmp_path / "checkpoints"
-    assert partial_weights(checkpoints) is None
+    assert weights_so_far(checkpoints) is None
     for step in (100, 200, 300):
         (checkpoints / f"step-{step}").mkdir(parents=True)
-    assert partial_weights(checkpoints) == (checkpoints / "step-300" / "trainable.safetensors", "step-300")
+    assert weights_so_far(checkpoints) == (checkpoints / "step-300" / "trainable.safetensors", "step-300")
     (checkpoints / "best").mkdir()
     (checkpoints / "best" / "state.json").write_text(json.dumps({"step": 200, "loss": 3.9}))
-    weights, label = partial_weights(checkpoints)
+    weights, label = weights_so_far(checkpoints)
     assert weights == checkpoints / "best" / "trainable.safetensors" and label.endswith("200")

@@ -117,6 +117,20 @@ def _latest_checkpoint(folder: Path) -> Path | None:
     return steps[-1] if steps else None
 
 
+BEST = "best"  # CHECKPOINTS/best: the best held-out step's trainable weights and its state.json
+
+
+def weights_so_far(checkpoints: Path) -> tuple[Path, str] | None:
+    """The trainable weights an unfinished run stands for, and which step they are: the best held-out
+    step's when held-out conversations were scored (what a finished run ends with too), else the latest
+    checkpoint's; None before the first checkpoint."""
+    state = checkpoints / BEST / "state.json"
+    if state.exists():
+        return state.with_name("trainable.safetensors"), f"the best held-out step, {json.loads(state.read_text())['step']}"
+    latest = _latest_checkpoint(checkpoints)
+    return None if latest is None else (latest / "trainable.safetensors", latest.name)
+
+
 def train(
     model_dir: str | os.PathLike,
     tokens_dir: str | os.PathLike,
@@ -217,7 +231,7 @@ def train(
     for _ in range(step * config.grad_accum):  # skip what earlier steps consumed
         next(stream)
     losses = []
-    judge = _HeldOut(heldout_dir, lm, config, dev, bf16, ckpts / "best") if heldout_dir and rank == 0 else None
+    judge = _HeldOut(heldout_dir, lm, config, dev, bf16, ckpts / BEST) if heldout_dir and rank == 0 else None
     if judge is not None and config.eval_every < 1:
         raise PureLiteError("held-out tokens were given but eval_every is 0: set how often to score them")
     while step < total:

@@ -245,19 +245,6 @@ def publish_model(lm_dir: Path, final: Path, shard: str = "15MB", *, weights: Pa
     return final
 
 
-def partial_weights(checkpoints: Path) -> tuple[Path, str] | None:
-    """The weights an unfinished language model stage publishes, and which step they are: the best held-out
-    step's when held-out conversations were scored (what a finished run returns too), else the latest
-    checkpoint's; None before the first checkpoint."""
-    from .finetune import _latest_checkpoint
-
-    best = checkpoints / "best" / "state.json"
-    if best.exists():
-        return best.with_name("trainable.safetensors"), f"the best held-out step, {json.loads(best.read_text())['step']}"
-    latest = _latest_checkpoint(checkpoints)
-    return None if latest is None else (latest / "trainable.safetensors", latest.name)
-
-
 def run(pack_path: str | Path, out: str | Path, config: PackTrainConfig = PackTrainConfig(), *,
         minutes: float | None = None, device: str | None = None, work: str | Path | None = None,
         keep_work: bool = False, publish_partial: bool = False, log=print) -> Path | None:
@@ -308,7 +295,9 @@ def run(pack_path: str | Path, out: str | Path, config: PackTrainConfig = PackTr
     heldout = heldout_tokens(pack_path, init, work, config, device, say) if config.lm_train.eval_every else None
     model = stage_lm(init, tokens, work, config, device, deadline, say, heldout)
     if model is None:
-        source = partial_weights(work / "lm" / "checkpoints")
+        from .finetune import weights_so_far
+
+        source = weights_so_far(work / "lm" / "checkpoints")
         if publish_partial and source is not None:
             shutil.rmtree(out / "model-partial", ignore_errors=True)
             publish_model(init, out / "model-partial", weights=source[0])
