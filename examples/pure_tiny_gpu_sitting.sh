@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# One call on a lent GPU machine: PURE-tiny's language model trained three ways side by side, each
+# scoring the held-out conversations as it goes, the run with the lowest held-out loss returned in
+# $OUT/model; then (unless BENCH=0) benchmarks/gpu_session.sh, its results in $OUT/results.tar.
+# The machine returns at most 8 files: the model's 6, the tar and the caller's log.
+#
+#   run(command="bash examples/pure_tiny_gpu_sitting.sh 2>&1 | tee $OUT/sitting.log", timeout_s=570,
+#       carry=["build/device", "build/pure-tiny/v2/work/vq", "build/pure-tiny/v2/work/tokens",
+#              "build/pure-tiny/v2/work/tokens-heldout"])
+#
+# Sitting 4 (2026-11-27, H200): 204 s for the three runs, 225 s for the benchmark (docs/pure-tiny.md, v2.2).
+set -uo pipefail
+T0=$(date +%s)
+WORK=${WORK:-build/pure-tiny/v2/work}
+for w in build/device/bitsandbytes-*.whl build/device/torchao-*.whl; do
+  [ -f "$w" ] && python -m pip install -q --no-deps "$w" 2>&1 | tail -1
+done
+python -m pip install -q --no-deps --no-build-isolation ./ 2>&1 | tail -2
+mkdir -p /tmp/runs
+train() {  # NAME ARGS...: a copy of the work folder each, so the runs share nothing
+  local n=$1; shift
+  cp -r "$WORK" "/tmp/runs/work-$n"
+  (cd /tmp && OMP_NUM_THREADS=4 PYTHONUNBUFFERED=1 python -m pure_lite.train.pack_train none "/tmp/runs/$n" \
+     --work "/tmp/runs/work-$n" --minutes "${MINUTES:-3.2}" --publish-partial "$@" 2>&1 \
+     | grep -v -E "Writing|Loading" > "/tmp/runs/$n.log")
+}
+train a --lm-steps 1000 --lm-eval-every 50 &
+train b --lm-steps 1600 --lm-dropout 0.1 --lm-eval-every 80 &
+train c --lm-steps 2200 --lm-dropout 0.1 --lm-eval-every 110 &
+wait
+echo "trained at $(( $(date +%s) - T0 )) s"
+python - <<'PY'
+import os, pathlib, re, shutil
+
+runs = {}
+for log in sorted(pathlib.Path("/tmp/runs").glob("?.log")):
+    scores = re.findall(r"best ([0-9.]+) at step (\d+)", log.read_text())
+    folder = log.with_suffix("")
+    model = next((m for m in (folder / "model", folder / "model-partial") if m.is_dir()), None)
+    print(log.stem, f"best held-out loss {scores[-1][0]} at step {scores[-1][1]}" if scores else "no score", model)
+    if scores and model:
+        runs[log.stem] = (float(scores[-1][0]), model)
+if runs:
+    best = min(runs, key=lambda name: runs[name][0])
+    shutil.copytree(runs[best][1], pathlib.Path(os.environ["OUT"]) / "model")
+    pathlib.Path("/tmp/runs/winner.txt").write_text(f"{best} {runs[best][0]} {runs[best][1]}\n")
+    print("returned run", best)
+PY
+mkdir -p /tmp/bench
+[ "${BENCH:-1}" = 0 ] || OUT=/tmp/bench SKIP_TESTS=1 BENCH_TIMEOUT=${BENCH_TIMEOUT:-240} \
+  bash benchmarks/gpu_session.sh --skip-hf --skip-full
+cp /tmp/runs/*.log /tmp/runs/winner.txt /tmp/bench/ 2>/dev/null
+tar -C /tmp -cf "$OUT/results.tar" bench
+echo "done at $(( $(date +%s) - T0 )) s"
