@@ -140,7 +140,17 @@ def time_host(model, side: int) -> dict:
     return {"ms_per_step": 1000 * (time.perf_counter() - start) / (side * side)}
 
 
-def time_chained(model, side: int, batch: int = 1, again: bool = False, **kw) -> dict:
+def time_chained(model, side: int, batch: int = 1, again: bool = False, sdpa=None, **kw) -> dict:
+    """``sdpa``: an SDPA backend the captured steps' attention is held to (default: PyTorch's choice)."""
+    import contextlib
+
+    from torch.nn.attention import sdpa_kernel
+
+    with sdpa_kernel(sdpa) if sdpa is not None else contextlib.nullcontext():
+        return _time_chained(model, side, batch, again, **kw)
+
+
+def _time_chained(model, side: int, batch: int, again: bool, **kw) -> dict:
     import torch
 
     from pure_lite.sampling import SamplingConfig
@@ -338,6 +348,12 @@ def main() -> None:
         for bucket in ((512, 1024, 1 << 20) if quant == "fp16" else (512,)):
             name = f"{prefix}graphs-b{bucket if bucket < 1 << 20 else 'full'}"
             record(name, time_chained, model, side, attend_bucket=bucket)
+            if quant == "fp16" and bucket == 512:  # the attention kernels measured alone, in the whole step
+                from torch.nn.attention import SDPBackend
+
+                for kernel in ("EFFICIENT_ATTENTION", "CUDNN_ATTENTION", "MATH"):
+                    record(f"{name}-{kernel.split('_')[0].lower()}", time_chained, model, side, attend_bucket=512,
+                           sdpa=getattr(SDPBackend, kernel))
         if quant in ("fp16", "nf4"):  # tiles decoded together (issue 12): one step serves 4 tiles' 8 rows
             record(f"{prefix}graphs-b512-4-tiles", time_chained, model, side, batch=4, attend_bucket=512)
         if quant == "fp16":

@@ -172,8 +172,8 @@ class TorchDecoder:
         self.pool = None  # one memory pool for all graphs: they never run concurrently
         self.chain: _ChainState | None = None
         # Buffers and graphs outlive a batch: the next batch of the same shape (the next tiles of a photo,
-        # the next photo of the same size) reuses them instead of capturing ~35 graphs again (14 s of a
-        # 43 s 512² restoration on an H200, docs/gpu.md).
+        # the next photo of the same size) reuses them instead of capturing ~35 graphs again (43 s -> 40 s
+        # for a 512² restoration on an H200, docs/gpu.md).
         self.shape: tuple | None = None  # (batch, capacity, unconditional capacity, widest call) of self.kv
         self.chain_cache: _ChainState | None = None  # the last chained decode's buffers, see _chain_state
 
@@ -358,7 +358,12 @@ class TorchDecoder:
 
     def _capture(self, body: Callable[[], object]) -> tuple[torch.cuda.CUDAGraph, object]:
         """Warm ``body`` up once (on a side stream, as capture requires), undo its effect on the lengths and
-        the chain, then capture it. The warm-up writes the same cache slots the replay writes again."""
+        the chain, then capture it. The warm-up writes the same cache slots the replay writes again.
+
+        ``capture_s`` counts this call only: the steps the host queued before it are drained first, outside
+        the timer (counted inside, they made a 512² restoration's capture look like 14 s instead of ~3 s on
+        an H200: docs/gpu.md)."""
+        torch.cuda.current_stream(self.device).synchronize()
         start = time.perf_counter()
         s = self.chain
         lengths = [g.lengths.clone() for g in self.kv.live_groups]
