@@ -7,7 +7,8 @@ with PURE's default sampling (CFG 0.8 as batch 2, entropy top-k, temperature 0.9
 - ``eager-host``: TorchDecoder without graphs, the NumPy sampler on the host (a host round trip per step);
 - ``eager-chained``: the sampler on the device, steps chained without a host round trip, no graphs;
 - ``graphs-bN``: the chained steps captured as CUDA graphs, attention over spans rounded up to N slots
-  (``full``: the whole preallocated capacity, one shape per step width);
+  (``full``: the whole preallocated capacity, one shape per step width); ``graphs-b512-efficient`` /
+  ``-cudnn`` / ``-math``: the same with SDPA held to one kernel (the default picks cuDNN on an H200);
 - ``nf4-...``: the same with bitsandbytes nf4 weights (when bitsandbytes is installed);
 - ``torchao-int4-...`` / ``torchao-int8-...``: torchao weight-only int4 (tinygemm layout, bf16
   activations, group 128) and int8 (per row) weights, when torchao is installed;
