@@ -12,9 +12,7 @@
 set -uo pipefail
 T0=$(date +%s)
 WORK=${WORK:-build/pure-tiny/v2/work}
-for w in build/device/bitsandbytes-*.whl build/device/torchao-*.whl; do
-  [ -f "$w" ] && python -m pip install -q --no-deps "$w" 2>&1 | tail -1
-done
+# training needs only pure-lite itself; gpu_session.sh installs the benchmark's wheels
 python -m pip install -q --no-deps --no-build-isolation ./ 2>&1 | tail -2
 mkdir -p /tmp/runs
 train() {  # NAME ARGS...: a copy of the work folder each, so the runs share nothing
