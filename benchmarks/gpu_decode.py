@@ -10,8 +10,9 @@ with PURE's default sampling (CFG 0.8 as batch 2, entropy top-k, temperature 0.9
   (``full``: the whole preallocated capacity, one shape per step width); ``graphs-b512-efficient`` /
   ``-cudnn`` / ``-math``: the same with SDPA held to one kernel (the default picks cuDNN on an H200);
 - ``nf4-...``: the same with bitsandbytes nf4 weights (when bitsandbytes is installed);
-- ``torchao-int4-...`` / ``torchao-int8-...``: torchao weight-only int4 (tinygemm layout, bf16
-  activations, group 128) and int8 (per row) weights, when torchao is installed;
+- ``torchao-int4-...`` / ``torchao-int8-...``: torchao weight-only int4 (the torch backend's
+  ``quantize_int4``: tinygemm layout, bf16 activations, group 128) and int8 (per row) weights, when
+  torchao is installed;
 - ``...-4-tiles``: four restorations decoded together (8 rows per step): ms per step, for all four;
 - ``sjd-w16-graphs``: speculative Jacobi decoding, window 16, through the shared loop with captured
   steps (random weights accept few drafts: read its ms per *call*);
@@ -79,15 +80,16 @@ def build(quant: str):
                                                      quant_type="nf4").cuda()
                         setattr(parent, name, q)
         torch.cuda.empty_cache()
-    elif quant.startswith("torchao"):
-        from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
+    elif quant == "torchao-int4":  # the torch backend's quantization="int4", applied to the built model
+        from pure_lite.torch_backend import quantize_int4
 
-        if quant == "torchao-int4":
-            model = model.to(torch.bfloat16)  # tinygemm's int4 kernel takes bf16 activations
-            config = Int4WeightOnlyConfig(group_size=128, int4_packing_format="tile_packed_to_4d")
-        else:
-            config = Int8WeightOnlyConfig()
-        quantize_(model.model.layers, config)  # the decoder layers; lm_head stays as it is
+        model = model.to(torch.bfloat16)  # tinygemm's int4 kernel takes bf16 activations
+        quantize_int4(model)
+        torch.cuda.empty_cache()
+    elif quant == "torchao-int8":
+        from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+        quantize_(model.model.layers, Int8WeightOnlyConfig())  # the decoder layers; lm_head stays as it is
         torch.cuda.empty_cache()
     return model
 

@@ -93,18 +93,23 @@ def _onnx_providers(device: str | None) -> list[str] | None:
     raise PureLiteError(f"--device {device}: an export runs on ONNX Runtime, which takes --device cpu or cuda")
 
 
-def _load_restorer(model: str | None, device: str | None, *, quiet: bool = False) -> "Restorer":
+def _load_restorer(model: str | None, device: str | None, *, quiet: bool = False,
+                   quantize: str | None = None) -> "Restorer":
     """An export (or the shipped PURE-tiny) on ONNX Runtime, a checkpoint folder on torch."""
     from .manifest import MANIFEST_FILE
     from .restorer import DEFAULT_MODEL_NOTICE, Restorer
 
+    is_export = model is None or (Path(model) / MANIFEST_FILE).is_file()
+    if quantize and is_export:
+        raise PureLiteError(f"--quantize {quantize} applies to a checkpoint folder (torch backend); "
+                            f"{model or 'the default model'} is an export, quantized when exported (pure-lite export --quant)")
     if model is None:
         if not quiet:
             print(DEFAULT_MODEL_NOTICE, file=sys.stderr)
         return Restorer.from_pretrained(None, backend="onnx", providers=_onnx_providers(device))
-    if (Path(model) / MANIFEST_FILE).is_file():
+    if is_export:
         return Restorer.from_pretrained(model, backend="onnx", providers=_onnx_providers(device))
-    return Restorer.from_pretrained(model, backend="torch", device=device or "cpu")
+    return Restorer.from_pretrained(model, backend="torch", device=device or "cpu", quantization=quantize)
 
 
 def _restore(args: argparse.Namespace) -> int:
@@ -115,7 +120,7 @@ def _restore(args: argparse.Namespace) -> int:
     )
     inputs = [Path(p) for p in args.inputs]
     outputs = _output_paths(inputs, args.output)
-    restorer = _load_restorer(args.model, args.device, quiet=args.quiet)
+    restorer = _load_restorer(args.model, args.device, quiet=args.quiet, quantize=args.quantize)
 
     def restore(src: Path):
         return restorer.restore(src, seed=args.seed, sampling=sampling, scale=args.scale,
@@ -353,6 +358,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--device", default=None,
                    help="checkpoint folder: the torch device (default: cpu); export: cpu or cuda, "
                         "ONNX Runtime's CPU or CUDA provider (default: CUDA where onnxruntime-gpu has it, else CPU)")
+    r.add_argument("--quantize", choices=["nf4", "int8", "int4"], default=None,
+                   help="checkpoint folder: load the language model's decoder layers quantized, nf4 or int8 through "
+                        "bitsandbytes ([quant]) or int4 through torchao ([torchao]; CUDA, bfloat16, the fastest "
+                        "4-bit decode, docs/gpu.md) (default: as stored)")
     r.add_argument("--seed", type=int, default=None, help="random seed for reproducible sampling (default: fresh)")
     r.add_argument("--temperature", type=float, default=_DEFAULTS.temperature,
                    help=f"sampling temperature, 0 = greedy (default: {_DEFAULTS.temperature})")

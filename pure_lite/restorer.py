@@ -76,7 +76,7 @@ class Restorer:
         backend: Literal["auto", "torch", "onnx"] = "auto",
         device: str = "cpu",
         dtype=None,
-        quantization: Literal["nf4", "int8"] | None = None,
+        quantization: Literal["nf4", "int8", "int4"] | None = None,
         providers: Sequence[str] | None = None,
     ) -> "Restorer":
         """Load a PURE checkpoint folder (docs/pure-format.md §1) or a pure-lite export (None: the shipped PURE-tiny).
@@ -84,7 +84,8 @@ class Restorer:
         ``backend="auto"`` serves a folder with ``pure_lite_manifest.json`` through the
         torch-free runtime (ONNX Runtime; ``providers`` overrides the CUDA-else-CPU choice)
         and anything else through torch (``device``, ``dtype``; ``quantization`` loads the
-        language model 4-bit nf4 or 8-bit through bitsandbytes).
+        language model's decoder layers 4-bit nf4 or 8-bit through bitsandbytes, or int4 through
+        torchao, CUDA and bfloat16 only: the fastest 4-bit decode measured, docs/gpu.md).
         """
         from .manifest import MANIFEST_FILE
 

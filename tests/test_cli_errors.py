@@ -5,7 +5,6 @@ Most runs use the shipped PURE-tiny (an export: no torch, about a second per ima
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -126,6 +125,17 @@ def test_a_checkpoint_without_torch_names_the_extra(tiny_compact, tmp_path):
     result = _run("restore", photo, "-o", tmp_path / "o.png", "--model", tiny_compact, without="torch")
     errors = _errors(result)
     assert result.returncode == 2 and len(errors) == 1 and "pure-lite[torch]" in errors[0], result.stderr
+
+
+def test_quantize_is_one_error_line_where_it_cannot_apply(tiny_compact, tmp_path):
+    """--quantize on an export (the default model) or int4 on a CPU: one error line, nothing written."""
+    photo = _photo(tmp_path / "p.png", 0)
+    for extra, message in ((["--quantize", "int4"], "is an export, quantized when exported"),
+                           (["--quantize", "int4", "--model", tiny_compact], "needs a CUDA device")):
+        result = _run("restore", photo, "-o", tmp_path / "o.png", *extra)
+        errors = _errors(result)
+        assert result.returncode == 2 and len(errors) == 1 and message in errors[0], result.stderr
+        assert not (tmp_path / "o.png").exists()
 
 
 def test_eval_without_opencv_names_the_extra(tmp_path):

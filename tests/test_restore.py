@@ -3,7 +3,7 @@ import pytest
 from PIL import Image
 
 from pure_lite import Restorer, SamplingConfig
-from pure_lite.errors import CheckpointError
+from pure_lite.errors import CheckpointError, MissingDependencyError
 
 from conftest import TARGET
 
@@ -110,3 +110,43 @@ def test_bitsandbytes_restore_on_cpu(tiny64, rgb_image, quant, layer):
     res = restorer.restore(rgb_image, seed=0, sampling=FAST, target_size=TARGET)
     assert res.image.size == (TARGET, TARGET)
     restorer.components.layout.parse_image(res.tokens[np.flatnonzero(res.tokens == restorer.components.layout.image_start)[0]:-1])
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"device": "cpu"}, "needs a CUDA device"),
+    ({"device": "cuda", "dtype": "float16"}, "computes in bfloat16"),
+])
+def test_int4_refuses_what_its_kernel_cannot_run(tiny64, kwargs, message):
+    """torchao's int4 path is CUDA + bf16 only: a CPU device or an fp16 dtype is refused before any weight is read."""
+    torch = pytest.importorskip("torch")
+    if "dtype" in kwargs:
+        kwargs = {**kwargs, "dtype": getattr(torch, kwargs["dtype"])}
+    with pytest.raises(ValueError, match=message):
+        Restorer.from_pretrained(tiny64, quantization="int4", **kwargs)
+
+
+def test_int4_without_torchao_names_the_extra(tiny64, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "torchao", None)  # as if it were not installed: `import torchao` fails
+    monkeypatch.setitem(sys.modules, "torchao.quantization", None)
+    with pytest.raises(MissingDependencyError, match=r"pure-lite\[torchao\]"):
+        Restorer.from_pretrained(tiny64, device="cuda", quantization="int4")
+
+
+def test_unknown_quantization_is_refused(tiny64):
+    with pytest.raises(ValueError, match="'nf4', 'int8', 'int4' or None"):
+        Restorer.from_pretrained(tiny64, quantization="int3")
+
+
+def test_int4_quantizes_exactly_the_decoder_linears_tinygemm_can_pack():
+    """The filter takes every decoder linear whose widths fit group 128 and 8-column tiles, and nothing else."""
+    torch = pytest.importorskip("torch")
+    from pure_lite.torch_backend import _int4_fits
+
+    assert _int4_fits(torch.nn.Linear(256, 512, bias=False))
+    assert _int4_fits(torch.nn.Linear(128, 8))
+    assert not _int4_fits(torch.nn.Linear(64, 512))  # input narrower than one group
+    assert not _int4_fits(torch.nn.Linear(192, 512))  # 1.5 groups
+    assert not _int4_fits(torch.nn.Linear(256, 12))  # output not a multiple of 8
+    assert not _int4_fits(torch.nn.LayerNorm(256))
