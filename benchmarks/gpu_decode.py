@@ -162,8 +162,11 @@ def _time_chained(model, side: int, batch: int, again: bool, **kw) -> dict:
     if DEVICE != "cuda":
         kw["graphs"] = False  # --smoke: the graph variants' code, eagerly
     dec, image_ids = decoder(model, **kw)
+    if DEVICE == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     open_rows(dec, side, batch)
     sync()
+    prefill_peak = peak_gb()
     if DEVICE == "cuda":
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
@@ -173,7 +176,7 @@ def _time_chained(model, side: int, batch: int, again: bool, **kw) -> dict:
     seconds = time.perf_counter() - start
     out = {"ms_per_step": 1000 * (seconds - dec.capture_s) / (side * side), "capture_s": dec.capture_s,
            "graphs": len(dec.captured), "seconds": seconds, "distinct_codes": int(len(np.unique(codes))),
-           "peak_vram_gb": peak_gb()}
+           "peak_vram_gb": max(prefill_peak, peak_gb()), "peak_decode_vram_gb": peak_gb()}
     if again:  # the next restoration of the same size on the same decoder: its graphs are reused
         captured, capture_s = len(dec.captured), dec.capture_s
         open_rows(dec, side, batch)
@@ -357,16 +360,20 @@ def main() -> None:
                 for kernel in ("EFFICIENT_ATTENTION", "CUDNN_ATTENTION", "MATH"):
                     record(f"{name}-{kernel.split('_')[0].lower()}", time_chained, model, side, attend_bucket=512,
                            sdpa=getattr(SDPBackend, kernel))
+        if quant in ("fp16", "torchao-int4"):  # the KV cache in int8 (kv_cache="int8"): half its memory
+            record(f"{prefix}graphs-b512-kv8", time_chained, model, side, attend_bucket=512, kv_int8=True)
         if quant in ("fp16", "nf4"):  # tiles decoded together (issue 12): one step serves 4 tiles' 8 rows
             record(f"{prefix}graphs-b512-4-tiles", time_chained, model, side, batch=4, attend_bucket=512)
         if quant == "fp16":
             record("sjd-w16-graphs", time_jacobi, model, side, 16)
-        if not args.skip_full and quant in ("fp16", "nf4"):
+        full = {"fp16": {"fp16": {}}, "nf4": {"nf4": {}},
+                "torchao-int4": {"torchao-int4": {}, "torchao-int4-kv8": {"kv_int8": True}}}
+        for name, kw in ({} if args.skip_full else full.get(quant, {})).items():
             try:
-                results["full_512"][quant] = time_chained(model, 64, attend_bucket=512, again=True)
+                results["full_512"][name] = time_chained(model, 64, attend_bucket=512, again=True, **kw)
             except Exception as exc:
-                results["full_512"][quant] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
-            print("full 512", quant, results["full_512"][quant], flush=True)
+                results["full_512"][name] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
+            print("full 512", name, results["full_512"][name], flush=True)
             save_partial()
         if quant == "fp16" and not args.skip_hf:
             record("hf-static-compiled", time_hf, model, side * side)
@@ -383,14 +390,15 @@ def main() -> None:
         ratio = f"{base / r['ms_per_step']:.1f}x" if base else ""
         lines.append(f"| {name} | {r['ms_per_step']:.2f} | {ratio} | {r.get('graphs', '')} | "
                      f"{r.get('capture_s', 0):.1f} |")
-    lines += ["", "| full 512² restoration (4096 codes, graphs, bucket 512) | seconds | capture s | peak VRAM GB | "
-              "the next one, same decoder: seconds (graphs captured) |", "| --- | --- | --- | --- | --- |"]
+    lines += ["", "| full 512² restoration (4096 codes, graphs, bucket 512) | seconds | capture s | peak VRAM GB "
+              "(prefill + decode) | peak while decoding | the next one, same decoder: seconds (graphs captured) |",
+              "| --- | --- | --- | --- | --- | --- |"]
     for quant, r in results["full_512"].items():
         if "seconds" in r:
             lines.append(f"| {quant} | {r['seconds']:.1f} | {r['capture_s']:.1f} | {r['peak_vram_gb']:.1f} | "
-                         f"{r['seconds_again']:.1f} ({r['graphs_captured_again']}) |")
+                         f"{r['peak_decode_vram_gb']:.1f} | {r['seconds_again']:.1f} ({r['graphs_captured_again']}) |")
         else:
-            lines.append(f"| {quant} | {r.get('error', '')} | | | |")
+            lines.append(f"| {quant} | {r.get('error', '')} | | | | |")
     attention = results.get("attention", {})
     lines += ["", f"| decode attention at the end of a 512² restoration ({attention.get('kv_gb_per_step', 0):.1f} GB "
               "of KV per step, all layers, both groups, one graph) | ms per step | GB/s |", "| --- | --- | --- |"]

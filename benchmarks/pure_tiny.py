@@ -59,7 +59,7 @@ def vq_ceiling(build: Path, restorer) -> float:
     return float(np.mean(values))
 
 
-def fidelity(restorers: dict, inputs: list[np.ndarray]) -> dict:
+def fidelity(restorers: dict, inputs: list[np.ndarray], size: int | None = None) -> dict:
     from pure_lite import SamplingConfig
     from pure_lite.evaluate import psnr
 
@@ -67,7 +67,7 @@ def fidelity(restorers: dict, inputs: list[np.ndarray]) -> dict:
     agree = {v: [] for v in restorers}
     image_psnr = {v: [] for v in restorers}
     for lq in inputs:
-        results = {v: r.restore(lq, sampling=greedy, color_fix=False) for v, r in restorers.items()}
+        results = {v: r.restore(lq, sampling=greedy, color_fix=False, target_size=size) for v, r in restorers.items()}
         ref = results["float"]
         for v, r in restorers.items():
             logits = _teacher_forced(r.components.new_decoder(), ref.prompt_tokens, ref.tokens, r.components.layout)

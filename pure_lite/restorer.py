@@ -77,6 +77,7 @@ class Restorer:
         device: str = "cpu",
         dtype=None,
         quantization: Literal["nf4", "int8", "int4"] | None = None,
+        kv_cache: Literal["int8"] | None = None,
         providers: Sequence[str] | None = None,
     ) -> "Restorer":
         """Load a PURE checkpoint folder (docs/pure-format.md §1) or a pure-lite export (None: the shipped PURE-tiny).
@@ -85,7 +86,8 @@ class Restorer:
         torch-free runtime (ONNX Runtime; ``providers`` overrides the CUDA-else-CPU choice)
         and anything else through torch (``device``, ``dtype``; ``quantization`` loads the
         language model's decoder layers 4-bit nf4 or 8-bit through bitsandbytes, or int4 through
-        torchao, CUDA and bfloat16 only: the fastest 4-bit decode measured, docs/gpu.md).
+        torchao, CUDA and bfloat16 only: the fastest 4-bit decode measured, docs/gpu.md; ``kv_cache="int8"``
+        halves the KV cache's memory, the rest of a 512² restoration's peak at 4-bit).
         """
         from .manifest import MANIFEST_FILE
 
@@ -96,8 +98,9 @@ class Restorer:
         if backend == "auto":
             backend = "onnx" if (Path(path) / MANIFEST_FILE).is_file() else "torch"
         if backend == "onnx":
-            if quantization is not None:
-                raise ValueError("quantization applies to the torch backend; exports are quantized at export time")
+            if quantization is not None or kv_cache is not None:
+                raise ValueError("quantization and kv_cache apply to the torch backend; exports are quantized "
+                                 "at export time")
             from .runtime import load_components as load_runtime
 
             return cls(load_runtime(path, providers=providers))
@@ -114,7 +117,7 @@ class Restorer:
                 "pip install torch==2.13.0 'pure-lite[torch]' (or serve an export of it with 'pure-lite[runtime]')"
             ) from exc
 
-        return cls(load_components(path, device=device, dtype=dtype, quantization=quantization))
+        return cls(load_components(path, device=device, dtype=dtype, quantization=quantization, kv_cache=kv_cache))
 
     def restore(
         self,

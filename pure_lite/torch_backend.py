@@ -95,10 +95,12 @@ def quantize_int4(lm) -> int:
 
 
 def load_components(path, *, device: str = "cpu", dtype: torch.dtype | None = None,
-                    quantization: Quantization | None = None) -> Components:
+                    quantization: Quantization | None = None, kv_cache: Literal["int8"] | None = None) -> Components:
     files = CheckpointFiles.locate(path)
     config = files.read_config()
     layout = TokenLayout.from_tokenizer_file(files.tokenizer, vocab_size=config["vocab_size"])
+    if kv_cache not in (None, "int8"):
+        raise ValueError(f"kv_cache must be 'int8' or None (the model's dtype), got {kv_cache!r}")
     if quantization not in (None, "nf4", "int8", "int4"):
         raise ValueError(f"quantization must be 'nf4', 'int8', 'int4' or None, got {quantization!r}")
     if quantization == "int4":
@@ -118,12 +120,14 @@ def load_components(path, *, device: str = "cpu", dtype: torch.dtype | None = No
     image_head = ImageHead(lm, layout.image_ids)  # built once: the image rows of lm_head, in code order
     # One decoder for every batch: its cache buffers and CUDA graphs carry over to the next batch of the
     # same shape (the next tiles, the next photo of that size) instead of being captured again.
-    decoder = TorchDecoder(lm, image_head, device)
+    decoder = TorchDecoder(lm, image_head, device, kv_int8=kv_cache == "int8")
+    details = [str(device), str(dtype).removeprefix("torch."), quantization, kv_cache and f"{kv_cache} KV cache"]
+    details = [d for d in details if d]
     return Components(
         layout=layout,
         tokenizer=TextTokenizer(files.tokenizer),
         codec=TorchCodec(vq, device),
         new_decoder=lambda: decoder,
         max_positions=config["max_position_embeddings"],
-        description=f"torch ({device}, {str(dtype).removeprefix('torch.')}{', ' + quantization if quantization else ''})",
+        description=f"torch ({', '.join(details)})",
     )

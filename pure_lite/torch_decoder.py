@@ -68,18 +68,46 @@ def use_grouped_attention(lm) -> None:
 
 
 class _Group:
-    """Keys and values of ``rows`` rows with room for ``capacity`` slots each, and their lengths on the device."""
+    """Keys and values of ``rows`` rows with room for ``capacity`` slots each, and their lengths on the device.
 
-    def __init__(self, layers: int, rows: int, heads: int, capacity: int, head_dim: int, dtype, device):
+    ``int8``: store each slot's key and value per head as int8 with one scale (absmax / 127, in the
+    model's dtype): half the memory of fp16/bf16, which is what a 12 GB card lacks for a 512² restoration
+    of the 7B model at 4-bit. Attention dequantizes the span it reads, so the kernel is unchanged.
+    """
+
+    def __init__(self, layers: int, rows: int, heads: int, capacity: int, head_dim: int, dtype, device,
+                 int8: bool = False):
         shape = (rows, heads, capacity, head_dim)
-        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
-        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
+        store = torch.int8 if int8 else dtype
+        self.keys = [torch.zeros(shape, dtype=store, device=device) for _ in range(layers)]
+        self.values = [torch.zeros(shape, dtype=store, device=device) for _ in range(layers)]
+        scales = (rows, heads, capacity, 1)
+        self.key_scales = [torch.zeros(scales, dtype=dtype, device=device) for _ in range(layers)] if int8 else None
+        self.value_scales = [torch.zeros(scales, dtype=dtype, device=device) for _ in range(layers)] if int8 else None
+        self.dtype = dtype
         self.lengths = torch.zeros(rows, dtype=torch.int64, device=device)
         self.row_index = torch.arange(rows, device=device).unsqueeze(1)
         self.rows, self.capacity = rows, capacity
         self.slots: torch.Tensor | None = None  # (rows, T) slots of this call's tokens
         self.mask: torch.Tensor | None = None  # (rows, 1, T, span) bool: which slots each new token sees
         self.span = 0
+
+    def write(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> None:
+        """Store key/value (rows, heads, T, head_dim) at this call's slots."""
+        for store, scales, x in ((self.keys, self.key_scales, key), (self.values, self.value_scales, value)):
+            if scales is not None:
+                scale = x.abs().amax(-1, keepdim=True).clamp(min=1e-8) / 127
+                scales[layer].transpose(1, 2)[self.row_index, self.slots] = scale.transpose(1, 2).to(self.dtype)
+                x = (x / scale).round().clamp(-127, 127).to(torch.int8)
+            store[layer].transpose(1, 2)[self.row_index, self.slots] = x.transpose(1, 2)
+
+    def read(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of the first ``span`` slots, in the model's dtype."""
+        keys, values = self.keys[layer][:, :, :self.span], self.values[layer][:, :, :self.span]
+        if self.key_scales is None:
+            return keys, values
+        return (keys.to(self.dtype) * self.key_scales[layer][:, :, :self.span],
+                values.to(self.dtype) * self.value_scales[layer][:, :, :self.span])
 
 
 class GroupedKV:
@@ -92,8 +120,9 @@ class GroupedKV:
     """
 
     def __init__(self, layers: int, heads: int, head_dim: int, groups: Sequence[tuple[int, int]], max_new: int,
-                 dtype, device):
-        self.groups = [_Group(layers, rows, heads, capacity, head_dim, dtype, device) for rows, capacity in groups]
+                 dtype, device, int8: bool = False):
+        self.groups = [_Group(layers, rows, heads, capacity, head_dim, dtype, device, int8)
+                       for rows, capacity in groups]
         self.live = 1
         self.offsets = torch.arange(max_new, device=device)
         self.key_index = torch.arange(max(g.capacity for g in self.groups), device=device)
@@ -113,9 +142,7 @@ class GroupedKV:
     def update(self, key, value, layer_idx, *args, **kwargs):
         start = 0
         for group in self.live_groups:
-            rows = slice(start, start + group.rows)
-            group.keys[layer_idx].transpose(1, 2)[group.row_index, group.slots] = key[rows].transpose(1, 2)
-            group.values[layer_idx].transpose(1, 2)[group.row_index, group.slots] = value[rows].transpose(1, 2)
+            group.write(layer_idx, key[start:start + group.rows], value[start:start + group.rows])
             start += group.rows
         return key, value  # unused: grouped_cache_attention reads the groups
 
@@ -124,7 +151,7 @@ class GroupedKV:
         out, start = [], 0
         for group in self.live_groups:
             q = query[start:start + group.rows]
-            keys, values = group.keys[layer][:, :, :group.span], group.values[layer][:, :, :group.span]
+            keys, values = group.read(layer)
             out.append(F.scaled_dot_product_attention(q, keys, values, attn_mask=group.mask, scale=scaling))
             start += group.rows
         return torch.cat(out).transpose(1, 2).contiguous()
@@ -147,11 +174,12 @@ class TorchDecoder:
     ``graphs``: capture each step shape as a CUDA graph (default: on CUDA). ``device_loop``:
     offer ``decode_plain_image`` to the decode loop (default: on CUDA). ``attend_bucket``: the
     slots attention reads are rounded up to a multiple of this (default 1 when eager, exact;
-    512 with graphs, so a 512² restoration needs ~30 captured shapes).
+    512 with graphs, so a 512² restoration needs ~30 captured shapes). ``kv_int8``: keep the KV cache in
+    int8 with a scale per slot and head (half the cache memory; see ``_Group``).
     """
 
     def __init__(self, lm, image_head, device: str = "cpu", *, graphs: bool | None = None,
-                 device_loop: bool | None = None, attend_bucket: int | None = None):
+                 device_loop: bool | None = None, attend_bucket: int | None = None, kv_int8: bool = False):
         use_grouped_attention(lm)
         self.step_fn = ChameleonStep(lm).eval()
         self.text_head = TextHead(lm).eval()
@@ -165,6 +193,7 @@ class TorchDecoder:
         if not (device_loop if device_loop is not None else on_cuda):
             self.decode_plain_image = None  # the decode loop samples on the host
         self.dtype = lm.model.embed_tokens.weight.dtype
+        self.kv_int8 = kv_int8
         self.layers = lm.config.num_hidden_layers
         self.heads, self.head_dim = kv_shape(lm.config)
         self.captured: dict[tuple, tuple] = {}  # shape key -> (graph, its outputs)
@@ -188,7 +217,7 @@ class TorchDecoder:
         else:
             self.kv = None  # free the old cache before allocating the new one
             self.kv = GroupedKV(self.layers, self.heads, self.head_dim, [shape[:2], (batch, shape[2])], shape[3],
-                                self.dtype, self.device)
+                                self.dtype, self.device, self.kv_int8)
             self.shape, self.chain_cache = shape, None
             self.captured.clear()  # graphs hold the old batch's buffers
             self.step_inputs: dict[tuple[int, int], torch.Tensor] = {}

@@ -128,9 +128,10 @@ def test_a_checkpoint_without_torch_names_the_extra(tiny_compact, tmp_path):
 
 
 def test_quantize_is_one_error_line_where_it_cannot_apply(tiny_compact, tmp_path):
-    """--quantize on an export (the default model) or int4 on a CPU: one error line, nothing written."""
+    """--quantize / --kv-cache on an export (the default model) or int4 on a CPU: one error line, nothing written."""
     photo = _photo(tmp_path / "p.png", 0)
-    for extra, message in ((["--quantize", "int4"], "is an export, quantized when exported"),
+    for extra, message in ((["--quantize", "int4"], "is an export, served by ONNX Runtime"),
+                           (["--kv-cache", "int8"], "--kv-cache int8 applies to a checkpoint folder"),
                            (["--quantize", "int4", "--model", tiny_compact], "needs a CUDA device")):
         result = _run("restore", photo, "-o", tmp_path / "o.png", *extra)
         errors = _errors(result)

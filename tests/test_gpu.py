@@ -107,9 +107,11 @@ def _tiny_on_cuda(folder, n: int):
 
 
 @pytest.mark.gpu
-def test_graph_decoder_matches_eager_on_cuda(tiny_compact):
+@pytest.mark.parametrize("kv_int8", [False, True])
+def test_graph_decoder_matches_eager_on_cuda(tiny_compact, kv_int8):
     """The captured chain (CUDA graphs, bucketed spans) against the eager host loop on the same GPU (greedy:
-    identical tokens), and against the eager chain (sampled: identical codes, same kernels)."""
+    identical tokens), and against the eager chain (sampled: identical codes, same kernels); with the KV
+    cache in the model's dtype and in int8."""
     _cuda()
     from pure_lite.generate import generate_batch
     from pure_lite.torch_decoder import TorchDecoder
@@ -119,7 +121,7 @@ def test_graph_decoder_matches_eager_on_cuda(tiny_compact):
     lm, head, layout, prompts = _tiny_on_cuda(tiny_compact, 2)
 
     def run(config, **kw):
-        return generate_batch(TorchDecoder(lm, head, "cuda", **kw), prompts, layout, TARGET, config,
+        return generate_batch(TorchDecoder(lm, head, "cuda", kv_int8=kv_int8, **kw), prompts, layout, TARGET, config,
                               [np.random.default_rng(s) for s in (3, 4)], max_positions=4096)
 
     greedy = SamplingConfig(temperature=0, cfg_scale=0.8, max_text_tokens=4)

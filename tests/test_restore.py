@@ -134,9 +134,21 @@ def test_int4_without_torchao_names_the_extra(tiny64, monkeypatch):
         Restorer.from_pretrained(tiny64, device="cuda", quantization="int4")
 
 
-def test_unknown_quantization_is_refused(tiny64):
+def test_unknown_quantization_or_cache_is_refused(tiny64):
     with pytest.raises(ValueError, match="'nf4', 'int8', 'int4' or None"):
         Restorer.from_pretrained(tiny64, quantization="int3")
+    with pytest.raises(ValueError, match="kv_cache must be 'int8' or None"):
+        Restorer.from_pretrained(tiny64, kv_cache="fp8")
+
+
+def test_int8_kv_cache_restores_through_the_backend(tiny64, rgb_image):
+    """kv_cache="int8" reaches the decoder: its cache is int8 and a restoration comes out whole."""
+    torch = pytest.importorskip("torch")
+    restorer = Restorer.from_pretrained(tiny64, kv_cache="int8")
+    assert restorer.components.description.endswith("int8 KV cache)")
+    res = restorer.restore(rgb_image, seed=0, sampling=FAST, target_size=TARGET)
+    assert res.image.size == (TARGET, TARGET)
+    assert restorer.components.new_decoder().kv.groups[0].keys[0].dtype == torch.int8
 
 
 def test_int4_quantizes_exactly_the_decoder_linears_tinygemm_can_pack():
