@@ -56,12 +56,14 @@ def main() -> None:
         quality[name] = {"mean": r.mean, "degradation_accuracy": r.degradation_accuracy}
     results = {"checkpoint": str(args.checkpoint), "fidelity_inputs": len(inputs),
                "fidelity": fidelity(restorers, inputs, SIZE), "quality": quality, "memory": memory()}
-    lines = ["| KV cache | top-1 vs float | greedy PSNR vs float (dB) | PSNR | SSIM | LPIPS | text accuracy "
-             "(noise/blur/JPEG) |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| KV cache | top-1 vs float | greedy restorations identical to float's | greedy PSNR vs float where not "
+             "(dB) | PSNR | SSIM | LPIPS | text accuracy "
+             "(noise/blur/JPEG) |", "| --- " * 8 + "|"]
     for name in restorers:
         f, q = results["fidelity"][name], results["quality"][name]
         mean, acc = q["mean"], q["degradation_accuracy"]
-        lines.append(f"| {name} | {f['top1']:.4f} | {f['psnr_vs_float_db']:.2f} | {mean['psnr']:.2f} | "
+        lines.append(f"| {name} | {f['top1']:.4f} | {f['identical']}/{len(inputs)} | {f['psnr_vs_float_db']:.2f} | "
+                     f"{mean['psnr']:.2f} | "
                      f"{mean['ssim']:.3f} | {mean.get('lpips', float('nan')):.4f} | "
                      + "/".join(f"{acc.get(k, float('nan')):.0%}" for k in ("noise", "blur", "jpeg")) + " |")
     m = results["memory"]

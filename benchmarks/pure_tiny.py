@@ -75,7 +75,10 @@ def fidelity(restorers: dict, inputs: list[np.ndarray], size: int | None = None)
                 base = logits
             agree[v].append(float((logits.argmax(-1) == base.argmax(-1)).mean()))
             image_psnr[v].append(psnr(np.asarray(results[v].image), np.asarray(ref.image), data_range=255.0))
-    return {v: {"top1": float(np.mean(agree[v])), "psnr_vs_float_db": float(np.mean(image_psnr[v]))} for v in agree}
+    # identical restorations score inf: counted apart, so one does not hide the others' PSNR
+    return {v: {"top1": float(np.mean(agree[v])), "identical": sum(p == float("inf") for p in image_psnr[v]),
+                "psnr_vs_float_db": float(np.mean([p for p in image_psnr[v] if p != float("inf")] or [float("inf")]))}
+            for v in agree}
 
 
 def _teacher_forced(decoder, prompt: np.ndarray, forced: np.ndarray, layout) -> np.ndarray:
