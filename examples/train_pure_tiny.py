@@ -45,18 +45,22 @@ def _loader(photo, cache):
     return lambda: load_image(locate(photo, cache))
 
 
-def stage_pack(build: Path, cache: Path | None) -> Path:
-    """BUILD/pack/train.npz (as many crops as fit 60 MB), heldout.npz and BUILD/heldout/*.png."""
+def stage_pack(build: Path, cache: Path | None, crops_per_photo: int | None = None) -> Path:
+    """BUILD/pack/train.npz (as many crops as fit 60 MB, or ``crops_per_photo``), heldout.npz and BUILD/heldout/*.png.
+
+    A pack over 60 MB cannot travel to a GPU machine; its tokens can (docs/pure-tiny.md, "Training on a GPU").
+    """
     from pure_lite.images import save_image_atomic, to_pil
-    from pure_lite.train.pack import build_pack, load_pack, max_crops
+    from pure_lite.train.pack import MAX_PACK_BYTES, build_pack, load_pack, max_crops
     from pure_lite.train.photo_sources import split
 
     parts = split()
     train, held = build / "pack" / "train.npz", build / "pack" / "heldout.npz"
     if not train.exists():
         photos = [(p.key, _loader(p, cache)) for p in parts["train"]]
-        per_photo = max_crops(LQ_PER_CROP, SIZE, SCALE, photos=len(photos)) // len(photos)
-        build_pack(photos, train, crops_per_photo=per_photo, lq_per_crop=LQ_PER_CROP, size=SIZE, scale=SCALE, seed=SEED)
+        per_photo = crops_per_photo or max_crops(LQ_PER_CROP, SIZE, SCALE, photos=len(photos)) // len(photos)
+        build_pack(photos, train, crops_per_photo=per_photo, lq_per_crop=LQ_PER_CROP, size=SIZE, scale=SCALE, seed=SEED,
+                   max_bytes=sys.maxsize if crops_per_photo else MAX_PACK_BYTES)
     if not held.exists():
         photos = [(p.key, _loader(p, cache)) for p in parts["heldout"]]
         build_pack(photos, held, crops_per_photo=EVAL_CROPS_PER_PHOTO, lq_per_crop=1, size=SIZE, scale=SCALE,
@@ -116,11 +120,15 @@ def main() -> None:
     ap.add_argument("build", type=Path, help="working folder (created; reruns resume)")
     ap.add_argument("--photos", type=Path, help="the folder `python -m pure_lite.train.photo_sources fetch` filled")
     ap.add_argument("--pack-only", action="store_true", help="stop once BUILD/pack/train.npz is written")
+    ap.add_argument("--crops-per-photo", type=int, default=None,
+                    help="crops cut from each training photo (default: as many as fit a 60 MB pack, 22 for the "
+                         "49 photos); more make a pack too big to carry: tokenize it here instead "
+                         "(python -m pure_lite.train.pack_train PACK OUT --work W --tokens-only)")
     ap.add_argument("--trained", type=Path, help="a trained model folder (pack_train's OUT/model): skip training")
     ap.add_argument("--install", choices=["float", "int8", "int4"], help="copy this export into the package")
     args = ap.parse_args()
     build = args.build
-    pack = stage_pack(build, args.photos)
+    pack = stage_pack(build, args.photos, args.crops_per_photo)
     if args.pack_only:
         print(f"pack: {pack} ({pack.stat().st_size / 1e6:.1f} MB)")
         return

@@ -234,6 +234,29 @@ def test_pack_training_runs_stops_at_its_deadline_and_resumes(tiny_pack, tmp_pat
     assert tokens_per_sample < 512
 
 
+def test_tokens_only_stops_before_the_language_model_and_keeps_a_vq_it_finds(tiny_pack, tmp_path, capsys):
+    """--tokens-only writes WORK/tokens (and no language model); run again on a work folder whose VQ is
+    already there (v2's, say, for a bigger pack), it tokenizes with that VQ instead of training one."""
+    pytest.importorskip("transformers")
+    from pure_lite.train.pack import load_pack
+    from pure_lite.train.pack_train import main
+    from pure_lite.train.pretokenize import TokenDataset
+
+    pack, work = load_pack(tiny_pack), tmp_path / "work"
+    conversations = len(pack) * pack.lq.shape[1] * 2  # crops x LQ versions x flips
+    args = [str(tiny_pack), str(tmp_path / "out"), "--vq-steps", "1", "--vq-batch", "2", "--work", str(work),
+            "--tokens-only"]
+    assert main(args) == 0
+    assert len(TokenDataset(work / "tokens")) == conversations
+    assert not (work / "lm").exists() and not (tmp_path / "out" / "model").exists()
+    vq = (work / "vq" / "vq_ds8_c2i.pt").read_bytes()
+    shutil.rmtree(work / "tokens")
+    capsys.readouterr()
+    assert main(args) == 0
+    assert (work / "vq" / "vq_ds8_c2i.pt").read_bytes() == vq and "tokens ready" in capsys.readouterr().out
+    assert len(TokenDataset(work / "tokens")) == conversations
+
+
 def test_the_default_device_run_fits_the_shipped_size_limit():
     pytest.importorskip("torch")
     from pure_lite.train.pack_train import SHIPPED_LIMIT_BYTES, PackTrainConfig, shipped_bytes_estimate

@@ -42,7 +42,7 @@ import numpy as np
 from ..checkpoint import VQ_PICKLE_FILE
 from ..errors import PureLiteError
 from .config import PRECISIONS, TrainConfig, VQTrainConfig
-from .pack import TrainingPack, hq_batch, load_pack
+from .pack import MAX_PACK_BYTES, TrainingPack, hq_batch, load_pack
 from .stopping import stop_on_signals
 
 SHIPPED_LIMIT_BYTES = 25_000_000  # the default model's int8 export (docs/pure-tiny.md)
@@ -245,6 +245,12 @@ def publish_model(lm_dir: Path, final: Path, shard: str = "15MB", *, weights: Pa
     return final
 
 
+def _default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def run(pack_path: str | Path, out: str | Path, config: PackTrainConfig = PackTrainConfig(), *,
         minutes: float | None = None, device: str | None = None, work: str | Path | None = None,
         keep_work: bool = False, publish_partial: bool = False, log=print) -> Path | None:
@@ -258,7 +264,7 @@ def run(pack_path: str | Path, out: str | Path, config: PackTrainConfig = PackTr
 
     say = log or (lambda message: None)
     deadline = time.monotonic() + 60 * minutes if minutes else None
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = device or _default_device()
     if device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = True  # the VQ's convolutions and the LM's fp32 parts
         torch.backends.cudnn.allow_tf32 = True
@@ -273,26 +279,14 @@ def run(pack_path: str | Path, out: str | Path, config: PackTrainConfig = PackTr
     vocab = 4 + 256 + 4 + 16 + config.vq_codebook_size  # testing._compact_vocab: basic, bytes, markers, grids, codes
     say(f"int8 export estimate {shipped_bytes_estimate(config, vocab) / 1e6:.1f} MB "
         f"(limit {SHIPPED_LIMIT_BYTES / 1e6:.0f} MB)")
-    # the pack feeds only the VQ and the tokens stage: once both are in the work folder (say, made on
-    # a CPU), a borrowed GPU needs those two folders (~20 MB) instead of the 60 MB pack
-    if (work / "vq" / VQ_PICKLE_FILE).exists() and (work / "tokens" / "index.json").exists():
-        pack = None
-        say(f"vq and tokens found in {work}: the pack is not read; device {device}")
-    else:
-        pack = load_pack(pack_path)
-        say(f"pack: {len(pack)} crops of {pack.size}px, {pack.lq.shape[1]} LQ versions each, from "
-            f"{len(pack.photos)} photos; device {device}")
     started = time.monotonic()
-    vq_file = stage_vq(pack, work, config, device, deadline, say)
-    if vq_file is None:
+    prepared = prepare(pack_path, work, config, device, deadline, say)
+    if prepared is None:
         return None
-    say(f"vq done ({time.monotonic() - started:.0f} s)")
+    vq_file, init, tokens, heldout = prepared
     if not (out / "vq" / vq_file.name).exists():
         (out / "vq").mkdir(parents=True, exist_ok=True)
         shutil.copyfile(vq_file, out / "vq" / vq_file.name)
-    init = stage_init(work, vq_file, config)
-    tokens = stage_tokens(pack, init, work, config, device, say)
-    heldout = heldout_tokens(pack_path, init, work, config, device, say) if config.lm_train.eval_every else None
     model = stage_lm(init, tokens, work, config, device, deadline, say, heldout)
     if model is None:
         from .finetune import weights_so_far
@@ -309,6 +303,32 @@ def run(pack_path: str | Path, out: str | Path, config: PackTrainConfig = PackTr
         shutil.rmtree(work)
     say(f"saved the trained model to {final} ({time.monotonic() - started:.0f} s)")
     return final
+
+
+def prepare(pack_path, work: Path, config: PackTrainConfig, device: str, deadline: float | None, say,
+            max_pack_bytes: int = MAX_PACK_BYTES):
+    """Stages 1-3 (VQ, init, tokens and held-out tokens) in WORK; returns their paths, or None when time ran out.
+
+    The pack feeds only these stages: once WORK holds the VQ and the tokens (say, made on a CPU, with
+    ``--tokens-only``, which reads a pack of any size), a borrowed GPU needs those folders instead of
+    the pack, which is not read.
+    """
+    if (work / "vq" / VQ_PICKLE_FILE).exists() and (work / "tokens" / "index.json").exists():
+        pack = None
+        say(f"vq and tokens found in {work}: the pack is not read; device {device}")
+    else:
+        pack = load_pack(pack_path, max_bytes=max_pack_bytes)
+        say(f"pack: {len(pack)} crops of {pack.size}px, {pack.lq.shape[1]} LQ versions each, from "
+            f"{len(pack.photos)} photos; device {device}")
+    started = time.monotonic()
+    vq_file = stage_vq(pack, work, config, device, deadline, say)
+    if vq_file is None:
+        return None
+    say(f"vq done ({time.monotonic() - started:.0f} s)")
+    init = stage_init(work, vq_file, config)
+    tokens = stage_tokens(pack, init, work, config, device, say)
+    heldout = heldout_tokens(pack_path, init, work, config, device, say) if config.lm_train.eval_every else None
+    return vq_file, init, tokens, heldout
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -336,6 +356,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--publish-partial", action="store_true",
                     help="when time runs out during the language model, write its weights to OUT/model-partial")
     ap.add_argument("--keep-work", action="store_true", help="keep the work folder (checkpoints, tokens) after success")
+    ap.add_argument("--tokens-only", action="store_true",
+                    help="stop once WORK holds the VQ and the tokens (a VQ already in WORK/vq is kept): what a GPU "
+                         "machine is then given instead of the pack (examples/pure_tiny_gpu_sitting.sh)")
     args = ap.parse_args(argv)
     eval_every = args.lm_eval_every if args.lm_eval_every is not None else min(d.lm_train.eval_every,
                                                                                max(1, args.lm_steps // 10))
@@ -349,6 +372,15 @@ def main(argv: list[str] | None = None) -> int:
     say = lambda m: print(m, flush=True)  # noqa: E731
     try:
         with stop_on_signals(say):  # Ctrl-C / SIGTERM: checkpoint at the end of the step, exit 3, rerun resumes
+            if args.tokens_only:
+                work = args.work or args.out / "work"
+                work.mkdir(parents=True, exist_ok=True)
+                deadline = time.monotonic() + 60 * args.minutes if args.minutes else None
+                prepared = prepare(args.pack, work, config, args.device or _default_device(), deadline, say,
+                                   max_pack_bytes=sys.maxsize)
+                if prepared is not None:
+                    say(f"tokens ready in {work}")
+                return 0 if prepared is not None else EXIT_OUT_OF_TIME
             model = run(args.pack, args.out, config, minutes=args.minutes, device=args.device, work=args.work,
                         keep_work=args.keep_work, publish_partial=args.publish_partial, log=say)
     except PureLiteError as exc:
