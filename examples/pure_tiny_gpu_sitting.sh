@@ -9,6 +9,13 @@
 #              "build/pure-tiny/v2/work/tokens-heldout"])
 #
 # Sitting 4 (2026-11-27, H200): 204 s for the three runs, 225 s for the benchmark (docs/pure-tiny.md, v2.2).
+#
+# v3's data (3x the crops, tokens made here with v2's VQ: docs/pure-tiny.md, "What the next GPU sitting
+# should do"): the same three runs with STEPS_SCALE=2 (3x the conversations, so 2x the steps is still
+# fewer epochs) and the time that takes, the benchmark left to another call:
+#   run(command="WORK=build/pure-tiny-v3/work STEPS_SCALE=2 MINUTES=4.6 BENCH=0 bash examples/pure_tiny_gpu_sitting.sh
+#                2>&1 | tee $OUT/sitting.log", timeout_s=420,
+#       carry=["build/pure-tiny-v3/work/vq", "build/pure-tiny-v3/work/tokens", "build/pure-tiny-v3/work/tokens-heldout"])
 set -uo pipefail
 T0=$(date +%s)
 WORK=${WORK:-build/pure-tiny/v2/work}
@@ -22,9 +29,10 @@ train() {  # NAME ARGS...: a copy of the work folder each, so the runs share not
      --work "/tmp/runs/work-$n" --minutes "${MINUTES:-3.2}" --publish-partial "$@" 2>&1 \
      | grep -v -E "Writing|Loading" > "/tmp/runs/$n.log")
 }
-train a --lm-steps 1000 --lm-eval-every 50 &
-train b --lm-steps 1600 --lm-dropout 0.1 --lm-eval-every 80 &
-train c --lm-steps 2200 --lm-dropout 0.1 --lm-eval-every 110 &
+S=${STEPS_SCALE:-1}  # step counts and scoring intervals scale together
+train a --lm-steps $((1000 * S)) --lm-eval-every $((50 * S)) &
+train b --lm-steps $((1600 * S)) --lm-dropout 0.1 --lm-eval-every $((80 * S)) &
+train c --lm-steps $((2200 * S)) --lm-dropout 0.1 --lm-eval-every $((110 * S)) &
 wait
 echo "trained at $(( $(date +%s) - T0 )) s"
 python - <<'PY'
