@@ -95,7 +95,8 @@ class _Group:
     def write(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> None:
         """Store key/value (rows, heads, T, head_dim) at this call's slots."""
         for store, scales, x in ((self.keys, self.key_scales, key), (self.values, self.value_scales, value)):
-            if scales is not None:
+            if scales is not None:  # in float32: fp16's 1e-8 would be 0, and an all-zero vector 0/0
+                x = x.float()
                 scale = x.abs().amax(-1, keepdim=True).clamp(min=1e-8) / 127
                 scales[layer].transpose(1, 2)[self.row_index, self.slots] = scale.transpose(1, 2).to(self.dtype)
                 x = (x / scale).round().clamp(-127, 127).to(torch.int8)

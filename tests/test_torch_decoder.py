@@ -213,3 +213,19 @@ def test_int8_cache_chained_and_fixed_shape_paths_equal_the_host_loop(model):
     for h, c, b in zip(host, chained, bucketed):
         np.testing.assert_array_equal(c.tokens, h.tokens)
         np.testing.assert_array_equal(b.tokens, h.tokens)
+
+
+def test_int8_cache_keeps_zero_vectors_and_fp16_finite():
+    """An all-zero key (a head that has learned to ignore a token) comes back as zeros, not 0/0, in an fp16
+    cache as on a GPU; other vectors within half a step."""
+    from pure_lite.torch_decoder import _Group
+
+    group = _Group(layers=1, rows=2, heads=2, capacity=4, head_dim=8, dtype=torch.float16, device="cpu", int8=True)
+    group.slots, group.span = torch.tensor([[0, 1], [0, 1]]), 2
+    key = torch.randn(2, 2, 2, 8, dtype=torch.float16)
+    key[0, 1, 0] = 0
+    group.write(0, key, key)
+    keys, values = group.read(0)
+    assert torch.isfinite(keys).all() and torch.equal(keys[0, 1, 0], torch.zeros(8, dtype=torch.float16))
+    half_step = key.float().abs().amax(-1, keepdim=True) / 254
+    assert bool(((keys.float() - key.float()).abs() <= half_step * 1.01 + 1e-3).all())
