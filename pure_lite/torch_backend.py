@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, get_args
 
 import numpy as np
 import torch
@@ -101,7 +101,7 @@ def load_components(path, *, device: str = "cpu", dtype: torch.dtype | None = No
     layout = TokenLayout.from_tokenizer_file(files.tokenizer, vocab_size=config["vocab_size"])
     if kv_cache not in (None, "int8"):
         raise ValueError(f"kv_cache must be 'int8' or None (the model's dtype), got {kv_cache!r}")
-    if quantization not in (None, "nf4", "int8", "int4"):
+    if quantization is not None and quantization not in get_args(Quantization):
         raise ValueError(f"quantization must be 'nf4', 'int8', 'int4' or None, got {quantization!r}")
     if quantization == "int4":
         _check_int4(device, dtype)
