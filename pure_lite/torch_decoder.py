@@ -29,13 +29,14 @@ import math
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Literal, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from . import torch_sampler
+from .decode_layers import DecodeLayers
 from .errors import GenerationError
 from .lm import ChameleonStep, TextHead, kv_shape
 from .sampling import SamplingConfig
@@ -153,9 +154,10 @@ class GroupedKV:
         for group in self.live_groups:
             q = query[start:start + group.rows]
             keys, values = group.read(layer)
-            out.append(F.scaled_dot_product_attention(q, keys, values, attn_mask=group.mask, scale=scaling))
+            out.append(F.scaled_dot_product_attention(q, keys, values, attn_mask=group.mask, scale=scaling)
+                       .transpose(1, 2))
             start += group.rows
-        return torch.cat(out).transpose(1, 2).contiguous()
+        return torch.cat(out)  # one kernel joins the groups and lays them out (rows, T, heads, head_dim)
 
     def advance(self, t: int) -> None:
         for group in self.live_groups:
@@ -176,13 +178,24 @@ class TorchDecoder:
     offer ``decode_plain_image`` to the decode loop (default: on CUDA). ``attend_bucket``: the
     slots attention reads are rounded up to a multiple of this (default 1 when eager, exact;
     512 with graphs, so a 512² restoration needs ~30 captured shapes). ``kv_int8``: keep the KV cache in
-    int8 with a scale per slot and head (half the cache memory; see ``_Group``).
+    int8 with a scale per slot and head (half the cache memory; see ``_Group``). ``layers``: ``"fused"``
+    runs the layers as ``pure_lite.decode_layers`` writes them (about half the kernels per step);
+    ``"transformers"`` runs transformers' own layer forward over the same cache (the reference it is
+    tested and benchmarked against).
     """
 
     def __init__(self, lm, image_head, device: str = "cpu", *, graphs: bool | None = None,
-                 device_loop: bool | None = None, attend_bucket: int | None = None, kv_int8: bool = False):
-        use_grouped_attention(lm)
-        self.step_fn = ChameleonStep(lm).eval()
+                 device_loop: bool | None = None, attend_bucket: int | None = None, kv_int8: bool = False,
+                 layers: Literal["fused", "transformers"] = "fused"):
+        if layers == "fused":
+            self.layers_fn = DecodeLayers(lm).eval()
+        elif layers == "transformers":
+            use_grouped_attention(lm)
+            step = ChameleonStep(lm).eval()
+            self.layers_fn = lambda ids, positions, kv: step.run(ids, None, positions, kv, grouped_cache=kv)
+        else:
+            raise ValueError(f"layers must be 'fused' or 'transformers', got {layers!r}")
+        self.lm = lm
         self.text_head = TextHead(lm).eval()
         self.image_head = image_head.eval()
         self.device = torch.device(device)
@@ -439,7 +452,7 @@ class TorchDecoder:
         """The decoder call on the device: place ids (R, T) at the rows' device-side lengths, run the
         layers over the grouped cache, move the lengths on. Host lengths are the caller's (capturable)."""
         positions = self.kv.prepare(ids.shape[1], spans)
-        hidden = self.step_fn.run(ids, None, positions, self.kv, grouped_cache=self.kv)
+        hidden = self.layers_fn(ids, positions, self.kv)
         self.kv.advance(ids.shape[1])
         return hidden
 

@@ -216,4 +216,4 @@ def test_int4_quantizes_the_decoder_and_its_graphs_match_eager(tiny256):
 
     components = load_components(tiny256, device="cuda", quantization="int4")
     assert "bfloat16, int4" in components.description
-    assert isinstance(components.new_decoder().step_fn.model.layers[0].mlp.down_proj.weight, TorchAOBaseTensor)
+    assert isinstance(components.new_decoder().lm.model.layers[0].mlp.down_proj.weight, TorchAOBaseTensor)

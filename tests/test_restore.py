@@ -105,7 +105,7 @@ def tiny64(tmp_path_factory):
 def test_bitsandbytes_restore_on_cpu(tiny64, rgb_image, quant, layer):
     pytest.importorskip("bitsandbytes", reason="install the [quant] extra")
     restorer = Restorer.from_pretrained(tiny64, quantization=quant)
-    lm = restorer.components.new_decoder().step_fn.model
+    lm = restorer.components.new_decoder().lm.model
     assert type(lm.layers[0].mlp.down_proj).__name__ == layer
     res = restorer.restore(rgb_image, seed=0, sampling=FAST, target_size=TARGET)
     assert res.image.size == (TARGET, TARGET)

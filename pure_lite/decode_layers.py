@@ -1,0 +1,86 @@
+"""Chameleon's decoder layers over the torch backend's grouped KV cache, written for few kernels per step.
+
+A captured decode step of the 7B model is bound by its kernel count as much as by its bytes: an
+H200 replays ~1700 small kernels per CFG step (docs/gpu.md: 8.7 ms against a ~6 ms floor for the
+weights and the KV it reads). transformers' Chameleon layer spends ~50 kernels per layer, most of
+them on elementwise work around the matmuls; this forward computes the same function with about
+half as many, from the same weights (the model's own modules; nothing is copied but the small
+qk-norm gains):
+
+- RMSNorm as one ``torch.rms_norm`` call (transformers: cast, pow, mean, add, rsqrt, mul, cast, mul);
+- the query and key heads normalised together: one ``layer_norm`` and one ``addcmul`` with the
+  per-head gains and biases of both (transformers: three kernels each);
+- rotary embedding on queries and keys together in three kernels, with ``rotate_half`` as a flip
+  of the two halves and its sign folded into the sine once per step (transformers: ten per layer).
+
+``tests/test_decode_layers.py`` checks it against transformers' layers (float32, both layer
+orders), and ``benchmarks/step_ops.py`` counts the kernels. The rounding differs from
+transformers' in the last bits (RMSNorm applies its gain before the cast back, not after).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+QK_NORM_EPS = 1e-5  # transformers' ChameleonLayerNorm uses this eps regardless of the config
+
+
+class DecodeLayers(nn.Module):
+    """``forward(ids (R, T), positions (R, T), cache) -> final-norm hidden states (R, T, hidden)``.
+
+    ``cache`` is a ``pure_lite.torch_decoder.GroupedKV`` (``update`` writes a layer's keys/values,
+    ``attend`` reads them). The qk-norm gains of each layer are joined once, here: build this after
+    the weights are final (the torch backend builds its decoder after loading).
+    """
+
+    def __init__(self, lm):
+        super().__init__()
+        config = lm.config
+        self.model = lm.model
+        self.swin = bool(getattr(config, "swin_norm", False))
+        self.heads = config.num_attention_heads
+        self.kv_heads = config.num_key_value_heads or self.heads
+        self.head_dim = config.hidden_size // self.heads
+        self.eps = config.rms_norm_eps
+        attns = [layer.self_attn for layer in self.model.layers]
+        for name, parts in (("qk_gain", ("weight",)), ("qk_bias", ("bias",))):
+            joined = [torch.cat([getattr(a.q_norm, parts[0]), getattr(a.k_norm, parts[0])]).detach() for a in attns]
+            for i, tensor in enumerate(joined):  # (heads + kv_heads, head_dim)
+                self.register_buffer(f"{name}_{i}", tensor, persistent=False)
+        self.scaling = self.head_dim ** -0.5
+        half, embed = self.head_dim // 2, self.model.embed_tokens.weight
+        sign = torch.cat([-torch.ones(half), torch.ones(half)]).to(device=embed.device, dtype=embed.dtype)
+        self.register_buffer("rotate_sign", sign, persistent=False)
+
+    def _rms(self, x: torch.Tensor, norm) -> torch.Tensor:
+        return torch.rms_norm(x, (x.shape[-1],), norm.weight, self.eps)
+
+    def forward(self, ids: torch.Tensor, positions: torch.Tensor, cache) -> torch.Tensor:
+        hidden = self.model.embed_tokens(ids)
+        cos, sin = self.model.rotary_emb(hidden, positions)  # (R, T, head_dim), halves repeated
+        cos, sin = cos.unsqueeze(2), (sin * self.rotate_sign).unsqueeze(2)
+        for i, layer in enumerate(self.model.layers):
+            hidden = self._layer(i, layer, hidden, cos, sin, cache)
+        return self._rms(hidden, self.model.norm)
+
+    def _layer(self, i: int, layer, x: torch.Tensor, cos, sin, cache) -> torch.Tensor:
+        attn, mlp = layer.self_attn, layer.mlp
+        rows, t, _ = x.shape
+        h = x if self.swin else self._rms(x, layer.input_layernorm)
+        qk = torch.cat([attn.q_proj(h), attn.k_proj(h)], -1).unflatten(-1, (self.heads + self.kv_heads,
+                                                                           self.head_dim))
+        qk = F.layer_norm(qk, (self.head_dim,), eps=QK_NORM_EPS)
+        qk = torch.addcmul(getattr(self, f"qk_bias_{i}"), qk, getattr(self, f"qk_gain_{i}"))
+        # rotate_half(x) * sin == (x's halves swapped) * (sin with its first half negated)
+        swapped = qk.unflatten(-1, (2, self.head_dim // 2)).flip(-2).flatten(-2)
+        qk = torch.addcmul(qk * cos, swapped, sin)
+        query, key = qk[:, :, :self.heads].transpose(1, 2), qk[:, :, self.heads:].transpose(1, 2)
+        value = attn.v_proj(h).unflatten(-1, (self.kv_heads, self.head_dim)).transpose(1, 2)
+        cache.update(key, value, i)
+        out = attn.o_proj(cache.attend(i, query, self.scaling).flatten(2))
+        x = x + (self._rms(out, layer.input_layernorm) if self.swin else out)
+        h = x if self.swin else self._rms(x, layer.post_attention_layernorm)
+        out = mlp.down_proj(mlp.act_fn(mlp.gate_proj(h)) * mlp.up_proj(h))
+        return x + (self._rms(out, layer.post_attention_layernorm) if self.swin else out)
