@@ -69,18 +69,54 @@ class DecodeLayers(nn.Module):
         attn, mlp = layer.self_attn, layer.mlp
         rows, t, _ = x.shape
         h = x if self.swin else self._rms(x, layer.input_layernorm)
-        qk = torch.cat([attn.q_proj(h), attn.k_proj(h)], -1).unflatten(-1, (self.heads + self.kv_heads,
-                                                                           self.head_dim))
-        qk = F.layer_norm(qk, (self.head_dim,), eps=QK_NORM_EPS)
+        qk_heads = self.heads + self.kv_heads
+        if hasattr(attn, "qkv_proj"):  # fuse_projections: one matmul
+            qkv = attn.qkv_proj(h).unflatten(-1, (qk_heads + self.kv_heads, self.head_dim))
+            # normalising the value heads too wastes a little arithmetic but spares a copy of the slice
+            qk = F.layer_norm(qkv, (self.head_dim,), eps=QK_NORM_EPS)[:, :, :qk_heads]
+            value = qkv[:, :, qk_heads:]
+        else:
+            qk = torch.cat([attn.q_proj(h), attn.k_proj(h)], -1).unflatten(-1, (qk_heads, self.head_dim))
+            qk = F.layer_norm(qk, (self.head_dim,), eps=QK_NORM_EPS)
+            value = attn.v_proj(h).unflatten(-1, (self.kv_heads, self.head_dim))
         qk = torch.addcmul(getattr(self, f"qk_bias_{i}"), qk, getattr(self, f"qk_gain_{i}"))
         # rotate_half(x) * sin == (x's halves swapped) * (sin with its first half negated)
         swapped = qk.unflatten(-1, (2, self.head_dim // 2)).flip(-2).flatten(-2)
         qk = torch.addcmul(qk * cos, swapped, sin)
         query, key = qk[:, :, :self.heads].transpose(1, 2), qk[:, :, self.heads:].transpose(1, 2)
-        value = attn.v_proj(h).unflatten(-1, (self.kv_heads, self.head_dim)).transpose(1, 2)
-        cache.update(key, value, i)
+        cache.update(key, value.transpose(1, 2), i)
         out = attn.o_proj(cache.attend(i, query, self.scaling).flatten(2))
         x = x + (self._rms(out, layer.input_layernorm) if self.swin else out)
         h = x if self.swin else self._rms(x, layer.post_attention_layernorm)
-        out = mlp.down_proj(mlp.act_fn(mlp.gate_proj(h)) * mlp.up_proj(h))
+        if hasattr(mlp, "gate_up_proj"):
+            gate, up = mlp.gate_up_proj(h).chunk(2, -1)
+        else:
+            gate, up = mlp.gate_proj(h), mlp.up_proj(h)
+        out = mlp.down_proj(mlp.act_fn(gate) * up)
         return x + (self._rms(out, layer.post_attention_layernorm) if self.swin else out)
+
+
+def fuse_projections(lm) -> int:
+    """Join each layer's query, key and value projections into one linear (``qkv_proj``), and its gate and
+    up projections into another (``gate_up_proj``), in place; returns how many were joined.
+
+    Three matmuls become one, and the query and key heads come out side by side for the joint norm:
+    fewer, wider kernels per step. Only plain ``nn.Linear`` weights without bias are joined (bitsandbytes'
+    packed layers are left as they are); quantize after joining (the torch backend's int4 does). The
+    model then serves ``DecodeLayers`` only: transformers' own forward needs the separate projections.
+    """
+    joined = 0
+    for layer in lm.model.layers:
+        for owner, parts, name in ((layer.self_attn, ("q_proj", "k_proj", "v_proj"), "qkv_proj"),
+                                   (layer.mlp, ("gate_proj", "up_proj"), "gate_up_proj")):
+            linears = [getattr(owner, part) for part in parts]
+            if any(type(m) is not nn.Linear or m.bias is not None for m in linears):
+                continue
+            weight = torch.cat([m.weight.detach() for m in linears])
+            for part in parts:
+                delattr(owner, part)
+            fused = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
+            fused.weight = nn.Parameter(weight, requires_grad=False)
+            setattr(owner, name, fused)
+            joined += 1
+    return joined

@@ -9,6 +9,7 @@ import torch
 
 from .checkpoint import CheckpointFiles, load_vq_state_dict
 from .components import Components
+from .decode_layers import fuse_projections
 from .errors import CheckpointError, MissingDependencyError
 from .lm import ImageHead, load_language_model
 from .torch_decoder import TorchDecoder
@@ -110,8 +111,9 @@ def load_components(path, *, device: str = "cpu", dtype: torch.dtype | None = No
         dtype = torch.float16 if str(device).startswith("cuda") else torch.float32
     qconfig = _bnb_config(quantization, dtype) if quantization in ("nf4", "int8") else None
     lm = load_language_model(files, device=device, dtype=dtype, quantization_config=qconfig)
+    fuse_projections(lm)  # one matmul for q/k/v and one for gate/up (bitsandbytes' layers stay as they are)
     if quantization == "int4":
-        quantize_int4(lm)  # before the decoder is built: its CUDA graphs capture the int4 kernels
+        quantize_int4(lm)  # after joining, before the decoder is built: its CUDA graphs capture the int4 kernels
     vq = load_vq(files, device)
     if vq.config.codebook_size != layout.codebook_size:
         raise CheckpointError(

@@ -190,6 +190,8 @@ class TorchDecoder:
         if layers == "fused":
             self.layers_fn = DecodeLayers(lm).eval()
         elif layers == "transformers":
+            if hasattr(lm.model.layers[0].self_attn, "qkv_proj"):
+                raise ValueError("layers='transformers' needs the separate projections that fuse_projections joined")
             use_grouped_attention(lm)
             step = ChameleonStep(lm).eval()
             self.layers_fn = lambda ids, positions, kv: step.run(ids, None, positions, kv, grouped_cache=kv)

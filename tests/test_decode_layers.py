@@ -1,13 +1,13 @@
 """pure_lite.decode_layers (the torch backend's own layer forward) against transformers' Chameleon layers,
 both run by TorchDecoder over the same kind of grouped cache.
 
-- float32: every logit of a prefill, a CFG image step and a two-token step within 1e-5 of the largest
+- float32, with the projections separate and joined: every logit of a prefill, a CFG image step and a two-token step within 1e-5 of the largest
   (rounding order only; 1% with the int8 cache, where a last-bit difference can flip a rounding), in
   both layer orders (Chameleon-7B's pre-norm, and the swin norm of the 30B model);
 - bfloat16 on CPU, fp16 on a GPU eager and captured (marker ``gpu``): within what their rounding
   allows (cosine >= 0.999 per row);
 - the kernel count per layer (aten calls other than views, as a CUDA graph would replay them): at
-  most 60% of transformers'. The greedy parity with an independent reference is
+  most 60% of transformers', fewer still with the projections joined (``fuse_projections``). The greedy parity with an independent reference is
   tests/test_decode_parity.py's.
 """
 
@@ -19,6 +19,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from pure_lite.checkpoint import CheckpointFiles
+from pure_lite.decode_layers import fuse_projections
 from pure_lite.lm import ImageHead, load_language_model
 from pure_lite.tokens import TokenLayout
 from pure_lite.torch_decoder import TorchDecoder
@@ -60,9 +61,13 @@ def _logits(lm, layout, layers: str, **kw):
 
 @pytest.mark.parametrize("swin", [False, True])
 @pytest.mark.parametrize("kv_int8", [False, True])
-def test_fused_layers_match_transformers_float32(compact, swin, kv_int8):
+@pytest.mark.parametrize("joined", [False, True])
+def test_fused_layers_match_transformers_float32(compact, swin, kv_int8, joined):
     lm = _lm(compact, swin)
     reference = _logits(lm, compact[1], "transformers", kv_int8=kv_int8)
+    if joined:
+        assert fuse_projections(lm) == 2 * lm.config.num_hidden_layers
+        assert not hasattr(lm.model.layers[0].self_attn, "q_proj")
     fused = _logits(lm, compact[1], "fused", kv_int8=kv_int8)
     # an int8 cache rounds keys and values to 1/254 of their absmax: a last-bit difference can flip one
     # rounding, so there the bound is that of a few flipped steps (measured: 0.4% of the largest logit)
@@ -115,17 +120,27 @@ def test_fused_layers_launch_at_most_60_percent_of_the_kernels(compact):
     """Per layer of a CFG image step: the difference between a 1-layer and a 2-layer model's counts."""
     _, layout = compact
     per_layer = {}
-    for layers in ("transformers", "fused"):
+    for variant in ("transformers", "fused", "joined"):
         counts = []
         for depth in (1, 2):
             lm = _lm(compact, False)
             lm.model.layers = lm.model.layers[:depth]
             lm.config.num_hidden_layers = depth
-            dec = TorchDecoder(lm, ImageHead(lm, layout.image_ids), layers=layers)
+            if variant == "joined":
+                fuse_projections(lm)
+            dec = TorchDecoder(lm, ImageHead(lm, layout.image_ids), layers="fused" if variant == "joined" else variant)
             dec.prefill([[5, 6, 7]], 16, 2, unconditional_capacity=8)
             dec.begin_unconditional()
             with _Count() as count:
                 dec.step(np.full((2, 1), layout.image_ids[0]), image=True)
             counts.append(sum(count.calls.values()))
-        per_layer[layers] = counts[1] - counts[0]
+        per_layer[variant] = counts[1] - counts[0]
     assert per_layer["fused"] <= 0.6 * per_layer["transformers"], per_layer
+    assert per_layer["joined"] < per_layer["fused"], per_layer  # three matmuls in one, two in another
+
+
+def test_transformers_layers_refuse_joined_projections(compact):
+    lm = _lm(compact, False)
+    fuse_projections(lm)
+    with pytest.raises(ValueError, match="fuse_projections"):
+        TorchDecoder(lm, ImageHead(lm, compact[1].image_ids), layers="transformers")
