@@ -4,6 +4,11 @@ vocabulary 73728), side by side in one run on one CUDA GPU.
 Every variant decodes after the same 4,200-token prompt (a 512² restoration's LQ block and text),
 with PURE's default sampling (CFG 0.8 as batch 2, entropy top-k, temperature 0.9):
 
+- ``graphs-b512-transformers``: the captured steps (below) with transformers' own Chameleon layers
+  (``layers="transformers"``), and ``graphs-b512-unjoined`` with ``pure_lite.decode_layers`` before
+  ``fuse_projections`` joins the projections: the baselines of the layer forward every other variant
+  uses (the torch backend's: own layers, projections joined; ``benchmarks/step_ops.py`` counts their
+  kernels);
 - ``eager-host``: TorchDecoder without graphs, the NumPy sampler on the host (a host round trip per step);
 - ``eager-chained``: the sampler on the device, steps chained without a host round trip, no graphs;
 - ``graphs-bN``: the chained steps captured as CUDA graphs, attention over spans rounded up to N slots
@@ -84,14 +89,27 @@ def build(quant: str):
         from pure_lite.torch_backend import quantize_int4
 
         model = model.to(torch.bfloat16)  # tinygemm's int4 kernel takes bf16 activations
+        fuse_projections(model)  # as the backend loads it: joined, then quantized
         quantize_int4(model)
         torch.cuda.empty_cache()
     elif quant == "torchao-int8":
         from torchao.quantization import Int8WeightOnlyConfig, quantize_
 
+        fuse_projections(model)
         quantize_(model.model.layers, Int8WeightOnlyConfig())  # the decoder layers; lm_head stays as it is
         torch.cuda.empty_cache()
     return model
+
+
+def fuse_projections(model) -> None:
+    """The torch backend's ``fuse_projections``, then the replaced weights' memory handed back."""
+    import torch
+
+    from pure_lite.decode_layers import fuse_projections as join
+
+    join(model)
+    if DEVICE == "cuda":
+        torch.cuda.empty_cache()
 
 
 def pure_layout():
@@ -348,7 +366,12 @@ def main() -> None:
             save_partial()
             continue
         prefix = "" if quant == "fp16" else quant + "-"
-        if quant == "fp16":
+        if quant == "fp16":  # first, while the model has transformers' separate projections
+            if not args.skip_hf:
+                record("hf-static-compiled", time_hf, model, side * side)
+            record("graphs-b512-transformers", time_chained, model, side, attend_bucket=512, layers="transformers")
+            record("graphs-b512-unjoined", time_chained, model, side, attend_bucket=512)
+            fuse_projections(model)  # the rest as the torch backend loads it
             record("eager-host", time_host, model, side)
         record(prefix + "eager-chained", time_chained, model, side, graphs=False, device_loop=True)
         for bucket in ((512, 1024, 1 << 20) if quant == "fp16" else (512,)):
@@ -375,8 +398,6 @@ def main() -> None:
                 results["full_512"][name] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
             print("full 512", name, results["full_512"][name], flush=True)
             save_partial()
-        if quant == "fp16" and not args.skip_hf:
-            record("hf-static-compiled", time_hf, model, side * side)
         del model
         if DEVICE == "cuda":
             torch.cuda.empty_cache()

@@ -27,6 +27,6 @@ done
 python -m pip install -q --no-deps --no-build-isolation ./ 2>&1 | tail -2
 python -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/gpu.txt"
 # from another folder: the source tree would shadow the installed pure_lite.runtime / pure_lite.export
-[ "${SKIP_TESTS:-0}" = 1 ] || (cd /tmp && timeout 240 python -m pytest -q -p no:cacheprovider -m gpu "$REPO/tests/test_gpu.py" 2>&1 | tail -25) | tee "$OUT/tests.txt"
+[ "${SKIP_TESTS:-0}" = 1 ] || (cd /tmp && timeout 240 python -m pytest -q -p no:cacheprovider -m gpu "$REPO/tests" 2>&1 | tail -25) | tee "$OUT/tests.txt"
 (cd "$REPO/benchmarks" && timeout "${BENCH_TIMEOUT:-420}" python gpu_decode.py --partial "$OUT/gpu_decode.partial.json" "$@" 2>&1 | tail -40) | tee "$OUT/benchmark.txt"
 cp -f "$REPO/benchmarks/results/gpu_decode.json" "$REPO/docs/benchmarks.md" "$OUT/" 2>/dev/null || true

@@ -71,21 +71,17 @@ def use_grouped_attention(lm) -> None:
 class _Group:
     """Keys and values of ``rows`` rows with room for ``capacity`` slots each, and their lengths on the device.
 
-    ``int8``: store each slot's key and value per head as int8 with one scale (absmax / 127, in the
-    model's dtype): half the memory of fp16/bf16, which is what a 12 GB card lacks for a 512² restoration
-    of the 7B model at 4-bit. Attention dequantizes the span it reads, so the kernel is unchanged.
+    A layer's keys and values are one tensor, (2, rows, heads, capacity, head_dim), so one index write
+    stores both. ``int8``: store each slot's key and value per head as int8 with one scale (absmax / 127,
+    in the model's dtype): half the memory of fp16/bf16, which is what a 12 GB card lacks for a 512²
+    restoration of the 7B model at 4-bit. Attention dequantizes the span it reads, so the kernel is unchanged.
     """
 
     def __init__(self, layers: int, rows: int, heads: int, capacity: int, head_dim: int, dtype, device,
                  int8: bool = False):
-        shape = (rows, heads, capacity, head_dim)
-        store = torch.int8 if int8 else dtype
-        self.keys = [torch.zeros(shape, dtype=store, device=device) for _ in range(layers)]
-        self.values = [torch.zeros(shape, dtype=store, device=device) for _ in range(layers)]
-        scales = (rows, heads, capacity, 1)
-        self.key_scales = [torch.zeros(scales, dtype=dtype, device=device) for _ in range(layers)] if int8 else None
-        self.value_scales = [torch.zeros(scales, dtype=dtype, device=device) for _ in range(layers)] if int8 else None
-        self.dtype = dtype
+        shape = (2, rows, heads, capacity, head_dim)
+        self.kv = [torch.zeros(shape, dtype=torch.int8 if int8 else dtype, device=device) for _ in range(layers)]
+        self.scales = [torch.zeros(shape[:-1] + (1,), dtype=dtype, device=device) for _ in range(layers)] if int8 else None
         self.lengths = torch.zeros(rows, dtype=torch.int64, device=device)
         self.row_index = torch.arange(rows, device=device).unsqueeze(1)
         self.rows, self.capacity = rows, capacity
@@ -93,23 +89,29 @@ class _Group:
         self.mask: torch.Tensor | None = None  # (rows, 1, T, span) bool: which slots each new token sees
         self.span = 0
 
-    def write(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> None:
-        """Store key/value (rows, heads, T, head_dim) at this call's slots."""
-        for store, scales, x in ((self.keys, self.key_scales, key), (self.values, self.value_scales, value)):
-            if scales is not None:  # in float32: fp16's 1e-8 would be 0, and an all-zero vector 0/0
-                x = x.float()
-                scale = x.abs().amax(-1, keepdim=True).clamp(min=1e-8) / 127
-                scales[layer].transpose(1, 2)[self.row_index, self.slots] = scale.transpose(1, 2).to(self.dtype)
-                x = (x / scale).round().clamp(-127, 127).to(torch.int8)
-            store[layer].transpose(1, 2)[self.row_index, self.slots] = x.transpose(1, 2)
+    def write(self, layer: int, kv: torch.Tensor, scales: torch.Tensor | None = None) -> None:
+        """Store keys and values (2, rows, heads, T, head_dim) at this call's slots; int8 with their scales
+        (2, rows, heads, T, 1) when the group is int8 (``quantize_kv``)."""
+        for store, x in ((self.kv, kv), (self.scales, scales)):
+            if store is not None:
+                store[layer].transpose(2, 3)[:, self.row_index, self.slots] = x.transpose(2, 3)
 
     def read(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of the first ``span`` slots, in the model's dtype."""
-        keys, values = self.keys[layer][:, :, :self.span], self.values[layer][:, :, :self.span]
-        if self.key_scales is None:
-            return keys, values
-        # int8 times the scales promotes to their dtype in one pass: no separate cast of the span per step
-        return keys * self.key_scales[layer][:, :, :self.span], values * self.value_scales[layer][:, :, :self.span]
+        kv = self.kv[layer][:, :, :, :self.span]
+        if self.scales is not None:  # int8 times the scales promotes to their dtype: one pass for both
+            kv = kv * self.scales[layer][:, :, :, :self.span]
+        return kv[0], kv[1]
+
+
+def quantize_kv(kv: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(..., head_dim) -> int8 values and their scales (..., 1) in ``dtype``: absmax / 127 per vector.
+
+    In float32: fp16 would round a tiny absmax to 0, and an all-zero vector (a head that ignores a
+    token) must come back as zeros, not 0/0."""
+    x = kv.float()
+    absmax = torch.linalg.vector_norm(x, float("inf"), dim=-1, keepdim=True).clamp_min_(1e-8)
+    return (x * (127 / absmax)).round_().to(torch.int8), (absmax / 127).to(dtype)
 
 
 class GroupedKV:
@@ -125,6 +127,7 @@ class GroupedKV:
                  dtype, device, int8: bool = False):
         self.groups = [_Group(layers, rows, heads, capacity, head_dim, dtype, device, int8)
                        for rows, capacity in groups]
+        self.int8, self.dtype = int8, dtype
         self.live = 1
         self.offsets = torch.arange(max_new, device=device)
         self.key_index = torch.arange(max(g.capacity for g in self.groups), device=device)
@@ -142,9 +145,15 @@ class GroupedKV:
         return torch.cat([g.slots for g in self.live_groups])
 
     def update(self, key, value, layer_idx, *args, **kwargs):
+        """Write a layer's keys and values (rows, heads, T, head_dim) of every live row (quantized once for
+        all rows when the cache is int8)."""
+        kv, scales = torch.stack([key, value]), None
+        if self.int8:
+            kv, scales = quantize_kv(kv, self.dtype)
         start = 0
         for group in self.live_groups:
-            group.write(layer_idx, key[start:start + group.rows], value[start:start + group.rows])
+            rows = slice(start, start + group.rows)
+            group.write(layer_idx, kv[:, rows], None if scales is None else scales[:, rows])
             start += group.rows
         return key, value  # unused: grouped_cache_attention reads the groups
 
@@ -305,12 +314,14 @@ class TorchDecoder:
         captured links baked in is the same (so they replay on them); else new ones, and the old links go."""
         dev = self.device
         folded = torch.tensor([torch_sampler.fold_seed(s) for s in seeds], dtype=torch.int64, device=dev)
+        # every uniform the decode can draw, hashed now in one go: a lookup per step instead of ~60 small kernels
+        uniforms = torch_sampler.counter_uniforms(folded.unsqueeze(1), torch.arange(total, device=dev))
         ids = torch.as_tensor(np.array(image_ids, np.int64), device=dev)
         state = self.chain_cache
         if (state is not None and state.config == config and state.codes.shape == (self.batch, total)
                 and state.row_end == row_end and torch.equal(state.image_ids, ids)):
             state.logits.copy_(logits)
-            state.seeds.copy_(folded)
+            state.uniforms.copy_(uniforms)
             state.counter.zero_()
             return state
         self.captured = {key: entry for key, entry in self.captured.items() if key[0] != "link"}
@@ -320,7 +331,7 @@ class TorchDecoder:
             entropy=torch.zeros((self.batch, total), dtype=torch.float64 if dev.type != "mps" else torch.float32,
                                 device=dev),
             counter=torch.zeros((), dtype=torch.int64, device=dev),
-            seeds=folded, image_ids=ids,
+            uniforms=uniforms, image_ids=ids,
             ids={1: torch.zeros((self.live, 1), dtype=torch.int64, device=dev),
                  2: torch.full((self.live, 2), row_end, dtype=torch.int64, device=dev)},
             config=config, cfg=config.uses_cfg, batch=self.batch, row_end=row_end,
@@ -332,7 +343,7 @@ class TorchDecoder:
         when t == 2) and leave the next logits in ``chain.logits``. Device work only: capturable."""
         s = self.chain
         b = s.batch
-        uniforms = torch_sampler.counter_uniforms(s.seeds, s.counter)
+        uniforms = s.uniforms.index_select(1, s.counter.view(1)).squeeze(1)
         code, entropy = torch_sampler.image_codes(s.logits[:b], s.logits[b:] if s.cfg else None, s.config, uniforms)
         column = s.counter.view(1)
         s.codes.index_copy_(1, column, code.unsqueeze(1))
@@ -471,7 +482,7 @@ class _ChainState:
     codes: torch.Tensor  # (B, side²) int64
     entropy: torch.Tensor  # (B, side²)
     counter: torch.Tensor  # () int64: the index of the next code
-    seeds: torch.Tensor  # (B,) int64, folded to 32 bits
+    uniforms: torch.Tensor  # (B, side²): code j of restoration i draws at counter_uniforms(fold_seed(seed i), j)
     image_ids: torch.Tensor  # (codebook,) token id of each code
     ids: dict[int, torch.Tensor]  # step width (1, or 2 with the row end) -> (rows, width) input buffer
     config: SamplingConfig

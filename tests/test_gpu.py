@@ -173,7 +173,8 @@ def test_int4_quantizes_the_decoder_and_its_graphs_match_eager(tiny256):
     """quantize_int4 swaps every decoder linear (7 per layer) for torchao's int4 layout and leaves lm_head in
     bf16; the hidden states stay close to bf16's (mean cosine >= 0.95: a group-128 int4 simulation on CPU gives
     0.97, a wrong scale or layout gives ~0), and the captured decode matches the eager one token for token
-    (greedy: the same int4 kernels in both). The backend's quantization="int4" loads it that way."""
+    (greedy: the same int4 kernels in both). The backend's quantization="int4" loads it that way, with the
+    projections joined first; its captured decode matches its eager one too."""
     torch = _cuda()
     pytest.importorskip("torchao", reason="install the [torchao] extra")
     from torchao.utils import TorchAOBaseTensor
@@ -205,15 +206,21 @@ def test_int4_quantizes_the_decoder_and_its_graphs_match_eager(tiny256):
     tok = TextTokenizer(files.tokenizer)
     prompts = [prompt_ids(tok, layout, layout.encode_image((np.arange(64).reshape(8, 8) * (i + 3)) % layout.codebook_size))
                for i in range(2)]
-    head, greedy = ImageHead(lm, layout.image_ids), SamplingConfig(temperature=0, cfg_scale=0.8, max_text_tokens=4)
+    greedy = SamplingConfig(temperature=0, cfg_scale=0.8, max_text_tokens=4)
 
-    def run(**kw):
-        return generate_batch(TorchDecoder(lm, head, "cuda", **kw), prompts, layout, TARGET, greedy,
-                              [np.random.default_rng(s) for s in (3, 4)], max_positions=4096)
+    def run(model, **kw):
+        return generate_batch(TorchDecoder(model, ImageHead(model, layout.image_ids), "cuda", **kw), prompts, layout,
+                              TARGET, greedy, [np.random.default_rng(s) for s in (3, 4)], max_positions=4096)
 
-    for a, b in zip(run(graphs=False, device_loop=False), run(attend_bucket=16)):
+    for a, b in zip(run(lm, graphs=False, device_loop=False), run(lm, attend_bucket=16)):
         np.testing.assert_array_equal(a.tokens, b.tokens)
 
+    # the backend joins q/k/v and gate/up (fuse_projections) before quantizing: the joined linears are int4
     components = load_components(tiny256, device="cuda", quantization="int4")
     assert "bfloat16, int4" in components.description
-    assert isinstance(components.new_decoder().lm.model.layers[0].mlp.down_proj.weight, TorchAOBaseTensor)
+    joined = components.new_decoder().lm
+    layer = joined.model.layers[0]
+    for linear in (layer.self_attn.qkv_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj):
+        assert isinstance(linear.weight, TorchAOBaseTensor)
+    for a, b in zip(run(joined, graphs=False, device_loop=False), run(joined, attend_bucket=16)):
+        np.testing.assert_array_equal(a.tokens, b.tokens)

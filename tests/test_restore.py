@@ -148,7 +148,7 @@ def test_int8_kv_cache_restores_through_the_backend(tiny64, rgb_image):
     assert restorer.components.description.endswith("int8 KV cache)")
     res = restorer.restore(rgb_image, seed=0, sampling=FAST, target_size=TARGET)
     assert res.image.size == (TARGET, TARGET)
-    assert restorer.components.new_decoder().kv.groups[0].keys[0].dtype == torch.int8
+    assert restorer.components.new_decoder().kv.groups[0].kv[0].dtype == torch.int8
 
 
 def test_int4_quantizes_exactly_the_decoder_linears_tinygemm_can_pack():

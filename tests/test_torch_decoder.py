@@ -166,11 +166,11 @@ def test_next_batch_of_the_same_shape_reuses_buffers(model):
                               max_positions=4096)
 
     first = decode(same, [5, 6])
-    keys, chain = dec.kv.groups[0].keys[0].data_ptr(), dec.chain_cache
+    keys, chain = dec.kv.groups[0].kv[0].data_ptr(), dec.chain_cache
     second = decode(same[::-1], [7, 8])
-    assert dec.kv.groups[0].keys[0].data_ptr() == keys and dec.chain_cache is chain
+    assert dec.kv.groups[0].kv[0].data_ptr() == keys and dec.chain_cache is chain
     alone = decode(same[:1], [9])
-    assert dec.kv.groups[0].keys[0].data_ptr() != keys and dec.chain_cache is not chain
+    assert dec.kv.groups[0].kv[0].data_ptr() != keys and dec.chain_cache is not chain
     for got, seeds, batch in ((first, [5, 6], same), (second, [7, 8], same[::-1]), (alone, [9], same[:1])):
         fresh = _run(model, batch, config, seeds, device_loop=True)
         for g, f in zip(got, fresh):
@@ -191,7 +191,7 @@ def test_int8_cache_stores_each_slot_within_half_a_step(model):
         logits.append(dec.step(np.array([[p[-1]] for p in prompts]), image=True))
         caches.append(dec.kv.groups[0])
     exact, stored = caches
-    assert stored.keys[0].dtype == stored.values[0].dtype == torch.int8
+    assert stored.kv[0].dtype == torch.int8
     for a, b in zip(exact.read(0), stored.read(0)):
         half_step = a.abs().amax(-1, keepdim=True) / 254
         assert bool(((b - a).abs() <= half_step * 1.001 + 1e-7).all())
@@ -218,13 +218,13 @@ def test_int8_cache_chained_and_fixed_shape_paths_equal_the_host_loop(model):
 def test_int8_cache_keeps_zero_vectors_and_fp16_finite():
     """An all-zero key (a head that has learned to ignore a token) comes back as zeros, not 0/0, in an fp16
     cache as on a GPU; other vectors within half a step."""
-    from pure_lite.torch_decoder import _Group
+    from pure_lite.torch_decoder import _Group, quantize_kv
 
     group = _Group(layers=1, rows=2, heads=2, capacity=4, head_dim=8, dtype=torch.float16, device="cpu", int8=True)
     group.slots, group.span = torch.tensor([[0, 1], [0, 1]]), 2
     key = torch.randn(2, 2, 2, 8, dtype=torch.float16)
     key[0, 1, 0] = 0
-    group.write(0, key, key)
+    group.write(0, *quantize_kv(torch.stack([key, key]), torch.float16))
     keys, values = group.read(0)
     assert torch.isfinite(keys).all() and torch.equal(keys[0, 1, 0], torch.zeros(8, dtype=torch.float16))
     half_step = key.float().abs().amax(-1, keepdim=True) / 254

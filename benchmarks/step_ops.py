@@ -1,0 +1,130 @@
+"""Kernels per decode step of the torch backend, by layer implementation, at the 7B model's depth; CPU, one run.
+
+    python benchmarks/step_ops.py
+
+A captured step on a GPU replays one kernel per aten call (views launch none), and at the 7B shape an
+H200 spends ~3 ms of an 8.7 ms step on the small ones (docs/gpu.md). This counts the aten calls of one
+CFG image step of the chained loop (the body a CUDA graph captures: sampler, token lookup, 32 layers,
+image head), for:
+
+- ``transformers``: transformers' Chameleon layers over the grouped cache (``layers="transformers"``);
+- ``fused``: ``pure_lite.decode_layers`` over the same weights;
+- ``fused + joined``: the same with ``fuse_projections`` (what the torch backend loads);
+
+each with the KV cache in the model's dtype and in int8. The counts do not depend on the widths, so the
+model is a random Chameleon of the 7B's 32 layers at hidden 64. Beside them, the eager step time on this
+CPU at that width: per-call overhead only, a proxy for launch cost, not a GPU figure (``gpu_decode.py``
+measures those: its ``graphs-b512`` and ``graphs-b512-transformers`` variants).
+"""
+
+from __future__ import annotations
+
+import collections
+import statistics
+import tempfile
+import time
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import report
+from pure_lite.checkpoint import CheckpointFiles
+from pure_lite.decode_layers import fuse_projections
+from pure_lite.lm import ImageHead, load_language_model
+from pure_lite.sampling import SamplingConfig
+from pure_lite.testing import make_tiny_checkpoint
+from pure_lite.tokens import TokenLayout
+from pure_lite.torch_decoder import TorchDecoder
+
+LAYERS = 32  # PURE's 7B
+VIEWS = {"view", "_unsafe_view", "transpose", "slice", "select", "unsqueeze", "squeeze", "expand", "permute", "t",
+         "alias", "detach", "as_strided", "split", "unbind", "reshape", "unflatten", "flatten", "lift_fresh",
+         "split_with_sizes", "_reshape_alias"}
+VARIANTS = {"transformers": ("transformers", False), "fused": ("fused", False), "fused + joined": ("fused", True)}
+
+
+class CountCalls(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.calls = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if name not in VIEWS:
+            self.calls[name] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _decoder(folder, layers: str, joined: bool, kv_int8: bool):
+    files = CheckpointFiles.locate(folder)
+    layout = TokenLayout.from_tokenizer_file(files.tokenizer, files.read_config()["vocab_size"])
+    lm = load_language_model(files)
+    if joined:
+        fuse_projections(lm)
+    dec = TorchDecoder(lm, ImageHead(lm, layout.image_ids), device_loop=True, attend_bucket=64, layers=layers,
+                       kv_int8=kv_int8)
+    side = 8
+    dec.prefill([list(range(5, 300))], 512, 3, unconditional_capacity=128)
+    dec.begin_unconditional()
+    dec.decode_plain_image(layout.header(64, 64), side, SamplingConfig(), [0], layout.image_ids, layout.row_end)
+    with torch.inference_mode():  # a fresh chain on the same buffers, as the next restoration would have
+        dec.chain = dec._chain_state(dec.chain_cache.logits, side * side, SamplingConfig(), [0], layout.image_ids,
+                                     layout.row_end)
+    return dec
+
+
+def count_calls(dec) -> collections.Counter:
+    with torch.inference_mode():
+        with CountCalls() as count:
+            dec._link(1, dec._spans(1))
+        _same_step_again(dec)
+    return count.calls
+
+
+def _same_step_again(dec) -> None:
+    """Move the cache and the chain back one code, so the next link repeats the same step on the same slots."""
+    for group in dec.kv.live_groups:
+        group.lengths -= 1
+    dec.chain.counter.zero_()
+
+
+def time_steps(decoders: dict, rounds: int) -> dict:
+    """Eager step times in interleaved rounds (one step of each decoder per round), one thread."""
+    torch.set_num_threads(1)
+    times = {name: [] for name in decoders}
+    with torch.inference_mode():
+        for _ in range(rounds):
+            for name, dec in decoders.items():
+                spans = dec._spans(1)
+                start = time.perf_counter()
+                dec._link(1, spans)
+                times[name].append(time.perf_counter() - start)
+                _same_step_again(dec)
+    return {name: {"cpu_ms_min": 1000 * min(t), "cpu_ms_median": 1000 * statistics.median(t)}
+            for name, t in times.items()}
+
+
+def main() -> None:
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = make_tiny_checkpoint(tmp, layout="compact", num_layers=LAYERS, hidden_size=64, num_heads=4,
+                                      intermediate_size=128)
+        decoders = {f"{name}{' / int8 KV' if kv8 else ''}": _decoder(folder, *VARIANTS[name], kv8)
+                    for kv8 in (False, True) for name in VARIANTS}
+        calls = {name: count_calls(dec) for name, dec in decoders.items()}
+        times = time_steps(decoders, rounds=150)
+    results = {name: {"aten_calls": sum(calls[name].values()), "by_op": dict(calls[name].most_common()), **times[name]}
+               for name in decoders}
+    base = results["transformers"]
+    rows = ["| layers / KV cache | aten calls per CFG image step (32 layers) | vs transformers | "
+            "eager CPU ms per step, width 64, min / median (Python and dispatch overhead only) | min vs transformers |",
+            "| --- | --- | --- | --- | --- |"]
+    for name, r in results.items():
+        rows.append(f"| {name} | {r['aten_calls']} | {r['aten_calls'] / base['aten_calls']:.2f} | "
+                    f"{r['cpu_ms_min']:.1f} / {r['cpu_ms_median']:.1f} | {r['cpu_ms_min'] / base['cpu_ms_min']:.2f} |")
+    report.write("step_ops", {"layers": LAYERS, "results": results,
+                              "note": "aten calls other than views, counted by a TorchDispatchMode"}, "\n".join(rows))
+
+
+if __name__ == "__main__":
+    main()
