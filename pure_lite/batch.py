@@ -138,8 +138,30 @@ def _canonical(name: str, value: Any) -> Any:
                     f"got {type(value).__name__}")
 
 
-def _settings(model: str | os.PathLike | None, seed: int, restore_options: Mapping[str, Any]) -> dict:
-    """What decides the outputs, as JSON: the journal refuses to mix runs whose settings differ."""
+LOAD_OPTIONS = {"quantization": ("nf4", "int8", "int4"), "kv_cache": ("int8",)}
+
+
+def _check_load_options(model: str | os.PathLike | None, load_options: Mapping[str, Any]) -> None:
+    """``Restorer.from_pretrained``'s torch-backend options: known names and values, and a checkpoint folder
+    to apply them to (an export's weights were quantized when it was exported). Checked before Ray starts."""
+    from .manifest import MANIFEST_FILE
+
+    for name, value in load_options.items():
+        if name not in LOAD_OPTIONS:
+            raise ValueError(f"unknown load option {name!r}; restore_many takes {', '.join(LOAD_OPTIONS)}")
+        if value not in LOAD_OPTIONS[name]:
+            raise ValueError(f"{name}={value!r}: choose {' or '.join(map(repr, LOAD_OPTIONS[name]))}")
+    if load_options and (model is None or (Path(model) / MANIFEST_FILE).is_file()):
+        raise PureLiteError(f"{', '.join(f'{k}={v}' for k, v in load_options.items())} applies to a checkpoint folder "
+                            f"(the torch backend); {model or 'the default model'} is an export, its weights quantized "
+                            "when it was exported")
+
+
+def _settings(model: str | os.PathLike | None, seed: int, restore_options: Mapping[str, Any],
+              load_options: Mapping[str, Any] | None = None) -> dict:
+    """What decides the outputs, as JSON: the journal refuses to mix runs whose settings differ. Load options
+    (quantized weights, an int8 cache) change the outputs too; they appear only when given, so the journals of
+    runs without them keep their settings."""
     from .restorer import Restorer
 
     allowed = set(inspect.signature(Restorer.restore).parameters) - _NOT_OPTIONS
@@ -150,8 +172,11 @@ def _settings(model: str | os.PathLike | None, seed: int, restore_options: Mappi
         model_id = "PURE-tiny (shipped with pure-lite)"
     else:
         model_id = str(Path(model).resolve()) if Path(model).exists() else str(model)
-    return {"model": model_id, "seed": seed,
-            "restore_options": {k: _canonical(k, v) for k, v in sorted(restore_options.items())}}
+    settings = {"model": model_id, "seed": seed,
+                "restore_options": {k: _canonical(k, v) for k, v in sorted(restore_options.items())}}
+    if load_options:
+        settings["load_options"] = dict(sorted(load_options.items()))
+    return settings
 
 
 def _settings_sha256(settings: dict) -> str:
@@ -229,13 +254,13 @@ def _ray():
 class RestoreWorker:
     """One Ray actor: loads the model once, then restores image after image (made remote in ``_Pool``)."""
 
-    def __init__(self, model: str | None, device: str):
+    def __init__(self, model: str | None, device: str, load_options: Mapping[str, Any] | None = None):
         from .restorer import Restorer
 
         self.error = None
         try:
-            self.restorer = Restorer.from_pretrained(model, device=device)
-        except PureLiteError as exc:
+            self.restorer = Restorer.from_pretrained(model, device=device, **(load_options or {}))
+        except (PureLiteError, ValueError) as exc:  # ValueError: e.g. int4 asked of a CPU worker
             self.restorer, self.error = None, str(exc)
 
     def ready(self) -> tuple[int, str, str | None]:
@@ -259,7 +284,8 @@ class RestoreWorker:
             return {"status": "failed", "error": f"{name}: {type(exc).__name__}: {exc}"}
         seconds = time.perf_counter() - t0
         info = PngInfo()
-        info.add_text(PROVENANCE_KEY, json.dumps({**provenance, "seed": seed, "degradation": result.degradation}))
+        info.add_text(PROVENANCE_KEY, json.dumps({**provenance, "seed": seed, "degradation": result.degradation,
+                                                  "model": self.restorer.components.description}))
         png = io.BytesIO()
         result.image.save(png, format="PNG", pnginfo=info)
         return {"status": "done", "png": png.getvalue(), "seconds": seconds, "degradation": result.degradation}
@@ -268,10 +294,11 @@ class RestoreWorker:
 class _Pool:
     """The workers: start, replace the dead, and stop them all."""
 
-    def __init__(self, ray, model: str | None, count: int, gpus: float, cpus: float):
+    def __init__(self, ray, model: str | None, count: int, gpus: float, cpus: float,
+                 load_options: Mapping[str, Any] | None = None):
         self.ray = ray
         self.cls = ray.remote(RestoreWorker).options(num_gpus=gpus, num_cpus=cpus, max_restarts=0)
-        self.model, self.device = model, "cuda" if gpus > 0 else "cpu"
+        self.model, self.device, self.load_options = model, "cuda" if gpus > 0 else "cpu", load_options
         self.count = count
         self.actors = []  # every actor started, the dead included
         self.starting = {}  # ready() ref -> actor
@@ -279,7 +306,7 @@ class _Pool:
             self.start()
 
     def start(self) -> None:
-        actor = self.cls.remote(self.model, self.device)
+        actor = self.cls.remote(self.model, self.device, self.load_options)
         self.actors.append(actor)
         self.starting[actor.ready.remote()] = actor
 
@@ -342,6 +369,7 @@ def restore_many(
     *,
     model: str | os.PathLike | None = None,
     restore_options: Mapping[str, Any] | None = None,
+    load_options: Mapping[str, Any] | None = None,
     seed: int = BASE_SEED,
     config: BatchConfig = BatchConfig(),
     progress: bool = True,
@@ -351,7 +379,9 @@ def restore_many(
 
     ``model`` is a checkpoint or export folder present at that path on every worker's node (None:
     the shipped PURE-tiny). ``restore_options`` are passed to ``Restorer.restore`` for every image
-    (e.g. ``{"target_size": 128, "sampling": SamplingConfig(...)}``); each image's seed is
+    (e.g. ``{"target_size": 128, "sampling": SamplingConfig(...)}``); ``load_options`` to each worker's
+    ``Restorer.from_pretrained`` (a checkpoint folder's ``quantization`` and ``kv_cache``, see
+    ``LOAD_OPTIONS``); each image's seed is
     ``image_seed(seed, name)``. The model, seed and options are the run's settings: OUTPUT_DIR's
     journal refuses a run with other ones. Rerunning resumes: done inputs are skipped, failed ones
     are retried only with ``config.retry_failed``; Ray is started only when something is left to do.
@@ -366,8 +396,9 @@ def restore_many(
     src, dst = input_dir.resolve(), output_dir.resolve()
     if src == dst or src.is_relative_to(dst):
         raise PureLiteError(f"the output folder {output_dir} must not be the input folder or contain it")
-    restore_options = dict(restore_options or {})
-    settings = _settings(model, seed, restore_options)
+    restore_options, load_options = dict(restore_options or {}), dict(load_options or {})
+    _check_load_options(model, load_options)
+    settings = _settings(model, seed, restore_options, load_options)
     inputs = find_images(input_dir, skip=dst if dst.is_relative_to(src) else None)
 
     with Journal(output_dir, settings) as journal:
@@ -409,7 +440,8 @@ class _Run:
         self.pool = None
         try:
             count, gpus = _resolve_shape(ray, self.config, local=self.config.address is None)
-            self.pool = _Pool(ray, self.model, count, gpus, self.config.cpus_per_worker)
+            self.pool = _Pool(ray, self.model, count, gpus, self.config.cpus_per_worker,
+                              self.journal.settings.get("load_options"))
             self.queue, self.idle = deque(pending), []
             self.workers: dict = {}  # actor -> WorkerInfo, once it has loaded the model
             self.running: dict = {}  # restore() ref -> (actor, entry)

@@ -93,17 +93,24 @@ def _onnx_providers(device: str | None) -> list[str] | None:
     raise PureLiteError(f"--device {device}: an export runs on ONNX Runtime, which takes --device cpu or cuda")
 
 
-def _load_restorer(model: str | None, device: str | None, *, quiet: bool = False,
-                   quantize: str | None = None, kv_cache: str | None = None) -> "Restorer":
-    """An export (or the shipped PURE-tiny) on ONNX Runtime, a checkpoint folder on torch."""
+def _check_load_options(model: str | None, quantize: str | None, kv_cache: str | None) -> bool:
+    """Refuse --quantize / --kv-cache for an export (or the default model); returns whether ``model`` is one."""
     from .manifest import MANIFEST_FILE
-    from .restorer import DEFAULT_MODEL_NOTICE, Restorer
 
     is_export = model is None or (Path(model) / MANIFEST_FILE).is_file()
     if (quantize or kv_cache) and is_export:
         option = f"--quantize {quantize}" if quantize else f"--kv-cache {kv_cache}"
         raise PureLiteError(f"{option} applies to a checkpoint folder (the torch backend); {model or 'the default model'} "
                             "is an export, served by ONNX Runtime, its weights quantized when exported (export --quant)")
+    return is_export
+
+
+def _load_restorer(model: str | None, device: str | None, *, quiet: bool = False,
+                   quantize: str | None = None, kv_cache: str | None = None) -> "Restorer":
+    """An export (or the shipped PURE-tiny) on ONNX Runtime, a checkpoint folder on torch."""
+    from .restorer import DEFAULT_MODEL_NOTICE, Restorer
+
+    is_export = _check_load_options(model, quantize, kv_cache)
     if model is None:
         if not quiet:
             print(DEFAULT_MODEL_NOTICE, file=sys.stderr)
@@ -149,11 +156,13 @@ def _restore_many(args: argparse.Namespace) -> int:
         options["target_size"] = args.target_size
     config = BatchConfig(workers=args.workers, gpus_per_worker=args.gpus_per_worker,
                          cpus_per_worker=args.cpus_per_worker, address=args.address, retry_failed=args.retry_failed)
+    _check_load_options(args.model, args.quantize, args.kv_cache)
     if args.model is None:
         print(DEFAULT_MODEL_NOTICE, file=sys.stderr)
     try:
-        report = restore_many(args.input_dir, args.output, model=args.model, restore_options=options, seed=args.seed,
-                              config=config, progress=not args.quiet)
+        load = {k: v for k, v in (("quantization", args.quantize), ("kv_cache", args.kv_cache)) if v is not None}
+        report = restore_many(args.input_dir, args.output, model=args.model, restore_options=options,
+                              load_options=load, seed=args.seed, config=config, progress=not args.quiet)
     except KeyboardInterrupt:
         print(f"interrupted: {Path(args.output) / JOURNAL_FILE} records what is done; run the same command to resume",
               file=sys.stderr)
@@ -193,6 +202,18 @@ def _export(args: argparse.Namespace) -> int:
         print(f"exported {folder}: {len(files)} files, {size:.1f} MB, weights {quant or 'float'}, "
               f"in {time.perf_counter() - started:.0f} s")
     return 0
+
+
+def _add_load_options(parser: argparse.ArgumentParser, workers: bool = False) -> None:
+    """--quantize and --kv-cache, shared by restore and restore-many (a checkpoint folder's torch backend)."""
+    whose = "each worker loads " if workers else "load "
+    parser.add_argument("--quantize", choices=["nf4", "int8", "int4"], default=None,
+                        help=f"checkpoint folder: {whose}the language model's decoder layers quantized, nf4 or int8 "
+                             "through bitsandbytes ([quant]) or int4 through torchao ([torchao]; CUDA, bfloat16, the "
+                             "fastest 4-bit decode, docs/gpu.md) (default: as stored)")
+    parser.add_argument("--kv-cache", choices=["int8"], default=None,
+                        help="checkpoint folder: keep the KV cache in int8, half its memory (what a 12 GB card needs "
+                             "for a 512² restoration of the 7B model at 4-bit) (default: the model's dtype)")
 
 
 def _run_quietly(step: Callable[[Callable[[str], None]], Path], *, bar: bool) -> Path:
@@ -361,13 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--device", default=None,
                    help="checkpoint folder: the torch device (default: cpu); export: cpu or cuda, "
                         "ONNX Runtime's CPU or CUDA provider (default: CUDA where onnxruntime-gpu has it, else CPU)")
-    r.add_argument("--quantize", choices=["nf4", "int8", "int4"], default=None,
-                   help="checkpoint folder: load the language model's decoder layers quantized, nf4 or int8 through "
-                        "bitsandbytes ([quant]) or int4 through torchao ([torchao]; CUDA, bfloat16, the fastest "
-                        "4-bit decode, docs/gpu.md) (default: as stored)")
-    r.add_argument("--kv-cache", choices=["int8"], default=None,
-                   help="checkpoint folder: keep the KV cache in int8, half its memory (what a 12 GB card needs for "
-                        "a 512² restoration of the 7B model at 4-bit) (default: the model's dtype)")
+    _add_load_options(r)
     r.add_argument("--seed", type=int, default=None, help="random seed for reproducible sampling (default: fresh)")
     r.add_argument("--temperature", type=float, default=_DEFAULTS.temperature,
                    help=f"sampling temperature, 0 = greedy (default: {_DEFAULTS.temperature})")
@@ -413,6 +428,7 @@ def build_parser() -> argparse.ArgumentParser:
     rm.add_argument("--address", default=b.address,
                     help="Ray cluster: 'auto' (started on this node with `ray start`) or ray://HOST:10001 "
                          "(default: start a local Ray sized to this machine)")
+    _add_load_options(rm, workers=True)
     rm.add_argument("--seed", type=int, default=BASE_SEED,
                     help=f"base seed; each image's seed derives from it and the image's name (default: {BASE_SEED})")
     rm.add_argument("--retry-failed", action="store_true", default=b.retry_failed,

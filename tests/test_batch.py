@@ -240,6 +240,41 @@ def test_unknown_restore_options_and_overlapping_folders_are_refused_before_any_
     assert not (tmp_path / "out").exists()
 
 
+def test_load_options_are_checked_before_any_work(tiny_compact, tmp_path):
+    """Unknown names or values, or quantization asked of an export (the default model): refused before Ray starts
+    or the output folder is made; on the command line as one error line."""
+    _write_photos(tmp_path / "in", ["a.png"])
+    for options, error, message in (({"quantisation": "nf4"}, ValueError, "unknown load option"),
+                                    ({"quantization": "int2"}, ValueError, "choose 'nf4' or 'int8' or 'int4'"),
+                                    ({"kv_cache": "int8"}, PureLiteError, "applies to a checkpoint folder")):
+        with pytest.raises(error, match=message):
+            restore_many(tmp_path / "in", tmp_path / "out", load_options=options, progress=False)
+    assert not (tmp_path / "out").exists()
+    rc, _, stderr = _run_cli(str(tmp_path / "in"), "-o", str(tmp_path / "out"), "--quantize", "nf4")
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert rc == 2 and len(errors) == 1 and "--quantize nf4 applies to a checkpoint folder" in errors[0], stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_load_options_reach_the_workers_and_are_part_of_the_settings(local_ray, tiny_compact, tmp_path):
+    """A checkpoint folder with kv_cache="int8": the worker loads it so (its output's provenance names the
+    backend it ran), and the same folder refuses a run without the option."""
+    pytest.importorskip("torch", reason="a checkpoint folder runs on the torch backend: install the [torch] extra")
+    from conftest import TARGET
+
+    _write_photos(tmp_path / "in", ["a.png"])
+    options = {"target_size": TARGET}
+    report = restore_many(tmp_path / "in", tmp_path / "out", model=tiny_compact, restore_options=options,
+                          load_options={"kv_cache": "int8"}, config=BatchConfig(workers=1), progress=False)
+    assert report.count("done") == 1, [e.error for e in report.entries]
+    assert batch._provenance(tmp_path / "out" / "a_restored.png")["model"] == "torch (cpu, float32, int8 KV cache)"
+    assert json.loads((tmp_path / "out" / "restore-many-report.json").read_text())["settings"]["load_options"] == {
+        "kv_cache": "int8"}
+    with pytest.raises(JournalError, match="load_options differ"):
+        restore_many(tmp_path / "in", tmp_path / "out", model=tiny_compact, restore_options=options,
+                     config=BatchConfig(workers=1), progress=False)
+
+
 def test_an_output_folder_inside_the_input_folder_is_not_read_as_input(tmp_path):
     _write_photos(tmp_path / "in", ["a.png", "deeper/b.png"])
     (tmp_path / "in" / "restored").mkdir()
