@@ -1,17 +1,18 @@
 """Chameleon's decoder layers over the torch backend's grouped KV cache, written for few kernels per step.
 
-A captured decode step of the 7B model is bound by its kernel count as much as by its bytes: an
-H200 replays ~1700 small kernels per CFG step (docs/gpu.md: 8.7 ms against a ~6 ms floor for the
-weights and the KV it reads). transformers' Chameleon layer spends ~50 kernels per layer, most of
-them on elementwise work around the matmuls; this forward computes the same function with about
-half as many, from the same weights (the model's own modules; nothing is copied but the small
-qk-norm gains):
+A captured decode step of the 7B model is bound by its kernel count as much as by its bytes: the step
+the H200 runs measured (8.7 ms against a ~6 ms floor for the weights and the KV it reads, docs/gpu.md)
+launched ~1740 kernels, ~50 per layer in transformers' Chameleon forward, most of them elementwise work
+around the matmuls. This forward computes the same function from the same weights (the model's own
+modules; only the small qk-norm gains are copied, joined) in 21 per layer:
 
 - RMSNorm as one ``torch.rms_norm`` call (transformers: cast, pow, mean, add, rsqrt, mul, cast, mul);
 - the query and key heads normalised together: one ``layer_norm`` and one ``addcmul`` with the
   per-head gains and biases of both (transformers: three kernels each);
 - rotary embedding on queries and keys together in three kernels, with ``rotate_half`` as a flip
-  of the two halves and its sign folded into the sine once per step (transformers: ten per layer).
+  of the two halves and its sign folded into the sine once per step (transformers: ten per layer);
+- with ``fuse_projections`` (the torch backend applies it at load), q/k/v as one matmul and gate/up
+  as another.
 
 ``tests/test_decode_layers.py`` checks it against transformers' layers (float32, both layer
 orders), and ``benchmarks/step_ops.py`` counts the kernels. The rounding differs from

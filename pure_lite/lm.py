@@ -11,8 +11,9 @@ where the past is the runtime's whole preallocated cache (B, heads, S, head_dim)
 attention_mask (B, S + T) marks which of its S slots hold real positions, then the T new
 tokens. Attention scores the past and the new tokens separately and joins only the small
 score matrices, so no step ever copies the cache; the caller writes the returned new keys
-and values into its buffer. The torch backend runs the same layers over a static cache of
-its own (``pure_lite.torch_decoder``). Both call the decoder layers and ``lm_head`` directly because the
+and values into its buffer. The torch backend runs the same weights over a static cache of
+its own (``pure_lite.torch_decoder``, with the layer forward of ``pure_lite.decode_layers``, fewer kernels
+per step). Both call the decoder layers and ``lm_head`` directly because the
 stock ``ChameleonForConditionalGeneration.forward`` masks every image token out of the logits.
 """
 

@@ -1,6 +1,6 @@
 """The torch backend's Decoder: a preallocated KV cache in two groups, eager on CPU, CUDA graphs on a GPU.
 
-Three choices, each for the GPU (docs/gpu.md has the numbers):
+Four choices, each for the GPU (docs/gpu.md has the numbers):
 
 - **Two cache groups.** The conditional rows hold prompt, text and image; the unconditional
   (CFG) rows only ever hold the image block, so their group is sized for that. At PURE's
@@ -16,6 +16,10 @@ Three choices, each for the GPU (docs/gpu.md has the numbers):
   the next decoder step are one graph; the host only chooses which graph to replay (a code
   that ends an image row rides with the row end: two tokens) and reads the codes back once
   per image row, which keeps the progress bar and cancellation working.
+- **Few kernels per step**: the layers run as ``pure_lite.decode_layers`` writes them (transformers'
+  own forward stays available as ``layers="transformers"``, the reference it is checked against), keys
+  and values share one tensor per layer (one write per group), and the uniforms of a whole restoration
+  are hashed once (a lookup per step).
 
 The same code runs eagerly on CPU (graphs are a CUDA feature); there the shared decode loop
 samples on the host with the NumPy sampler unless ``device_loop=True`` is asked for.
@@ -86,7 +90,7 @@ class _Group:
         self.row_index = torch.arange(rows, device=device).unsqueeze(1)
         self.rows, self.capacity = rows, capacity
         self.slots: torch.Tensor | None = None  # (rows, T) slots of this call's tokens
-        self.mask: torch.Tensor | None = None  # (rows, 1, T, span) bool: which slots each new token sees
+        self.mask: torch.Tensor | None = None  # (rows, 1, T, span): 0 where a new token sees a slot, -inf elsewhere
         self.span = 0
 
     def write(self, layer: int, kv: torch.Tensor, scales: torch.Tensor | None = None) -> None:
@@ -131,6 +135,8 @@ class GroupedKV:
         self.live = 1
         self.offsets = torch.arange(max_new, device=device)
         self.key_index = torch.arange(max(g.capacity for g in self.groups), device=device)
+        self.seen = torch.zeros((), dtype=dtype, device=device)
+        self.unseen = torch.full((), float("-inf"), dtype=dtype, device=device)
 
     @property
     def live_groups(self) -> list[_Group]:
@@ -141,7 +147,10 @@ class GroupedKV:
         for group, span in zip(self.live_groups, spans):
             group.slots = group.lengths.unsqueeze(1) + self.offsets[:t]
             group.span = span
-            group.mask = (self.key_index[:span] <= group.slots.unsqueeze(-1)).unsqueeze(1)
+            # additive, in the model's dtype, made once per call: SDPA would turn a boolean mask into this
+            # itself in every layer (a hidden ``where`` per attention call)
+            group.mask = torch.where(self.key_index[:span] <= group.slots.unsqueeze(-1), self.seen,
+                                     self.unseen).unsqueeze(1)
         return torch.cat([g.slots for g in self.live_groups])
 
     def update(self, key, value, layer_idx, *args, **kwargs):
