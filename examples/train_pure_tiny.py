@@ -52,10 +52,13 @@ def stage_pack(build: Path, cache: Path | None, crops_per_photo: int | None = No
     """
     from pure_lite.images import save_image_atomic, to_pil
     from pure_lite.train.pack import MAX_PACK_BYTES, build_pack, load_pack, max_crops
-    from pure_lite.train.photo_sources import split
+    from pure_lite.train.photo_sources import locate, split
 
     parts = split()
     train, held = build / "pack" / "train.npz", build / "pack" / "heldout.npz"
+    if not (train.exists() and held.exists()):  # every photo found before any crop is cut, or one clear error
+        for photo in parts["train"] + parts["heldout"]:
+            locate(photo, cache)
     if not train.exists():
         photos = [(p.key, _loader(p, cache)) for p in parts["train"]]
         per_photo = crops_per_photo or max_crops(LQ_PER_CROP, SIZE, SCALE, photos=len(photos)) // len(photos)
@@ -127,8 +130,13 @@ def main() -> None:
     ap.add_argument("--trained", type=Path, help="a trained model folder (pack_train's OUT/model): skip training")
     ap.add_argument("--install", choices=["float", "int8", "int4"], help="copy this export into the package")
     args = ap.parse_args()
+    from pure_lite.train.photo_sources import PhotoSourceError
+
     build = args.build
-    pack = stage_pack(build, args.photos, args.crops_per_photo)
+    try:
+        pack = stage_pack(build, args.photos, args.crops_per_photo)
+    except PhotoSourceError as exc:
+        raise SystemExit(f"error: {exc}") from None
     if args.pack_only:
         print(f"pack: {pack} ({pack.stat().st_size / 1e6:.1f} MB)")
         return

@@ -60,6 +60,24 @@ def test_locate_finds_photos_in_an_unpacked_cache_and_names_what_is_missing(tmp_
         ps.locate(photo, None)
 
 
+def test_the_recipe_names_a_missing_photo_before_cutting_any_crop(tmp_path):
+    """examples/train_pure_tiny.py with a --photos folder that lacks the Debian photos (here: an empty one,
+    as when the fetch wrote elsewhere): one error line, exit status 1, nothing made in BUILD."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    recipe = Path(__file__).resolve().parents[1] / "examples" / "train_pure_tiny.py"
+    (tmp_path / "photos").mkdir()
+    run = subprocess.run([sys.executable, str(recipe), str(tmp_path / "build"), "--photos", str(tmp_path / "photos"),
+                          "--pack-only"], capture_output=True, text=True, timeout=300)
+    errors = [line for line in run.stderr.splitlines() if line.startswith("error:")]
+    # the first photo missing: a Debian one, or a bundled one where its package is not installed
+    assert run.returncode == 1 and len(errors) == 1, run.stderr
+    assert "does not exist" in errors[0] or "is not installed" in errors[0], errors
+    assert "Traceback" not in run.stderr and not (tmp_path / "build").exists()
+
+
 def test_fetch_skips_packages_already_unpacked(tmp_path, monkeypatch):
     for package in ps.DEBIAN_PACKAGES:
         (tmp_path / package / "usr").mkdir(parents=True)
