@@ -38,11 +38,10 @@ SIZE, SCALE, SEED = 128, 4, 0
 LQ_PER_CROP, EVAL_CROPS_PER_PHOTO = 2, 4
 
 
-def _loader(photo, cache):
+def _loader(path: Path):
     from pure_lite.images import load_image
-    from pure_lite.train.photo_sources import locate
 
-    return lambda: load_image(locate(photo, cache))
+    return lambda: load_image(path)
 
 
 def stage_pack(build: Path, cache: Path | None, crops_per_photo: int | None = None) -> Path:
@@ -57,15 +56,14 @@ def stage_pack(build: Path, cache: Path | None, crops_per_photo: int | None = No
     parts = split()
     train, held = build / "pack" / "train.npz", build / "pack" / "heldout.npz"
     if not (train.exists() and held.exists()):  # every photo found before any crop is cut, or one clear error
-        for photo in parts["train"] + parts["heldout"]:
-            locate(photo, cache)
+        paths = {p.key: locate(p, cache) for p in parts["train"] + parts["heldout"]}
     if not train.exists():
-        photos = [(p.key, _loader(p, cache)) for p in parts["train"]]
+        photos = [(p.key, _loader(paths[p.key])) for p in parts["train"]]
         per_photo = crops_per_photo or max_crops(LQ_PER_CROP, SIZE, SCALE, photos=len(photos)) // len(photos)
         build_pack(photos, train, crops_per_photo=per_photo, lq_per_crop=LQ_PER_CROP, size=SIZE, scale=SCALE, seed=SEED,
                    max_bytes=sys.maxsize if crops_per_photo else MAX_PACK_BYTES)
     if not held.exists():
-        photos = [(p.key, _loader(p, cache)) for p in parts["heldout"]]
+        photos = [(p.key, _loader(paths[p.key])) for p in parts["heldout"]]
         build_pack(photos, held, crops_per_photo=EVAL_CROPS_PER_PHOTO, lq_per_crop=1, size=SIZE, scale=SCALE,
                    seed=SEED + 1)
     pack = load_pack(held)

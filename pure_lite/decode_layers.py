@@ -32,8 +32,9 @@ class DecodeLayers(nn.Module):
     """``forward(ids (R, T), positions (R, T), cache) -> final-norm hidden states (R, T, hidden)``.
 
     ``cache`` is a ``pure_lite.torch_decoder.GroupedKV`` (``update`` writes a layer's keys/values,
-    ``attend`` reads them). The qk-norm gains of each layer are joined once, here: build this after
-    the weights are final (the torch backend builds its decoder after loading).
+    ``attend`` reads them). The qk-norm gains of each layer are joined once, here, on the weights'
+    device: build this after the weights are final and in place (the torch backend builds its decoder
+    after loading).
     """
 
     def __init__(self, lm):
@@ -45,15 +46,17 @@ class DecodeLayers(nn.Module):
         self.kv_heads = config.num_key_value_heads or self.heads
         self.head_dim = config.hidden_size // self.heads
         self.eps = config.rms_norm_eps
-        attns = [layer.self_attn for layer in self.model.layers]
-        for name, parts in (("qk_gain", ("weight",)), ("qk_bias", ("bias",))):
-            joined = [torch.cat([getattr(a.q_norm, parts[0]), getattr(a.k_norm, parts[0])]).detach() for a in attns]
-            for i, tensor in enumerate(joined):  # (heads + kv_heads, head_dim)
-                self.register_buffer(f"{name}_{i}", tensor, persistent=False)
+        layers = self.model.layers
+        # per layer, decided once here rather than looked up on every step: the joined qk-norm gains and
+        # biases, (heads + kv_heads, head_dim), and whether fuse_projections joined its projections
+        attns = [layer.self_attn for layer in layers]
+        self.qk_norms = [tuple(torch.cat([getattr(a.q_norm, p), getattr(a.k_norm, p)]).detach() for p in ("weight", "bias"))
+                         for a in attns]
+        self.joined_qkv = [hasattr(a, "qkv_proj") for a in attns]
+        self.joined_gate_up = [hasattr(layer.mlp, "gate_up_proj") for layer in layers]
         self.scaling = self.head_dim ** -0.5
         half, embed = self.head_dim // 2, self.model.embed_tokens.weight
-        sign = torch.cat([-torch.ones(half), torch.ones(half)]).to(device=embed.device, dtype=embed.dtype)
-        self.register_buffer("rotate_sign", sign, persistent=False)
+        self.rotate_sign = torch.cat([-torch.ones(half), torch.ones(half)]).to(device=embed.device, dtype=embed.dtype)
 
     def _rms(self, x: torch.Tensor, norm) -> torch.Tensor:
         return torch.rms_norm(x, (x.shape[-1],), norm.weight, self.eps)
@@ -68,10 +71,9 @@ class DecodeLayers(nn.Module):
 
     def _layer(self, i: int, layer, x: torch.Tensor, cos, sin, cache) -> torch.Tensor:
         attn, mlp = layer.self_attn, layer.mlp
-        rows, t, _ = x.shape
         h = x if self.swin else self._rms(x, layer.input_layernorm)
         qk_heads = self.heads + self.kv_heads
-        if hasattr(attn, "qkv_proj"):  # fuse_projections: one matmul
+        if self.joined_qkv[i]:  # fuse_projections: one matmul
             qkv = attn.qkv_proj(h).unflatten(-1, (qk_heads + self.kv_heads, self.head_dim))
             # normalising the value heads too wastes a little arithmetic but spares a copy of the slice
             qk = F.layer_norm(qkv, (self.head_dim,), eps=QK_NORM_EPS)[:, :, :qk_heads]
@@ -80,7 +82,8 @@ class DecodeLayers(nn.Module):
             qk = torch.cat([attn.q_proj(h), attn.k_proj(h)], -1).unflatten(-1, (qk_heads, self.head_dim))
             qk = F.layer_norm(qk, (self.head_dim,), eps=QK_NORM_EPS)
             value = attn.v_proj(h).unflatten(-1, (self.kv_heads, self.head_dim))
-        qk = torch.addcmul(getattr(self, f"qk_bias_{i}"), qk, getattr(self, f"qk_gain_{i}"))
+        gain, bias = self.qk_norms[i]
+        qk = torch.addcmul(bias, qk, gain)
         # rotate_half(x) * sin == (x's halves swapped) * (sin with its first half negated)
         swapped = qk.unflatten(-1, (2, self.head_dim // 2)).flip(-2).flatten(-2)
         qk = torch.addcmul(qk * cos, swapped, sin)
@@ -89,7 +92,7 @@ class DecodeLayers(nn.Module):
         out = attn.o_proj(cache.attend(i, query, self.scaling).flatten(2))
         x = x + (self._rms(out, layer.input_layernorm) if self.swin else out)
         h = x if self.swin else self._rms(x, layer.post_attention_layernorm)
-        if hasattr(mlp, "gate_up_proj"):
+        if self.joined_gate_up[i]:
             gate, up = mlp.gate_up_proj(h).chunk(2, -1)
         else:
             gate, up = mlp.gate_proj(h), mlp.up_proj(h)

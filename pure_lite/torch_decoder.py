@@ -352,9 +352,9 @@ class TorchDecoder:
         when t == 2) and leave the next logits in ``chain.logits``. Device work only: capturable."""
         s = self.chain
         b = s.batch
-        uniforms = s.uniforms.index_select(1, s.counter.view(1)).squeeze(1)
-        code, entropy = torch_sampler.image_codes(s.logits[:b], s.logits[b:] if s.cfg else None, s.config, uniforms)
         column = s.counter.view(1)
+        uniforms = s.uniforms.index_select(1, column).squeeze(1)
+        code, entropy = torch_sampler.image_codes(s.logits[:b], s.logits[b:] if s.cfg else None, s.config, uniforms)
         s.codes.index_copy_(1, column, code.unsqueeze(1))
         s.entropy.index_copy_(1, column, entropy.to(s.entropy.dtype).unsqueeze(1))
         s.counter += 1
