@@ -301,8 +301,11 @@ def test_vq_recipe_knobs_are_validated():
 
 def test_pack_training_scores_the_heldout_pack_beside_it(tiny_pack, tmp_path):
     """heldout.npz beside the training pack becomes WORK/tokens-heldout, which the language model stage
-    scores (here every step) to keep its best step; without it the run says so and keeps the last."""
+    scores (here every step, and its starting weights) to keep its best step; without it the run says so and
+    keeps the last. A later run may start its language model from this one's (``lm_from``), only over the same VQ."""
     pytest.importorskip("transformers")
+    from dataclasses import replace
+
     from pure_lite.train.config import TrainConfig, VQTrainConfig
     from pure_lite.train.pack_train import LMShape, PackTrainConfig, run
     from pure_lite.train.pretokenize import TokenDataset
@@ -327,7 +330,35 @@ def test_pack_training_scores_the_heldout_pack_beside_it(tiny_pack, tmp_path):
     assert run(packs / "train.npz", tmp_path / "run", config, device="cpu", work=work, keep_work=True,
                log=logs.append) is not None
     assert len(TokenDataset(work / "tokens-heldout")) == len(TokenDataset(work / "tokens")) > 0
-    assert [m.split()[1] for m in logs if "held-out loss" in m] == ["1", "2"]
+    assert [m.split()[1] for m in logs if "held-out loss" in m] == ["0", "1", "2"]  # 0: the starting weights
+
+    # another run starts its language model from this one's (v3 from v2.2): the same weights at step 0
+    import safetensors.torch
+    import torch
+
+    from pure_lite.errors import PureLiteError
+
+    again = tmp_path / "again"
+    for part in ("vq", "tokens", "tokens-heldout"):
+        shutil.copytree(work / part, again / part)
+    trained = tmp_path / "run" / "model"
+    assert run(None, tmp_path / "next", replace(config, lm_from=str(trained)), device="cpu", work=again,
+               keep_work=True, log=None) is not None
+
+    def weights(folder):
+        return {k: v for f in sorted(folder.glob("model*.safetensors"))
+                for k, v in safetensors.torch.load_file(str(f)).items()}
+
+    start, source = weights(again / "init"), weights(trained)
+    assert start.keys() == source.keys() and all(torch.equal(start[k], source[k]) for k in source)
+    assert (again / "init" / "vq_ds8_c2i.pt").read_bytes() == (work / "vq" / "vq_ds8_c2i.pt").read_bytes()
+
+    other = tmp_path / "other"  # a work folder whose tokens came from another VQ
+    shutil.copytree(again, other, ignore=shutil.ignore_patterns("init", "lm"))
+    (other / "vq" / "vq_ds8_c2i.pt").write_bytes(b"another tokenizer")
+    with pytest.raises(PureLiteError, match="another tokenizer"):
+        run(None, tmp_path / "refused", replace(config, lm_from=str(trained)), device="cpu", work=other, log=None)
+    assert not (other / "init").exists()
 
 
 def test_an_unfinished_run_publishes_its_best_heldout_step(tmp_path):

@@ -392,7 +392,7 @@ def test_heldout_scoring_keeps_the_best_steps_weights(train_ckpt, tokens, tmp_pa
     lines = []
     result = train(train_ckpt, tokens, tmp_path / "run", cfg, device="cpu", log=lines.append, heldout_dir=tokens)
     steps, scores = zip(*result.heldout)
-    assert steps == (1, 2, 3, 4, 5, 6)
+    assert steps == (0, 1, 2, 3, 4, 5, 6)  # step 0: the starting weights
     assert result.best_step == steps[int(np.argmin(scores))] != 6, result.heldout
     assert any(f"has step {result.best_step}'s weights" in line for line in lines)
     assert _batch_loss(tmp_path / "run", tokens) == pytest.approx(min(scores), abs=1e-4)

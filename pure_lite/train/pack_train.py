@@ -13,13 +13,14 @@ exists, so a run cut short still returns it. Everything else lives in the work f
 default OUT/work: give a folder outside OUT on a borrowed machine) and is removed at the end:
 
  1. vq      ``train_vq_on`` over 64x64 windows of the pack's HQ crops (OUT/work/vq.ckpt)
- 2. init    a random-init Chameleon with the compact vocabulary and the trained VQ (OUT/work/init)
+ 2. init    a random-init Chameleon with the compact vocabulary and the trained VQ (OUT/work/init), or
+            with ``--lm-from`` a trained PURE-tiny's language model over the same VQ (more data for it)
  3. tokens  every (crop, LQ version, horizontal flip) as one conversation: the LQ resized to the HQ
             size with the restore pipeline's own bicubic, both encoded with the trained VQ, the
             assistant's text the degradation sentence of the pack's levels (OUT/work/tokens)
     and the same for the held-out pack (``heldout.npz`` beside PACK, OUT/work/tokens-heldout)
  4. lm      ``finetune.train`` (OUT/work/lm/checkpoints), scoring the held-out conversations every
-            200 steps and keeping the best-scoring step's weights (v2's first run, which did not,
+            200 steps (and before the first) and keeping the best-scoring step's weights (v2's first run, which did not,
             memorised its 4312 conversations: its last step was worse than chance on held-out ones)
 
 ``--minutes`` bounds the wall-clock time: when it runs out (or at Ctrl-C / SIGTERM), the current
@@ -80,6 +81,9 @@ class PackTrainConfig:
         dropout=0.0, save_every=1000, log_every=100, eval_every=200))
     flips: bool = True  # each crop also enters the LM data mirrored (degradations are mirror-symmetric)
     seed: int = 0
+    # a trained PURE-tiny folder whose language model is the starting point instead of a random init
+    # (more data for a model that already learned from less); it must share WORK's tokenizer
+    lm_from: str | None = None
 
     def vq_config(self):
         from ..vq import VQConfig
@@ -125,12 +129,33 @@ def stage_init(work: Path, vq_file: Path, config: PackTrainConfig) -> Path:
     if not (out / "config.json").exists():
         tmp = work / "init.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        make_tiny_checkpoint(tmp, seed=config.seed, layout="compact", compact_codebook=config.vq_codebook_size,
-                             init_std=0.02, vq_base_channels=config.vq_base_channels, **asdict(config.lm))
-        shutil.copyfile(vq_file, tmp / "vq_ds8_c2i.pt")  # the trained tokenizer replaces the random one
-        (tmp / "tiny_checkpoint.json").unlink(missing_ok=True)
+        if config.lm_from:
+            _copy_trained_lm(Path(config.lm_from), vq_file, tmp)
+        else:
+            make_tiny_checkpoint(tmp, seed=config.seed, layout="compact", compact_codebook=config.vq_codebook_size,
+                                 init_std=0.02, vq_base_channels=config.vq_base_channels, **asdict(config.lm))
+            shutil.copyfile(vq_file, tmp / "vq_ds8_c2i.pt")  # the trained tokenizer replaces the random one
+            (tmp / "tiny_checkpoint.json").unlink(missing_ok=True)
         tmp.rename(out)
     return out
+
+
+def _copy_trained_lm(source: Path, vq_file: Path, dest: Path) -> None:
+    """DEST gets SOURCE's language model (config, weights, text tokenizer) beside WORK's VQ. The tokens in
+    WORK were encoded with that VQ: a model trained on another one's codes would learn a different language,
+    so SOURCE's VQ must be the same file, byte for byte."""
+    from ..checkpoint import CheckpointFiles
+
+    files = CheckpointFiles.locate(source)
+    if files.vq.read_bytes() != vq_file.read_bytes():
+        raise PureLiteError(f"{source} was trained with another tokenizer than {vq_file}: its language model "
+                            "cannot start from codes it never saw")
+    dest.mkdir(parents=True)
+    for f in files.root.iterdir():
+        lm_file = f.name == "config.json" or f.name.endswith((".safetensors", ".safetensors.index.json"))
+        if (lm_file and not f.name.startswith("vq_")) or f == files.tokenizer:
+            shutil.copyfile(f, dest / f.name)
+    shutil.copyfile(vq_file, dest / vq_file.name)
 
 
 def stage_tokens(pack: TrainingPack, init: Path, work: Path, config: PackTrainConfig, device: str, log,
@@ -347,6 +372,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lm-eval-every", type=int, default=None,
                     help="score the held-out conversations every N steps and keep the best step's weights "
                          f"(default: {d.lm_train.eval_every}, or a tenth of --lm-steps when that is fewer; 0: never)")
+    ap.add_argument("--lm-from", type=Path, default=None,
+                    help="start the language model from this trained PURE-tiny folder instead of a random init "
+                         "(same tokenizer as WORK's)")
+    ap.add_argument("--lm-lr", type=float, default=d.lm_train.lr,
+                    help=f"peak learning rate of the language model (default: {d.lm_train.lr})")
     ap.add_argument("--lm-dropout", type=float, default=d.lm_train.dropout,
                     help=f"dropout in the language model while it trains (default: {d.lm_train.dropout})")
     ap.add_argument("--precision", choices=PRECISIONS, default="auto",
@@ -363,9 +393,10 @@ def main(argv: list[str] | None = None) -> int:
     eval_every = args.lm_eval_every if args.lm_eval_every is not None else min(d.lm_train.eval_every,
                                                                                max(1, args.lm_steps // 10))
     config = replace(d, vq_codebook_size=args.vq_codebook_size, vq_z_channels=args.vq_z_channels,
+                     lm_from=str(args.lm_from) if args.lm_from else None,
                      vq_train=replace(d.vq_train, steps=args.vq_steps, batch_size=args.vq_batch,
                                          save_every=min(d.vq_train.save_every, args.vq_steps), precision=args.precision),
-                     lm_train=replace(d.lm_train, max_steps=args.lm_steps, batch_size=args.lm_batch,
+                     lm_train=replace(d.lm_train, max_steps=args.lm_steps, batch_size=args.lm_batch, lr=args.lm_lr,
                                       precision=args.precision, eval_every=eval_every, dropout=args.lm_dropout,
                                       save_every=min(d.lm_train.save_every, args.lm_steps),
                                       warmup_steps=min(d.lm_train.warmup_steps, max(1, args.lm_steps // 10))))
