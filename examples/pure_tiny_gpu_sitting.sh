@@ -16,9 +16,13 @@
 #   run(command="WORK=build/pure-tiny-v3/work STEPS_SCALE=2 MINUTES=4.6 BENCH=0 bash examples/pure_tiny_gpu_sitting.sh
 #                2>&1 | tee $OUT/sitting.log", timeout_s=420,
 #       carry=["build/pure-tiny-v3/work/vq", "build/pure-tiny-v3/work/tokens", "build/pure-tiny-v3/work/tokens-heldout"])
+#
+# LM_FROM=FOLDER starts the three runs from a trained model (pack_train --lm-from; carry the folder too),
+# e.g. build/pure-tiny-v3/trained, the shipped v3's checkpoint, on data it has not seen.
 set -uo pipefail
 T0=$(date +%s)
 WORK=${WORK:-build/pure-tiny/v2/work}
+LM_FROM=${LM_FROM:+$(realpath "$LM_FROM")}  # the runs work from /tmp
 # training needs only pure-lite itself; gpu_session.sh installs the benchmark's wheels
 python -m pip install -q --no-deps --no-build-isolation ./ 2>&1 | tail -2
 mkdir -p /tmp/runs
@@ -26,7 +30,7 @@ train() {  # NAME ARGS...: a copy of the work folder each, so the runs share not
   local n=$1; shift
   cp -r "$WORK" "/tmp/runs/work-$n"
   (cd /tmp && OMP_NUM_THREADS=4 PYTHONUNBUFFERED=1 python -m pure_lite.train.pack_train none "/tmp/runs/$n" \
-     --work "/tmp/runs/work-$n" --minutes "${MINUTES:-3.2}" --publish-partial "$@" 2>&1 \
+     --work "/tmp/runs/work-$n" --minutes "${MINUTES:-3.2}" --publish-partial ${LM_FROM:+--lm-from "$LM_FROM"} "$@" 2>&1 \
      | grep -v -E "Writing|Loading" > "/tmp/runs/$n.log")
 }
 S=${STEPS_SCALE:-1}  # step counts and scoring intervals scale together
