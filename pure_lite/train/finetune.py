@@ -147,9 +147,10 @@ def train(
 
     ``heldout_dir`` (pre-tokenized conversations never trained on) with ``config.eval_every``: their
     loss is scored before the first step, every ``eval_every`` steps and at the last, and the final model
-    gets the weights of the step that scored best, not necessarily the last nor even a trained one (a small data set is memorised long before a
-    fixed schedule ends: PURE-tiny v2's last step scored 10.9 nats per held-out image token, worse than
-    chance). The best weights so far live in OUT_DIR/checkpoints/best, so a resumed run keeps them.
+    gets the weights of the step that scored best, not necessarily the last nor even a trained one (a small
+    data set is memorised long before a fixed schedule ends: PURE-tiny v2's last step scored 10.9 nats per
+    held-out image token, worse than chance). The best weights so far live in OUT_DIR/checkpoints/best,
+    so a resumed run keeps them.
 
     When ``deadline`` (a ``time.monotonic()`` value) passes, or a stop is requested
     (``stopping.stop_on_signals``, single-process runs), before the last step, a checkpoint is
@@ -235,7 +236,7 @@ def train(
     if judge is not None and config.eval_every < 1:
         raise PureLiteError("held-out tokens were given but eval_every is 0: set how often to score them")
     if judge is not None and step == 0 and judge.best_step is None:
-        say(judge.score(0, save_file))  # the starting weights are a candidate too: a fine-tune may only make them worse
+        say(judge.score(0, save_file))  # the starting weights are a candidate: a fine-tune may only make them worse
     while step < total:
         optimizer.zero_grad(set_to_none=True)
         running = 0.0

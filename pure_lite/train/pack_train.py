@@ -20,8 +20,9 @@ default OUT/work: give a folder outside OUT on a borrowed machine) and is remove
             assistant's text the degradation sentence of the pack's levels (OUT/work/tokens)
     and the same for the held-out pack (``heldout.npz`` beside PACK, OUT/work/tokens-heldout)
  4. lm      ``finetune.train`` (OUT/work/lm/checkpoints), scoring the held-out conversations every
-            200 steps (and before the first) and keeping the best-scoring step's weights (v2's first run, which did not,
-            memorised its 4312 conversations: its last step was worse than chance on held-out ones)
+            200 steps (and before the first) and keeping the best-scoring step's weights (v2's first
+            run, which did not, memorised its 4312 conversations: its last step was worse than chance
+            on held-out ones)
 
 ``--minutes`` bounds the wall-clock time: when it runs out (or at Ctrl-C / SIGTERM), the current
 stage saves a checkpoint at the end of its step and the command exits with status 3; the same
