@@ -206,12 +206,14 @@ def _export(args: argparse.Namespace) -> int:
 
 def _add_load_options(parser: argparse.ArgumentParser, workers: bool = False) -> None:
     """--quantize and --kv-cache, shared by restore and restore-many (a checkpoint folder's torch backend)."""
+    from .batch import LOAD_OPTIONS  # light: Ray is imported only when a run starts
+
     whose = "each worker loads " if workers else "load "
-    parser.add_argument("--quantize", choices=["nf4", "int8", "int4"], default=None,
+    parser.add_argument("--quantize", choices=LOAD_OPTIONS["quantization"], default=None,
                         help=f"checkpoint folder: {whose}the language model's decoder layers quantized, nf4 or int8 "
                              "through bitsandbytes ([quant]) or int4 through torchao ([torchao]; CUDA, bfloat16, the "
                              "fastest 4-bit decode, docs/gpu.md) (default: as stored)")
-    parser.add_argument("--kv-cache", choices=["int8"], default=None,
+    parser.add_argument("--kv-cache", choices=LOAD_OPTIONS["kv_cache"], default=None,
                         help="checkpoint folder: keep the KV cache in int8, half its memory (what a 12 GB card needs "
                              "for a 512² restoration of the 7B model at 4-bit) (default: the model's dtype)")
 

@@ -256,6 +256,17 @@ def test_load_options_are_checked_before_any_work(tiny_compact, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_the_load_options_listed_without_torch_are_the_torch_backends():
+    """batch.LOAD_OPTIONS (which the CLI's choices also use) is written out so that restore-many can check its
+    options without importing torch: its quantizations must be exactly the torch backend's."""
+    from typing import get_args
+
+    from pure_lite.batch import LOAD_OPTIONS
+
+    torch_backend = pytest.importorskip("pure_lite.torch_backend")
+    assert LOAD_OPTIONS["quantization"] == get_args(torch_backend.Quantization)
+
+
 def test_load_options_reach_the_workers_and_are_part_of_the_settings(local_ray, tiny_compact, tmp_path):
     """A checkpoint folder with kv_cache="int8": the worker loads it so (its output's provenance names the
     backend it ran), and the same folder refuses a run without the option."""
