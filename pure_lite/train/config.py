@@ -72,7 +72,9 @@ class VQTrainConfig:
     ``lr * min_lr_ratio`` (``min_lr_ratio`` 1 keeps it constant, the v1 behaviour). The
     reconstruction loss is ``(1 - l2_weight) * L1 + l2_weight * MSE``: L1 keeps edges, MSE is what
     PSNR measures. Under bf16 (``precision``, see ``use_bf16``) only the encoder's and decoder's
-    convolutions run in bf16: the code lookup and the losses stay fp32.
+    convolutions run in bf16: the code lookup and the losses stay fp32. ``perceptual_weight`` adds
+    LPIPS (VGG16, ``train.perceptual``) to the reconstruction loss; ``decoder_only`` trains the
+    decoder of a given tokenizer and leaves its encoder and codebook, hence its codes, as they were.
     """
 
     steps: int = 2000
@@ -86,6 +88,8 @@ class VQTrainConfig:
     disc_weight: float = 0.1
     disc_start: int = 500
     restart_every: int = 20  # re-seed codes unused over this many steps from current encoder outputs
+    perceptual_weight: float = 0.0
+    decoder_only: bool = False
     seed: int = 0
     log_every: int = 50
     save_every: int = 0  # steps between resumable checkpoints (0: none)
@@ -97,6 +101,8 @@ class VQTrainConfig:
             raise ValueError(f"crop must be a multiple of 8, got {self.crop}")
         if self.steps < 1 or self.batch_size < 1 or self.lr <= 0:
             raise ValueError("steps and batch_size must be >= 1 and lr > 0")
+        if self.perceptual_weight < 0:
+            raise ValueError(f"perceptual_weight must be >= 0, got {self.perceptual_weight}")
         if not 0.0 <= self.l2_weight <= 1.0 or not 0.0 < self.min_lr_ratio <= 1.0:
             raise ValueError(f"l2_weight must be in [0, 1] and min_lr_ratio in (0, 1], "
                              f"got {self.l2_weight} and {self.min_lr_ratio}")

@@ -5,9 +5,13 @@ Loss = reconstruction ((1 - l2_weight) L1 + l2_weight MSE) + codebook term ||sg(
 sphere; straight-through gradients; codes left unused for ``restart_every`` steps are re-seeded
 from current encoder outputs, which keeps a codebook from collapsing onto a few codes)
 + an optional adversarial term: a small patch discriminator with hinge loss, switched on after
-``disc_start`` steps so the autoencoder first learns to reconstruct. We chose the adversarial
-term over a perceptual one because a perceptual network's weights cannot be downloaded here;
-PURE-tiny leaves it off (it made held-out reconstructions worse).
+``disc_start`` steps so the autoencoder first learns to reconstruct (PURE-tiny leaves it off: it
+made held-out reconstructions worse) + an optional perceptual term, LPIPS-VGG16
+(``perceptual.py``), weighted by ``perceptual_weight``.
+
+``decoder_only`` fine-tunes the decoder of a trained tokenizer (``init``) and freezes the rest:
+the codes of every image stay what they were, so a language model trained on them keeps working
+with the new decoder (``decoder_tune.py``).
 
 The loop (``train_vq_on``) takes a batch sampler, so a folder of photos (``train_vq``, the CLI)
 and a training pack (pack_train.py) share it. Batches are drawn from a generator seeded by
@@ -56,18 +60,22 @@ class PatchDiscriminator(nn.Module):
 
 
 def vq_losses(vq: VQModel, pixels: torch.Tensor, beta: float, *, l2_weight: float = 0.0, with_latents: bool = False,
-              bf16: bool = False):
+              bf16: bool = False, frozen_codes: bool = False):
     """(reconstruction, reconstruction loss, codebook + commitment loss[, latents, codes]), straight-through.
 
     ``bf16`` runs the encoder and decoder under bf16 autocast; the nearest-code search, the codebook
     and the losses stay fp32 (a code picked from bf16 distances would flip between near ties).
+    ``frozen_codes``: no gradient reaches the encoder or codebook, and the codebook term is 0.
     """
-    with torch.autocast(pixels.device.type, dtype=torch.bfloat16, enabled=bf16):
-        h = vq.quant_conv(vq.encoder(pixels))
-    z = F.normalize(h.float(), dim=1)  # (b, d, h, w)
-    codes = vq.quantize.nearest(z)
-    q = vq.quantize.lookup(codes)
-    vq_loss = F.mse_loss(q, z.detach()) + beta * F.mse_loss(z, q.detach())
+    with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen_codes):
+        with torch.autocast(pixels.device.type, dtype=torch.bfloat16, enabled=bf16):
+            h = vq.quant_conv(vq.encoder(pixels))
+        z = F.normalize(h.float(), dim=1)  # (b, d, h, w)
+        codes = vq.quantize.nearest(z)
+        q = vq.quantize.lookup(codes)
+        vq_loss = F.mse_loss(q, z.detach()) + beta * F.mse_loss(z, q.detach())
+    if frozen_codes:
+        vq_loss = vq_loss.new_zeros(())
     with torch.autocast(pixels.device.type, dtype=torch.bfloat16, enabled=bf16):
         recon = vq.decoder(vq.post_quant_conv(z + (q - z).detach()))
     recon = recon.float()
@@ -152,18 +160,38 @@ def train_vq_on(
     checkpoint: str | os.PathLike | None = None,
     deadline: float | None = None,
     log: Callable[[str], None] | None = print,
+    init: dict[str, torch.Tensor] | None = None,
+    perceptual: nn.Module | None = None,
 ) -> tuple[VQModel, int]:
     """Train (or resume from ``checkpoint``) for ``config.steps`` steps; returns (model in eval mode, steps done).
 
     ``checkpoint`` is written every ``config.save_every`` steps and when ``deadline`` (a
     ``time.monotonic()`` value) passes or a stop is requested (``stopping.stop_on_signals``), in
-    which case training stops early: call again to go on.
+    which case training stops early: call again to go on. ``init``: starting weights (a state dict;
+    required by ``config.decoder_only``). ``perceptual``: the loss module for
+    ``config.perceptual_weight`` (default: ``PerceptualLoss.load()``, the converted VGG16 weights).
     """
     say = log or (lambda message: None)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if config.decoder_only and init is None:
+        raise ValueError("decoder_only training needs the tokenizer to start from (init)")
+    if config.perceptual_weight and perceptual is None:
+        from .perceptual import PerceptualLoss
+
+        perceptual = PerceptualLoss.load()
+    if perceptual is not None:
+        perceptual = perceptual.to(dev).eval()
     torch.manual_seed(config.seed)
     vq, disc = VQModel(vq_config).to(dev).train(), PatchDiscriminator().to(dev).train()
-    opt = torch.optim.Adam(vq.parameters(), lr=config.lr, betas=(0.5, 0.9))
+    if init is not None:
+        vq.load_state_dict(init)
+    trained = vq.parameters()
+    if config.decoder_only:
+        vq.requires_grad_(False)
+        trained = [*vq.decoder.parameters(), *vq.post_quant_conv.parameters()]
+        for p in trained:
+            p.requires_grad_(True)
+    opt = torch.optim.Adam(trained, lr=config.lr, betas=(0.5, 0.9))
     opt_d = torch.optim.Adam(disc.parameters(), lr=config.lr, betas=(0.5, 0.9))
     schedule = lambda s: lr_factor(s, config.steps, config.warmup_steps, config.min_lr_ratio)  # noqa: E731
     sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
@@ -199,9 +227,13 @@ def train_vq_on(
         batch = np.ascontiguousarray(sample(rng, config.batch_size, config.crop))
         x = torch.from_numpy(batch).to(dev, non_blocking=True)
         recon, rec, vql, latents, codes = vq_losses(vq, x, config.beta, l2_weight=config.l2_weight, with_latents=True,
-                                                          bf16=bf16)
+                                                    bf16=bf16, frozen_codes=config.decoder_only)
         used[codes.flatten()] = True
         loss = rec + vql
+        if config.perceptual_weight:
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
+                lpips = perceptual(recon, x).float().mean()
+            loss = loss + config.perceptual_weight * lpips
         adversarial = step > config.disc_start and config.disc_weight > 0
         if adversarial:
             loss = loss - config.disc_weight * disc(recon).mean()
@@ -209,7 +241,8 @@ def train_vq_on(
         loss.backward()
         opt.step()
         sched.step()
-        if config.restart_every and step % config.restart_every == 0 and step <= config.steps // 2:
+        restarts = config.restart_every and not config.decoder_only  # moving a code would change the codes
+        if restarts and step % config.restart_every == 0 and step <= config.steps // 2:
             restart_dead_codes(vq, used, latents, torch.Generator().manual_seed(config.seed * 1_000_003 + step))
             used[:] = False
         if adversarial:
@@ -219,7 +252,8 @@ def train_vq_on(
             opt_d.step()
         if step % config.log_every == 0 or step == config.steps:
             rate = (time.monotonic() - started) / (step - logged)
-            say(f"vq step {step}/{config.steps}  rec {rec.item():.4f}  vq {vql.item():.4f}  "
+            extra = f"  lpips {lpips.item():.4f}" if config.perceptual_weight else ""
+            say(f"vq step {step}/{config.steps}  rec {rec.item():.4f}  vq {vql.item():.4f}{extra}  "
                 f"lr {sched.get_last_lr()[0]:.2e}  {rate:.3f} s/step")
             started, logged = time.monotonic(), step
         if config.save_every and step % config.save_every == 0 and step < config.steps:
