@@ -353,12 +353,27 @@ def test_pack_training_scores_the_heldout_pack_beside_it(tiny_pack, tmp_path):
     assert start.keys() == source.keys() and all(torch.equal(start[k], source[k]) for k in source)
     assert (again / "init" / "vq_ds8_c2i.pt").read_bytes() == (work / "vq" / "vq_ds8_c2i.pt").read_bytes()
 
-    other = tmp_path / "other"  # a work folder whose tokens came from another VQ
+    from pure_lite.checkpoint import load_vq_state_dict
+    from pure_lite.train.pack_train import _copy_trained_lm
+
+    def with_vq(folder, part, change):  # FOLDER's VQ file with one tensor of PART changed
+        state = load_vq_state_dict(folder / "vq_ds8_c2i.pt")
+        name = next(k for k in state if k.startswith(part))
+        state[name] = state[name] + change
+        torch.save({"model": state}, folder / "vq_ds8_c2i.pt")
+
+    other = tmp_path / "other"  # a work folder whose tokens came from another VQ: its codebook differs
     shutil.copytree(again, other, ignore=shutil.ignore_patterns("init", "lm"))
-    (other / "vq" / "vq_ds8_c2i.pt").write_bytes(b"another tokenizer")
+    with_vq(other / "vq", "quantize.", 0.5)
     with pytest.raises(PureLiteError, match="another tokenizer"):
         run(None, tmp_path / "refused", replace(config, lm_from=str(trained)), device="cpu", work=other, log=None)
     assert not (other / "init").exists()
+
+    tuned = tmp_path / "tuned"  # the same model after decoder_tune: other decoder weights, the same codes
+    shutil.copytree(trained, tuned)
+    with_vq(tuned, "decoder.", 0.5)
+    _copy_trained_lm(tuned, work / "vq" / "vq_ds8_c2i.pt", tmp_path / "init-from-tuned")
+    assert weights(tmp_path / "init-from-tuned").keys() == source.keys()
 
 
 def test_an_unfinished_run_publishes_its_best_heldout_step(tmp_path):

@@ -66,8 +66,11 @@ def round_trip(vq, hq: np.ndarray, lpips=None) -> dict[str, float]:
 
 def tune_decoder(model: str | Path, pack_path: str | Path, work: str | Path, config: VQTrainConfig = DEFAULT_CONFIG,
                  *, heldout: str | Path | None = None, device: str | None = None, minutes: float | None = None,
-                 log=print) -> Path | None:
-    """Train MODEL's decoder on PACK's HQ crops; returns WORK/model, or None when stopped early (run again)."""
+                 perceptual=None, log=print) -> Path | None:
+    """Train MODEL's decoder on PACK's HQ crops; returns WORK/model, or None when stopped early (run again).
+
+    ``perceptual``: the loss network (default: ``PerceptualLoss.load()``, LPIPS-VGG16 from the user cache).
+    """
     from ..vq import VQConfig
     from .vq_train import save_vq, train_vq_on
 
@@ -86,7 +89,8 @@ def tune_decoder(model: str | Path, pack_path: str | Path, work: str | Path, con
     work.mkdir(parents=True, exist_ok=True)
     deadline = time.monotonic() + 60 * minutes if minutes else None
     vq, steps = train_vq_on(lambda rng, n, crop: hq_batch(hq, rng, n, crop), vq_config, config, device=device,
-                            checkpoint=work / "decoder.ckpt", deadline=deadline, log=log, init=state)
+                            checkpoint=work / "decoder.ckpt", deadline=deadline, log=log, init=state,
+                            perceptual=perceptual)
     if steps < config.steps:
         return None
     new_state = {k: v.detach().cpu() for k, v in vq.state_dict().items()}

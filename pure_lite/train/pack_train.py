@@ -144,13 +144,15 @@ def stage_init(work: Path, vq_file: Path, config: PackTrainConfig) -> Path:
 def _copy_trained_lm(source: Path, vq_file: Path, dest: Path) -> None:
     """DEST gets SOURCE's language model (config, weights, text tokenizer) beside WORK's VQ. The tokens in
     WORK were encoded with that VQ: a model trained on another one's codes would learn a different language,
-    so SOURCE's VQ must be the same file, byte for byte."""
-    from ..checkpoint import CheckpointFiles
+    so SOURCE's VQ must encode alike (the same encoder and codebook; its decoder may have been tuned since,
+    decoder_tune.py)."""
+    from ..checkpoint import CheckpointFiles, load_vq_state_dict
+    from .decoder_tune import same_codes
 
     files = CheckpointFiles.locate(source)
-    if files.vq.read_bytes() != vq_file.read_bytes():
-        raise PureLiteError(f"{source} was trained with another tokenizer than {vq_file}: its language model "
-                            "cannot start from codes it never saw")
+    if not same_codes(load_vq_state_dict(files.vq), load_vq_state_dict(vq_file)):
+        raise PureLiteError(f"{source} was trained with another tokenizer than {vq_file} (its encoder or codebook "
+                            "differ): its language model cannot start from codes it never saw")
     dest.mkdir(parents=True)
     for f in files.root.iterdir():
         lm_file = f.name == "config.json" or f.name.endswith((".safetensors", ".safetensors.index.json"))
