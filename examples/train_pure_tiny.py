@@ -2,6 +2,7 @@
 
     pip install torch==2.13.0 && pip install -e ".[export,train,pure-tiny]"
     python -m pure_lite.train.photo_sources fetch ~/.cache/pure-lite-photos       # apt-get download, no root
+    pure-lite convert-lpips --net vgg16                                           # stage 3's loss network
     python examples/train_pure_tiny.py build/pure-tiny --photos ~/.cache/pure-lite-photos --install int8
 
 Every stage uses the project's own pipeline and a fixed seed, and is skipped (or resumed) when its
@@ -18,7 +19,10 @@ output already exists, so an interrupted run picks up where it stopped:
                ``--pack-only`` stops before it, to carry the pack to a GPU machine instead
                (docs/pure-tiny.md, "Training on a GPU"); ``--trained DIR`` takes that run's
                OUT/model and goes on with stage 3
- 3. export     ``export_onnx`` float / int8 / int4 (manifest image_size 128)
+ 3. decoder    pure_lite.train.decoder_tune: the tokenizer's decoder alone trained further on the pack's
+               HQ crops with LPIPS-VGG16 added to its pixel loss (sharper; every code, and so the
+               language model, unchanged); BUILD/decoder/model (~25 min on our 2-core CPU)
+ 4. export     ``export_onnx`` float / int8 / int4 (manifest image_size 128)
 
 ``--install`` copies the chosen export into ``pure_lite/models/pure_tiny`` (what ``pure-lite
 restore`` uses without ``--model``) and remakes ``examples/images/example.png`` and the README
@@ -83,6 +87,15 @@ def stage_train(build: Path, pack: Path) -> Path:
     return model
 
 
+def stage_decoder(build: Path, pack: Path, model: Path) -> Path:
+    from pure_lite.train.decoder_tune import tune_decoder
+
+    tuned = tune_decoder(model, pack, build / "decoder", heldout=build / "pack" / "heldout.npz")
+    if tuned is None:
+        sys.exit("decoder tuning stopped before the end; run the same command again to resume")
+    return tuned
+
+
 def stage_export(build: Path, model: Path) -> None:
     from pure_lite.export import export_onnx
 
@@ -139,6 +152,10 @@ def main() -> None:
         print(f"pack: {pack} ({pack.stat().st_size / 1e6:.1f} MB)")
         return
     model = args.trained or stage_train(build, pack)
+    try:
+        model = stage_decoder(build, pack, model)
+    except FileNotFoundError as exc:  # the loss network's weights: `pure-lite convert-lpips --net vgg16`
+        raise SystemExit(f"error: {exc}") from None
     stage_export(build, model)
     if args.install:
         print(f"installed {install(build, args.install)}")

@@ -295,7 +295,8 @@ def _train_vq(args: argparse.Namespace) -> int:
                              codebook_size=args.codebook_size, codebook_dim=args.codebook_dim),
                     VQTrainConfig(steps=args.steps, batch_size=args.batch_size, crop=args.crop, lr=args.lr,
                                   warmup_steps=args.warmup_steps, min_lr_ratio=args.min_lr_ratio,
-                                  l2_weight=args.l2_weight, disc_weight=args.disc_weight, seed=args.seed),
+                                  l2_weight=args.l2_weight, disc_weight=args.disc_weight,
+                                  perceptual_weight=args.perceptual_weight, seed=args.seed),
                     device=args.device)
     print(f"saved {path}")
     return 0
@@ -536,6 +537,9 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     v.add_argument("--disc-weight", type=float, default=_VQ_DEFAULTS.disc_weight,
                    help="weight of the patch-GAN term, 0 = L1 + VQ losses only (PURE-tiny used 0)")
+    v.add_argument("--perceptual-weight", type=float, default=_VQ_DEFAULTS.perceptual_weight,
+                   help="weight of the LPIPS-VGG16 term (needs `pure-lite convert-lpips --net vgg16`; default: 0; "
+                        "PURE-tiny adds it afterwards, to the decoder only: python -m pure_lite.train.decoder_tune)")
     v.add_argument("--seed", type=int, default=0, help="seed of initialisation and crops (default: 0)")
     v.set_defaults(func=_train_vq)
 

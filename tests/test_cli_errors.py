@@ -194,3 +194,17 @@ def test_export_shows_a_bar_and_a_summary_not_the_libraries_logs(tiny_compact, t
     errors = _errors(again)
     assert again.returncode == 2 and len(errors) == 1 and "--overwrite" in errors[0]
     assert Manifest.load(out).quantization == "int8"
+
+
+def test_train_vq_with_a_perceptual_loss_but_no_weights_says_how_to_make_them(tmp_path):
+    pytest.importorskip("torch")
+    import os
+
+    _photo(tmp_path / "photos" / "a.png", 0)
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "empty-cache")}
+    result = subprocess.run([sys.executable, "-m", "pure_lite.cli", "train-vq", str(tmp_path / "photos"), "-o",
+                             str(tmp_path / "vq"), "--crop", "32", "--steps", "1", "--perceptual-weight", "1"],
+                            capture_output=True, text=True, timeout=300, env=env)
+    errors = _errors(result)
+    assert result.returncode == 2 and len(errors) == 1 and "convert-lpips --net vgg16" in errors[0], result.stderr
+    assert not (tmp_path / "vq").exists()

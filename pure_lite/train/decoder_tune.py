@@ -131,12 +131,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("work", type=Path, help="work folder: decoder.ckpt (resumes) and, at the end, model/")
     ap.add_argument("--heldout", type=Path, help="held-out pack: log its round trip before and after")
     ap.add_argument("--steps", type=int, default=DEFAULT_CONFIG.steps)
+    ap.add_argument("--batch-size", type=int, default=DEFAULT_CONFIG.batch_size)
+    ap.add_argument("--crop", type=int, default=DEFAULT_CONFIG.crop, help="training window side, a multiple of 8")
     ap.add_argument("--perceptual-weight", type=float, default=DEFAULT_CONFIG.perceptual_weight)
     ap.add_argument("--lr", type=float, default=DEFAULT_CONFIG.lr)
     ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     ap.add_argument("--minutes", type=float, default=None, help="stop (resumably) after this long")
     args = ap.parse_args(argv)
-    config = replace(DEFAULT_CONFIG, steps=args.steps, perceptual_weight=args.perceptual_weight, lr=args.lr,
+    config = replace(DEFAULT_CONFIG, steps=args.steps, batch_size=args.batch_size, crop=args.crop,
+                     perceptual_weight=args.perceptual_weight, lr=args.lr,
                      warmup_steps=min(DEFAULT_CONFIG.warmup_steps, args.steps // 10))
     try:
         with stop_on_signals(print):
