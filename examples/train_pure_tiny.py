@@ -21,7 +21,7 @@ output already exists, so an interrupted run picks up where it stopped:
                OUT/model and goes on with stage 3
  3. decoder    pure_lite.train.decoder_tune: the tokenizer's decoder alone trained further on the pack's
                HQ crops with LPIPS-VGG16 added to its pixel loss (sharper; every code, and so the
-               language model, unchanged); BUILD/decoder/model (~25 min on our 2-core CPU)
+               language model, unchanged); BUILD/decoder/model (~35 min on our 2-core CPU)
  4. export     ``export_onnx`` float / int8 / int4 (manifest image_size 128)
 
 ``--install`` copies the chosen export into ``pure_lite/models/pure_tiny`` (what ``pure-lite
