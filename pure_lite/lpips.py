@@ -114,12 +114,13 @@ def _flax_to_named(tree: dict, net: str) -> dict[str, np.ndarray]:
 
 def check_shapes(weights: dict[str, np.ndarray], net: str = "alexnet") -> None:
     """Raise ``CheckpointError`` unless ``weights`` holds every tensor of ``net``'s LPIPS, at its shape."""
-    in_ch, expected = 3, {}
+    in_ch, taps, expected = 3, 0, {}
     for i, layer in enumerate(NETS[net]):
         expected[f"features.{i}.weight"] = (layer.out, in_ch, layer.k, layer.k)
         expected[f"features.{i}.bias"] = (layer.out,)
         if layer.tap:
-            expected[f"lin.{sum(x.tap for x in NETS[net][:i])}.weight"] = (layer.out,)
+            expected[f"lin.{taps}.weight"] = (layer.out,)
+            taps += 1
         in_ch = layer.out
     for name, shape in expected.items():
         got = weights.get(name)

@@ -144,3 +144,22 @@ def test_decoder_tune_refuses_what_would_move_the_codes(tiny_pure, tmp_path):
     assert same_codes(a, {**a, "decoder.w": torch.ones(2)})
     assert not same_codes(a, {**a, "quantize.embedding.weight": torch.ones(3)})
     assert not same_codes(a, {k: v for k, v in a.items() if k != "encoder.w"})
+
+
+def test_a_safetensors_tokenizer_stays_safetensors(tiny_pure, tmp_path):
+    import shutil
+
+    from pure_lite.checkpoint import CheckpointFiles, convert_vq, load_vq_state_dict
+    from pure_lite.train.decoder_tune import DEFAULT_CONFIG, same_codes, tune_decoder
+    from pure_lite.train.perceptual import PerceptualLoss
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_pure, model)
+    convert_vq(model / "vq_ds8_c2i.pt")
+    (model / "vq_ds8_c2i.pt").unlink()
+    config = replace(DEFAULT_CONFIG, steps=1, batch_size=2, crop=32, warmup_steps=0, save_every=0)
+    out = tune_decoder(model, _pack(tmp_path / "train.npz"), tmp_path / "work", config, device="cpu",
+                       perceptual=PerceptualLoss(_weights("alexnet"), "alexnet"), log=None)
+    assert sorted(p.name for p in out.glob("vq_*")) == ["vq_ds8_c2i.safetensors"]
+    assert CheckpointFiles.locate(out).vq.suffix == ".safetensors"
+    assert same_codes(load_vq_state_dict(model / "vq_ds8_c2i.safetensors"), load_vq_state_dict(out / "vq_ds8_c2i.safetensors"))

@@ -103,12 +103,12 @@ def tune_decoder(model: str | Path, pack_path: str | Path, work: str | Path, con
     tmp = work / "model.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(files.root, tmp, ignore=shutil.ignore_patterns(files.vq.name))
-    save_vq(vq, tmp)
+    saved = save_vq(vq, tmp)
     if files.vq.suffix == ".safetensors":  # keep the model's own VQ format
         from ..checkpoint import convert_vq
 
-        convert_vq(tmp / "vq_ds8_c2i.pt", tmp / files.vq.name)
-        (tmp / "vq_ds8_c2i.pt").unlink()
+        convert_vq(saved, tmp / files.vq.name)
+        saved.unlink()
     tmp.rename(final)
     say(f"decoder: wrote {final}")
     return final
