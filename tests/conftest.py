@@ -31,6 +31,22 @@ def logit_rows(kind: str, width: int, rng: np.random.Generator) -> np.ndarray:
     return x.astype(np.float32)
 
 
+def random_lpips_weights(net: str, seed: int = 0) -> dict[str, np.ndarray]:
+    """Random LPIPS weights of NET's shapes (OIHW kernels), as convert_lpips_sdist writes them."""
+    from pure_lite.lpips import NETS
+
+    rng, out, in_ch, tap = np.random.default_rng(seed), {}, 3, 0
+    for i, layer in enumerate(NETS[net]):
+        fan_in = in_ch * layer.k * layer.k
+        out[f"features.{i}.weight"] = rng.normal(0, np.sqrt(2 / fan_in), (layer.out, in_ch, layer.k, layer.k)).astype(np.float32)
+        out[f"features.{i}.bias"] = rng.normal(0, 0.05, layer.out).astype(np.float32)
+        if layer.tap:
+            out[f"lin.{tap}.weight"] = rng.random(layer.out).astype(np.float32)
+            tap += 1
+        in_ch = layer.out
+    return out
+
+
 KINDS = ["tiny", "small", "unit", "large", "huge", "flat", "ties", "peaked", "two-level", "mid-entropy"]
 
 

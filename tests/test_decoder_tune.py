@@ -13,21 +13,8 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from pure_lite.errors import CheckpointError  # noqa: E402
+from conftest import random_lpips_weights as _weights  # noqa: E402
 from pure_lite.lpips import LPIPS, NETS, convert_lpips_sdist, weights_member  # noqa: E402
-
-
-def _weights(net: str, seed: int = 0) -> dict[str, np.ndarray]:
-    """Random LPIPS weights of NET's shapes (OIHW kernels), as convert_lpips_sdist writes them."""
-    rng, out, in_ch, tap = np.random.default_rng(seed), {}, 3, 0
-    for i, layer in enumerate(NETS[net]):
-        fan_in = in_ch * layer.k * layer.k
-        out[f"features.{i}.weight"] = rng.normal(0, np.sqrt(2 / fan_in), (layer.out, in_ch, layer.k, layer.k)).astype(np.float32)
-        out[f"features.{i}.bias"] = rng.normal(0, 0.05, layer.out).astype(np.float32)
-        if layer.tap:
-            out[f"lin.{tap}.weight"] = rng.random(layer.out).astype(np.float32)
-            tap += 1
-        in_ch = layer.out
-    return out
 
 
 def _images(n: int, side: int, seed: int) -> np.ndarray:

@@ -11,6 +11,11 @@ the same perceptual term), leaves the encoder and codebook, hence every code, un
 language model is copied over as is. The benchmarks score LPIPS with the AlexNet network, not the
 VGG16 one trained on here.
 
+``--codes FILE`` (from ``python -m pure_lite.train.sampled_codes``) trains on the codes the language
+model samples for each crop's LQ version instead of the crop's own codes: the decoder then learns to
+draw the HQ crop from what it is actually given at restoration time, mistakes included. Whole crops
+only (the codes are the whole crop's), no flips (a flipped crop has other codes).
+
 WORK/decoder.ckpt resumes an interrupted run; WORK/model is MODEL with the new VQ file, written once
 the last step is done. With ``--heldout``, the held-out pack's crops are round-tripped through the old
 and the new tokenizer (PSNR, and LPIPS-AlexNet when its weights are converted) and both are logged.
@@ -66,12 +71,25 @@ def round_trip(vq, hq: np.ndarray, lpips=None) -> dict[str, float]:
     return out
 
 
+def coded_batch(hq: np.ndarray, index: np.ndarray, codes: np.ndarray, rng: np.random.Generator, n: int,
+                crop: int) -> tuple[np.ndarray, np.ndarray]:
+    """n random (HQ crop, its sampled codes) pairs: float32 (n, 3, S, S) in [-1, 1] and int64 (n, S/8, S/8)."""
+    side = hq.shape[1]
+    if crop != side:
+        raise ValueError(f"training on sampled codes takes whole {side}-pixel crops, got crop {crop}")
+    pick = rng.integers(len(index), size=n)
+    pixels = hq[index[pick]].transpose(0, 3, 1, 2).astype(np.float32, order="C")
+    return pixels / np.float32(127.5) - np.float32(1.0), codes[pick]
+
+
 def tune_decoder(model: str | Path, pack_path: str | Path, work: str | Path, config: VQTrainConfig = DEFAULT_CONFIG,
-                 *, heldout: str | Path | None = None, device: str | None = None, minutes: float | None = None,
-                 perceptual=None, log=print) -> Path | None:
+                 *, heldout: str | Path | None = None, codes: str | Path | None = None, device: str | None = None,
+                 minutes: float | None = None, perceptual=None, log=print) -> Path | None:
     """Train MODEL's decoder on PACK's HQ crops; returns WORK/model, or None when stopped early (run again).
 
-    ``perceptual``: the loss network (default: ``PerceptualLoss.load()``, LPIPS-VGG16 from the user cache).
+    ``codes``: a ``sampled_codes`` file; the decoder then draws each crop from those codes instead of
+    its own. ``perceptual``: the loss network (default: ``PerceptualLoss.load()``, LPIPS-VGG16 from the
+    user cache).
     """
     from ..vq import VQConfig
     from .vq_train import save_vq, train_vq_on
@@ -88,9 +106,20 @@ def tune_decoder(model: str | Path, pack_path: str | Path, work: str | Path, con
     state = load_vq_state_dict(files.vq)
     vq_config = VQConfig.from_state_dict(state)
     hq = load_pack(pack_path, max_bytes=sys.maxsize).hq  # a local pack: the carry limit does not apply
+    if codes is None:
+        sample = lambda rng, n, crop: hq_batch(hq, rng, n, crop)  # noqa: E731
+    else:
+        from .sampled_codes import load_sampled_codes
+
+        index, sampled = load_sampled_codes(codes, len(hq))
+        if sampled.shape[1:] != (hq.shape[1] // 8, hq.shape[2] // 8):
+            raise PureLiteError(f"{codes} holds {sampled.shape[1:]} codes per crop, not those of "
+                                f"{hq.shape[1]}-pixel crops")
+        sample = lambda rng, n, crop: coded_batch(hq, index, sampled, rng, n, crop)  # noqa: E731
+        say(f"decoder: training on the sampled codes of {len(index)} crops ({codes})")
     work.mkdir(parents=True, exist_ok=True)
     deadline = time.monotonic() + 60 * minutes if minutes else None
-    vq, steps = train_vq_on(lambda rng, n, crop: hq_batch(hq, rng, n, crop), vq_config, config, device=device,
+    vq, steps = train_vq_on(sample, vq_config, config, device=device,
                             checkpoint=work / "decoder.ckpt", deadline=deadline, log=log, init=state,
                             perceptual=perceptual)
     if steps < config.steps:
@@ -132,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("pack", type=Path, help="training pack whose HQ crops the decoder learns from")
     ap.add_argument("work", type=Path, help="work folder: decoder.ckpt (resumes) and, at the end, model/")
     ap.add_argument("--heldout", type=Path, help="held-out pack: log its round trip before and after")
+    ap.add_argument("--codes", type=Path, help="train on these sampled codes (python -m pure_lite.train.sampled_codes)")
     ap.add_argument("--steps", type=int, default=DEFAULT_CONFIG.steps)
     ap.add_argument("--batch-size", type=int, default=DEFAULT_CONFIG.batch_size)
     ap.add_argument("--crop", type=int, default=DEFAULT_CONFIG.crop, help="training window side, a multiple of 8")
@@ -145,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
                      warmup_steps=min(DEFAULT_CONFIG.warmup_steps, args.steps // 10))
     try:
         with stop_on_signals(print):
-            out = tune_decoder(args.model, args.pack, args.work, config, heldout=args.heldout, device=args.device,
+            out = tune_decoder(args.model, args.pack, args.work, config, heldout=args.heldout, codes=args.codes, device=args.device,
                                minutes=args.minutes)
     except (PureLiteError, FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -40,8 +40,9 @@ from .data import IMAGE_SUFFIXES
 from .finetune import lr_factor
 from .stopping import stop_reason
 
-# (rng, batch size, crop) -> float32 (b, 3, crop, crop) in [-1, 1]
-BatchSampler = Callable[[np.random.Generator, int, int], np.ndarray]
+# (rng, batch size, crop) -> float32 (b, 3, crop, crop) in [-1, 1], or those pixels and the int64
+# (b, crop / 8, crop / 8) codes the decoder is to draw them from (decoder_only: decoder_tune --codes)
+BatchSampler = Callable[[np.random.Generator, int, int], "np.ndarray | tuple[np.ndarray, np.ndarray]"]
 
 
 class PatchDiscriminator(nn.Module):
@@ -60,13 +61,23 @@ class PatchDiscriminator(nn.Module):
 
 
 def vq_losses(vq: VQModel, pixels: torch.Tensor, beta: float, *, l2_weight: float = 0.0, with_latents: bool = False,
-              bf16: bool = False, frozen_codes: bool = False):
+              bf16: bool = False, frozen_codes: bool = False, codes: torch.Tensor | None = None):
     """(reconstruction, reconstruction loss, codebook + commitment loss[, latents, codes]), straight-through.
 
     ``bf16`` runs the encoder and decoder under bf16 autocast; the nearest-code search, the codebook
     and the losses stay fp32 (a code picked from bf16 distances would flip between near ties).
     ``frozen_codes``: no gradient reaches the encoder or codebook, and the codebook term is 0.
+    ``codes`` (frozen_codes only): decode these instead of the pixels' own, so the decoder learns to
+    draw the pixels from codes something else chose (a language model's samples).
     """
+    if codes is not None:
+        if not frozen_codes:
+            raise ValueError("decoding given codes trains the decoder only (frozen_codes)")
+        q = vq.quantize.lookup(codes).detach()
+        with torch.autocast(pixels.device.type, dtype=torch.bfloat16, enabled=bf16):
+            recon = vq.decoder(vq.post_quant_conv(q)).float()
+        out = (recon, _reconstruction_loss(recon, pixels, l2_weight), recon.new_zeros(()))
+        return out + (q, codes) if with_latents else out
     with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen_codes):
         with torch.autocast(pixels.device.type, dtype=torch.bfloat16, enabled=bf16):
             h = vq.quant_conv(vq.encoder(pixels))
@@ -79,11 +90,13 @@ def vq_losses(vq: VQModel, pixels: torch.Tensor, beta: float, *, l2_weight: floa
     with torch.autocast(pixels.device.type, dtype=torch.bfloat16, enabled=bf16):
         recon = vq.decoder(vq.post_quant_conv(z + (q - z).detach()))
     recon = recon.float()
-    rec = F.l1_loss(recon, pixels)
-    if l2_weight:
-        rec = (1 - l2_weight) * rec + l2_weight * F.mse_loss(recon, pixels)
-    out = (recon, rec, vq_loss)
+    out = (recon, _reconstruction_loss(recon, pixels, l2_weight), vq_loss)
     return out + (z.detach(), codes) if with_latents else out
+
+
+def _reconstruction_loss(recon: torch.Tensor, pixels: torch.Tensor, l2_weight: float) -> torch.Tensor:
+    rec = F.l1_loss(recon, pixels)
+    return (1 - l2_weight) * rec + l2_weight * F.mse_loss(recon, pixels) if l2_weight else rec
 
 
 @torch.no_grad()
@@ -224,10 +237,12 @@ def train_vq_on(
         step += 1
         rng = np.random.default_rng([config.seed, step])
         # contiguous NCHW: a channels-last batch makes the bf16 CPU convolutions ~3x slower (docs/pure-tiny.md)
-        batch = np.ascontiguousarray(sample(rng, config.batch_size, config.crop))
-        x = torch.from_numpy(batch).to(dev, non_blocking=True)
+        batch = sample(rng, config.batch_size, config.crop)
+        batch, given = batch if isinstance(batch, tuple) else (batch, None)
+        x = torch.from_numpy(np.ascontiguousarray(batch)).to(dev, non_blocking=True)
+        given = None if given is None else torch.from_numpy(given).to(dev)
         recon, rec, vql, latents, codes = vq_losses(vq, x, config.beta, l2_weight=config.l2_weight, with_latents=True,
-                                                    bf16=bf16, frozen_codes=config.decoder_only)
+                                                    bf16=bf16, frozen_codes=config.decoder_only, codes=given)
         used[codes.flatten()] = True
         loss = rec + vql
         if config.perceptual_weight:
