@@ -22,7 +22,12 @@ output already exists, so an interrupted run picks up where it stopped:
  3. decoder    pure_lite.train.decoder_tune: the tokenizer's decoder alone trained further on the pack's
                HQ crops with LPIPS-VGG16 added to its pixel loss (sharper; every code, and so the
                language model, unchanged); BUILD/decoder/model (~35 min on our 2-core CPU)
- 4. export     ``export_onnx`` float / int8 / int4 (manifest image_size 128)
+ 4. samples    pure_lite.train.sampled_codes: that model's int8 export (BUILD/sampler) restores
+               SAMPLED_CROPS of the pack's LQ crops and keeps the codes it sampled (~32 min here)
+ 5. redecoder  decoder_tune --codes: the decoder trained again, now to draw each HQ crop from the
+               codes the language model sampled for it, which are mostly not the crop's own
+               (docs/pure-tiny.md, v5); BUILD/decoder-sampled/model (~50 min here)
+ 6. export     ``export_onnx`` float / int8 / int4 (manifest image_size 128)
 
 ``--install`` copies the chosen export into ``pure_lite/models/pure_tiny`` (what ``pure-lite
 restore`` uses without ``--model``) and remakes ``examples/images/example.png`` and the README
@@ -40,6 +45,7 @@ import numpy as np
 
 SIZE, SCALE, SEED = 128, 4, 0
 LQ_PER_CROP, EVAL_CROPS_PER_PHOTO = 2, 4
+SAMPLED_CROPS = 2400  # stage 4: crops whose sampled codes stage 5 trains on (v5: 2400 of v3's 3234)
 
 
 def _loader(path: Path):
@@ -91,6 +97,30 @@ def stage_decoder(build: Path, pack: Path, model: Path) -> Path:
     from pure_lite.train.decoder_tune import tune_decoder
 
     tuned = tune_decoder(model, pack, build / "decoder", heldout=build / "pack" / "heldout.npz")
+    if tuned is None:
+        sys.exit("decoder tuning stopped before the end; run the same command again to resume")
+    return tuned
+
+
+def stage_samples(build: Path, pack: Path, model: Path) -> Path:
+    """BUILD/sampled-codes.npz: the codes MODEL's int8 export samples for the pack's LQ crops (the
+    shipped export samples the same codes: the decoder is the only part stages 3 and 5 change)."""
+    from pure_lite.export import export_onnx
+    from pure_lite.train.sampled_codes import sample_pack_codes
+
+    sampler = build / "sampler"
+    if not (sampler / "pure_lite_manifest.json").exists():
+        export_onnx(model, sampler, quantization="int8", image_size=SIZE, overwrite=True)
+    codes = sample_pack_codes(sampler, pack, build / "sampled-codes.npz", limit=SAMPLED_CROPS)
+    if codes is None:
+        sys.exit("sampling stopped before the end; run the same command again to resume")
+    return codes
+
+
+def stage_redecoder(build: Path, pack: Path, model: Path, codes: Path) -> Path:
+    from pure_lite.train.decoder_tune import tune_decoder
+
+    tuned = tune_decoder(model, pack, build / "decoder-sampled", heldout=build / "pack" / "heldout.npz", codes=codes)
     if tuned is None:
         sys.exit("decoder tuning stopped before the end; run the same command again to resume")
     return tuned
@@ -154,6 +184,7 @@ def main() -> None:
     model = args.trained or stage_train(build, pack)
     try:
         model = stage_decoder(build, pack, model)
+        model = stage_redecoder(build, pack, model, stage_samples(build, pack, model))
     except FileNotFoundError as exc:  # the loss network's weights: `pure-lite convert-lpips --net vgg16`
         raise SystemExit(f"error: {exc}") from None
     stage_export(build, model)
