@@ -105,3 +105,15 @@ def test_decoder_tune_trains_on_sampled_codes(tiny_pure, tmp_path):
     np.savez(tmp_path / "small.npz", index=np.array([0, 1]), codes=np.zeros((2, 2, 2), np.int16))
     with pytest.raises(PureLiteError, match="codes per crop"):
         tune_decoder(tiny_pure, pack, tmp_path / "work2", config, codes=tmp_path / "small.npz", device="cpu", log=None)
+
+
+def test_command_line_errors_are_one_line(tiny_pure, tmp_path, capsys):
+    from pure_lite.train import decoder_tune, sampled_codes
+
+    assert sampled_codes.main([str(tiny_pure), str(tmp_path / "absent.npz"), str(tmp_path / "codes.npz")]) == 2
+    assert decoder_tune.main([str(tiny_pure), str(_pack(tmp_path / "p.npz")), str(tmp_path / "work"),
+                              "--codes", str(tmp_path / "absent-codes.npz")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and all(line.startswith("error: ") for line in err), err
+    assert "absent.npz" in err[0] and "absent-codes.npz" in err[1]
+    assert not (tmp_path / "codes.npz").exists()

@@ -36,7 +36,7 @@ from ..checkpoint import CheckpointFiles, load_vq_state_dict
 from ..errors import PureLiteError
 from .config import VQTrainConfig
 from .pack import hq_batch, load_pack
-from .stopping import stop_on_signals
+from .stopping import run_resumable
 
 # Whole 128-pixel crops, the size the model restores: the tokenizer was trained on 64-pixel windows, and
 # its decoder reconstructs 128-pixel images far better once it has seen them (held-out round trip 22.6 dB
@@ -173,18 +173,9 @@ def main(argv: list[str] | None = None) -> int:
     config = replace(DEFAULT_CONFIG, steps=args.steps, batch_size=args.batch_size, crop=args.crop,
                      perceptual_weight=args.perceptual_weight, lr=args.lr,
                      warmup_steps=min(DEFAULT_CONFIG.warmup_steps, args.steps // 10))
-    try:
-        with stop_on_signals(print):
-            out = tune_decoder(args.model, args.pack, args.work, config, heldout=args.heldout, codes=args.codes, device=args.device,
-                               minutes=args.minutes)
-    except (PureLiteError, FileNotFoundError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    if out is None:
-        print("stopped before the last step; run the same command again to go on")
-        return 1
-    return 0
-
+    return run_resumable(lambda: tune_decoder(args.model, args.pack, args.work, config, heldout=args.heldout,
+                                              codes=args.codes, device=args.device, minutes=args.minutes),
+                         "stopped before the last step")
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -27,7 +27,7 @@ import numpy as np
 from ..atomic import atomic_path
 from ..errors import PureLiteError
 from .pack import load_pack
-from .stopping import stop_on_signals, stop_reason
+from .stopping import run_resumable, stop_reason
 
 FORMAT = 1
 
@@ -123,18 +123,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--minutes", type=float, default=None, help="stop (resumably) after this long")
     args = ap.parse_args(argv)
-    try:
-        with stop_on_signals(print):
-            done = sample_pack_codes(args.model, args.pack, args.out, limit=args.limit, batch=args.batch,
-                                     seed=args.seed, minutes=args.minutes)
-    except (PureLiteError, FileNotFoundError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    if done is None:
-        print("stopped before the last crop; run the same command again to go on")
-        return 1
-    return 0
-
+    return run_resumable(lambda: sample_pack_codes(args.model, args.pack, args.out, limit=args.limit,
+                                                   batch=args.batch, seed=args.seed, minutes=args.minutes),
+                         "stopped before the last crop")
 
 if __name__ == "__main__":
     sys.exit(main())

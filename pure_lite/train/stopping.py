@@ -10,10 +10,13 @@ interrupts at once.
 from __future__ import annotations
 
 import signal
+import sys
 import threading
 import time
 from contextlib import contextmanager
 from typing import Callable, Iterator
+
+from ..errors import PureLiteError
 
 _requested = threading.Event()
 
@@ -49,3 +52,18 @@ def stop_on_signals(log: Callable[[str], None] | None = None) -> Iterator[None]:
         for sig, old in previous.items():
             signal.signal(sig, old)
         _requested.clear()
+
+
+def run_resumable(job: Callable[[], object], unfinished: str) -> int:
+    """A resumable command's exit status: 0 when ``job()`` finished, 1 when it returned None (stopped
+    early: ``unfinished`` is printed with how to go on), 2 with one ``error:`` line for bad input."""
+    try:
+        with stop_on_signals(print):
+            done = job()
+    except (PureLiteError, FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if done is None:
+        print(f"{unfinished}; run the same command again to go on")
+        return 1
+    return 0
