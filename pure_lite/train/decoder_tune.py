@@ -177,5 +177,6 @@ def main(argv: list[str] | None = None) -> int:
                                               codes=args.codes, device=args.device, minutes=args.minutes),
                          "stopped before the last step")
 
+
 if __name__ == "__main__":
     sys.exit(main())

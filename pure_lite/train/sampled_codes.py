@@ -127,5 +127,6 @@ def main(argv: list[str] | None = None) -> int:
                                                    batch=args.batch, seed=args.seed, minutes=args.minutes),
                          "stopped before the last crop")
 
+
 if __name__ == "__main__":
     sys.exit(main())
