@@ -39,15 +39,14 @@ def worker() -> None:
 
     from pure_lite import Restorer, SamplingConfig, images
     from pure_lite.generate import generate_batch
-    from pure_lite.prompt import prompt_ids
+    from pure_lite.restorer import tile_prompt
     from pure_lite.tiles import TilePlan, input_region
 
     c = Restorer.from_pretrained().components
     photo = images.resize(data.coffee().astype(np.float32) / 255, 640, 480)
     plan = TilePlan.cover(640 * 4, 480 * 4, c.image_size)
     boxes = plan.boxes[:: len(plan.boxes) // TILES][:TILES]
-    prompts = [prompt_ids(c.tokenizer, c.layout, c.layout.encode_image(
-        c.codec.encode(images.to_model_input(input_region(photo, plan, box))))) for box in boxes]
+    prompts = [tile_prompt(c, input_region(photo, plan, box)) for box in boxes]
 
     def decode(batch: int, window: int) -> list:
         config, out = SamplingConfig(jacobi_window=window), []

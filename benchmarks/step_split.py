@@ -55,13 +55,13 @@ class _Timed:
 
 
 def _setup():
-    from pure_lite import Restorer, images
-    from pure_lite.prompt import prompt_ids
+    from pure_lite import Restorer
+    from pure_lite.restorer import tile_prompt
     from jacobi import held_out_inputs
 
     c = Restorer.from_pretrained().components
     lq = held_out_inputs(c.image_size)[0]
-    prompt = prompt_ids(c.tokenizer, c.layout, c.layout.encode_image(c.codec.encode(images.to_model_input(lq))))
+    prompt = tile_prompt(c, lq)
     return c, prompt
 
 

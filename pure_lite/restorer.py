@@ -169,8 +169,7 @@ class Restorer:
         rgb = images.load_image(image, reduce_to=decode_at)
         lq_tiles = [input_region(rgb, plan, box) for box in plan.boxes]
         del rgb
-        prompts = [prompt_ids(c.tokenizer, c.layout, c.layout.encode_image(c.codec.encode(images.to_model_input(lq))))
-                   for lq in lq_tiles]
+        prompts = [tile_prompt(c, lq) for lq in lq_tiles]
         timings["encode_s"] = time.perf_counter() - t0
 
         canvas = Canvas(plan, LATENT_STRIDE)
@@ -227,6 +226,13 @@ class Restorer:
             timings=timings,
             tiles=tuple(tiles),
         )
+
+
+def tile_prompt(components: Components, tile: np.ndarray) -> np.ndarray:
+    """The prompt ids for one LQ tile (H x W x 3 float RGB in [0, 1], already at the tile's output size):
+    the tile through the VQ encoder, inside PURE's instruction."""
+    c = components
+    return prompt_ids(c.tokenizer, c.layout, c.layout.encode_image(c.codec.encode(images.to_model_input(tile))))
 
 
 def _advance_bar(bar, position: float) -> None:

@@ -83,7 +83,7 @@ def test_decoder_tune_trains_on_sampled_codes(tiny_pure, tmp_path):
     pack = _pack(tmp_path / "p.npz")
     sampled = sample_pack_codes(tiny_pure, pack, tmp_path / "codes.npz", limit=4, log=None)
     hq = load_pack(pack).hq
-    index, codes = load_sampled_codes(sampled, len(hq))
+    index, codes = load_sampled_codes(sampled, len(hq), 32)
     pick = np.random.default_rng(7).integers(len(index), size=3)
     pixels, got = coded_batch(hq, index, codes, np.random.default_rng(7), 3, 32)
     np.testing.assert_array_equal(got, codes[pick])
@@ -101,7 +101,7 @@ def test_decoder_tune_trains_on_sampled_codes(tiny_pure, tmp_path):
 
     np.savez(tmp_path / "bad.npz", index=np.array([0, 9]), codes=np.zeros((2, 4, 4), np.int16))
     with pytest.raises(PureLiteError, match="does not index"):
-        load_sampled_codes(tmp_path / "bad.npz", len(hq))
+        load_sampled_codes(tmp_path / "bad.npz", len(hq), 32)
     np.savez(tmp_path / "small.npz", index=np.array([0, 1]), codes=np.zeros((2, 2, 2), np.int16))
     with pytest.raises(PureLiteError, match="codes per crop"):
         tune_decoder(tiny_pure, pack, tmp_path / "work2", config, codes=tmp_path / "small.npz", device="cpu", log=None)

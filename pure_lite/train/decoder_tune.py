@@ -111,10 +111,7 @@ def tune_decoder(model: str | Path, pack_path: str | Path, work: str | Path, con
     else:
         from .sampled_codes import load_sampled_codes
 
-        index, sampled = load_sampled_codes(codes, len(hq))
-        if sampled.shape[1:] != (hq.shape[1] // 8, hq.shape[2] // 8):
-            raise PureLiteError(f"{codes} holds {sampled.shape[1:]} codes per crop, not those of "
-                                f"{hq.shape[1]}-pixel crops")
+        index, sampled = load_sampled_codes(codes, len(hq), hq.shape[1])
         sample = lambda rng, n, crop: coded_batch(hq, index, sampled, rng, n, crop)  # noqa: E731
         say(f"decoder: training on the sampled codes of {len(index)} crops ({codes})")
     work.mkdir(parents=True, exist_ok=True)

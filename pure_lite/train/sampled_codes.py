@@ -40,14 +40,11 @@ def visit_order(n: int, seed: int) -> np.ndarray:
 def lq_prompts(components, lq: np.ndarray, size: int) -> list[np.ndarray]:
     """Prompt ids for uint8 (n, s, s, 3) LQ crops restored as one size x size tile each: what
     ``Restorer.restore`` builds when the model's tile is the crop's size (PURE-tiny: 128)."""
-    from .. import images
-    from ..prompt import prompt_ids
+    from ..restorer import tile_prompt
     from ..tiles import TilePlan, input_region
 
     plan = TilePlan.cover(size, size, size)
-    c = components
-    return [prompt_ids(c.tokenizer, c.layout, c.layout.encode_image(c.codec.encode(images.to_model_input(
-        input_region(x.astype(np.float32) / 255.0, plan, plan.boxes[0]))))) for x in lq]
+    return [tile_prompt(components, input_region(x.astype(np.float32) / 255.0, plan, plan.boxes[0])) for x in lq]
 
 
 def _load(out: Path, seed: int, model: str) -> tuple[list[int], list[int], list[np.ndarray]]:
@@ -104,12 +101,15 @@ def sample_pack_codes(model: str | Path, pack_path: str | Path, out: str | Path,
     return out
 
 
-def load_sampled_codes(path: str | Path, pack_len: int) -> tuple[np.ndarray, np.ndarray]:
-    """(crop index (n,), codes (n, h, w)) from a ``sample_pack_codes`` file, checked against the pack's length."""
+def load_sampled_codes(path: str | Path, pack_len: int, side: int) -> tuple[np.ndarray, np.ndarray]:
+    """(crop index (n,), codes (n, side/8, side/8)) from a ``sample_pack_codes`` file, checked against a
+    pack of ``pack_len`` crops of ``side`` pixels."""
     with np.load(path) as f:
         index, codes = f["index"].astype(np.int64), f["codes"].astype(np.int64)
     if len(index) == 0 or index.max() >= pack_len or len(np.unique(index)) != len(index):
         raise PureLiteError(f"{path} does not index this pack's {pack_len} crops")
+    if codes.shape[1:] != (side // 8, side // 8):
+        raise PureLiteError(f"{path} holds {codes.shape[1:]} codes per crop, not those of {side}-pixel crops")
     return index, codes
 
 
