@@ -14,6 +14,8 @@ with PURE's default sampling (CFG 0.8 as batch 2, entropy top-k, temperature 0.9
 - ``graphs-bN``: the chained steps captured as CUDA graphs, attention over spans rounded up to N slots
   (``full``: the whole preallocated capacity, one shape per step width); ``graphs-b512-efficient`` /
   ``-cudnn`` / ``-math``: the same with SDPA held to one kernel (the default picks cuDNN on an H200);
+- ``graphs-b512-triton``: the same with ``layers="triton"`` (``pure_lite.triton_kernels``: 11 kernels per
+  layer instead of 21); not yet the torch backend's default, this row decides it (also for torchao int4);
 - ``nf4-...``: the same with bitsandbytes nf4 weights (when bitsandbytes is installed);
 - ``torchao-int4-...`` / ``torchao-int8-...``: torchao weight-only int4 (the torch backend's
   ``quantize_int4``: tinygemm layout, bf16 activations, group 128) and int8 (per row) weights, when
@@ -24,13 +26,21 @@ with PURE's default sampling (CFG 0.8 as batch 2, entropy top-k, temperature 0.9
 - ``hf-static-compiled``: plain transformers ``generate``, batch 2, static cache (auto-compiled), greedy,
   no PURE sampling: the alternative a user has without pure-lite (``--skip-hf`` to leave it out).
 
-Reported: ms per image step over ``--steps`` codes (capture time excluded and reported apart), then a
-full 512² restoration (4096 codes) for the default graph variant in fp16 and nf4: seconds and peak VRAM.
+Reported: ms per image step over ``--steps`` codes (capture time excluded and reported apart), then full
+512² restorations (4096 codes) with graphs, fp16 and torchao int4, each with the torch ops and with the Triton
+kernels, and int4 with the int8 KV cache: seconds, capture seconds and peak VRAM; the fp16 one is decoded twice
+on the same decoder, the second reusing the graphs (its time with no capture in it checks ``capture_s``).
 
-    python benchmarks/gpu_decode.py [--steps 256] [--skip-hf] [--skip-full]
+    python benchmarks/gpu_decode.py [--steps 256] [--skip-hf] [--skip-full] [--quick]
+
+``--quick`` (~5 minutes on an H200) keeps what the engine's open questions need: the fp16 and torchao int4
+graph steps with transformers' layers, the torch ops and the Triton kernels, the int8 KV cache, and the full
+restorations; it leaves out the eager variants, other buckets and SDPA kernels, nf4, int8 weights, batched
+tiles, SJD, the attention timing and transformers' ``generate`` (all measured in runs A-C, docs/gpu.md).
 
 ``--smoke`` runs the variants' code on CPU with a 2-layer model of the same vocabulary (graph variants
-eagerly; no full run, no transformers baseline): a check of the script, not a measurement.
+eagerly; no full run, no transformers baseline, no Triton variant: its interpreter would take hours over the
+4,200-token prompt): a check of the script, not a measurement.
 """
 
 from __future__ import annotations
@@ -44,6 +54,8 @@ import numpy as np
 import report
 
 PROMPT = 4200
+QUICK = {"graphs-b512-transformers", "graphs-b512-unjoined", "graphs-b512", "graphs-b512-triton", "graphs-b512-kv8",
+         "torchao-int4-graphs-b512", "torchao-int4-graphs-b512-triton", "torchao-int4-graphs-b512-kv8"}
 DEVICE = "cuda"
 LAYOUT = None  # PURE's token layout (image ids, grid tokens, row end), from a tiny checkpoint's tokenizer
 SHAPE = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
@@ -317,6 +329,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=256, help="codes per timed variant (a square: 256 = 16x16)")
     parser.add_argument("--skip-hf", action="store_true")
     parser.add_argument("--skip-full", action="store_true")
+    parser.add_argument("--quick", action="store_true", help="only the variants the open questions need (above)")
     parser.add_argument("--smoke", action="store_true", help="check the script on CPU with a 2-layer model")
     parser.add_argument("--partial", help="rewrite the results so far to this JSON file after every variant, so a "
                         "run cut short by a time limit still reports what it measured")
@@ -346,6 +359,8 @@ def main() -> None:
                 json.dump(results, f, indent=1)
 
     def record(name, fn, *a, **kw):
+        if args.quick and name not in QUICK:
+            return
         try:
             results["variants"][name] = fn(*a, **kw)
         except Exception as exc:  # a variant that cannot run is reported, the others still run
@@ -354,10 +369,11 @@ def main() -> None:
         save_partial()
 
     heads, head_dim = SHAPE["num_attention_heads"], SHAPE["hidden_size"] // SHAPE["num_attention_heads"]
-    results["attention"] = time_attention(heads, head_dim, SHAPE["num_hidden_layers"],
-                                          spans=(8400, 4200) if DEVICE == "cuda" else (300, 150))
-    save_partial()
-    for quant in ("fp16", "nf4", "torchao-int4", "torchao-int8"):
+    if not args.quick:
+        results["attention"] = time_attention(heads, head_dim, SHAPE["num_hidden_layers"],
+                                              spans=(8400, 4200) if DEVICE == "cuda" else (300, 150))
+        save_partial()
+    for quant in ("fp16", "torchao-int4") if args.quick else ("fp16", "nf4", "torchao-int4", "torchao-int8"):
         try:
             model = build(quant)
         except Exception as exc:  # not installed, or its kernels refuse this GPU: reported
@@ -372,11 +388,17 @@ def main() -> None:
             record("graphs-b512-transformers", time_chained, model, side, attend_bucket=512, layers="transformers")
             record("graphs-b512-unjoined", time_chained, model, side, attend_bucket=512)
             fuse_projections(model)  # the rest as the torch backend loads it
+            record("graphs-b512", time_chained, model, side, attend_bucket=512)  # the next two: before / after
+            if not args.smoke:
+                record("graphs-b512-triton", time_chained, model, side, attend_bucket=512, layers="triton")
             record("eager-host", time_host, model, side)
         record(prefix + "eager-chained", time_chained, model, side, graphs=False, device_loop=True)
         for bucket in ((512, 1024, 1 << 20) if quant == "fp16" else (512,)):
             name = f"{prefix}graphs-b{bucket if bucket < 1 << 20 else 'full'}"
-            record(name, time_chained, model, side, attend_bucket=bucket)
+            if name not in results["variants"]:
+                record(name, time_chained, model, side, attend_bucket=bucket)
+            if quant == "torchao-int4" and not args.smoke:
+                record(name + "-triton", time_chained, model, side, attend_bucket=bucket, layers="triton")
             if quant == "fp16" and bucket == 512:  # the attention kernels measured alone, in the whole step
                 from torch.nn.attention import SDPBackend
 
@@ -389,11 +411,13 @@ def main() -> None:
             record(f"{prefix}graphs-b512-4-tiles", time_chained, model, side, batch=4, attend_bucket=512)
         if quant == "fp16":
             record("sjd-w16-graphs", time_jacobi, model, side, 16)
-        full = {"fp16": {"fp16": {}}, "nf4": {"nf4": {}},
-                "torchao-int4": {"torchao-int4": {}, "torchao-int4-kv8": {"kv_int8": True}}}
+        # nf4's full restoration is left out (run B: 48.5 s, behind int4 at the same VRAM) to keep the run short
+        full = {"fp16": {"fp16": {"again": True}, "fp16-triton": {"layers": "triton"}},
+                "torchao-int4": {"torchao-int4": {}, "torchao-int4-triton": {"layers": "triton"},
+                                 "torchao-int4-kv8": {"kv_int8": True}}}
         for name, kw in ({} if args.skip_full else full.get(quant, {})).items():
             try:
-                results["full_512"][name] = time_chained(model, 64, attend_bucket=512, again=True, **kw)
+                results["full_512"][name] = time_chained(model, 64, attend_bucket=512, **kw)
             except Exception as exc:
                 results["full_512"][name] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
             print("full 512", name, results["full_512"][name], flush=True)
@@ -416,8 +440,9 @@ def main() -> None:
               "| --- | --- | --- | --- | --- | --- |"]
     for quant, r in results["full_512"].items():
         if "seconds" in r:
+            again = f"{r['seconds_again']:.1f} ({r['graphs_captured_again']})" if "seconds_again" in r else ""
             lines.append(f"| {quant} | {r['seconds']:.1f} | {r['capture_s']:.1f} | {r['peak_vram_gb']:.1f} | "
-                         f"{r['peak_decode_vram_gb']:.1f} | {r['seconds_again']:.1f} ({r['graphs_captured_again']}) |")
+                         f"{r['peak_decode_vram_gb']:.1f} | {again} |")
         else:
             lines.append(f"| {quant} | {r.get('error', '')} | | | | |")
     attention = results.get("attention", {})

@@ -10,22 +10,26 @@ image head), for:
 - ``transformers``: transformers' Chameleon layers over the grouped cache (``layers="transformers"``);
 - ``fused``: ``pure_lite.decode_layers`` over the same weights;
 - ``fused + joined``: the same with ``fuse_projections`` (what the torch backend loads);
+- ``fused + joined + triton``: the same with ``layers="triton"`` (``pure_lite.triton_kernels``, run here
+  through Triton's interpreter; each of its calls is one kernel launch, counted beside the aten calls);
 
 each with the KV cache in the model's dtype and in int8. The counts do not depend on the widths, so the
 model is a random Chameleon of the 7B's 32 layers at hidden 64. Beside them, the eager step time on this
 CPU at that width: per-call overhead only, a proxy for launch cost, not a GPU figure (``gpu_decode.py``
-measures those: its ``graphs-b512`` and ``graphs-b512-transformers`` variants).
+measures those: its ``graphs-b512``, ``graphs-b512-triton`` and ``graphs-b512-transformers`` variants); none
+for the Triton variant, whose interpreter says nothing about a GPU.
 """
 
 from __future__ import annotations
 
 import collections
+import os
 import statistics
 import tempfile
 import time
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
 import report
 from pure_lite.checkpoint import CheckpointFiles
@@ -39,8 +43,11 @@ from pure_lite.torch_decoder import TorchDecoder
 LAYERS = 32  # PURE's 7B
 VIEWS = {"view", "_unsafe_view", "transpose", "slice", "select", "unsqueeze", "squeeze", "expand", "permute", "t",
          "alias", "detach", "as_strided", "split", "unbind", "reshape", "unflatten", "flatten", "lift_fresh",
-         "split_with_sizes", "_reshape_alias"}
-VARIANTS = {"transformers": ("transformers", False), "fused": ("fused", False), "fused + joined": ("fused", True)}
+         "split_with_sizes", "_reshape_alias", "chunk",
+         "empty", "empty_like", "new_empty", "empty_strided"}  # and allocations: no kernel either
+VARIANTS = {"transformers": ("transformers", False), "fused": ("fused", False), "fused + joined": ("fused", True),
+            "fused + joined + triton": ("triton", True)}
+TRITON_KERNELS = ("add_rms_norm", "qk_norm_rope_store", "swiglu")
 
 
 class CountCalls(TorchDispatchMode):
@@ -56,6 +63,8 @@ class CountCalls(TorchDispatchMode):
 
 
 def _decoder(folder, layers: str, joined: bool, kv_int8: bool):
+    """A decoder after one chained decode, its chain reset: the next ``_link`` is a CFG image step.
+    The interpreted Triton variant gets a short prompt and a 2x2 image (the counts do not depend on either)."""
     files = CheckpointFiles.locate(folder)
     layout = TokenLayout.from_tokenizer_file(files.tokenizer, files.read_config()["vocab_size"])
     lm = load_language_model(files)
@@ -63,8 +72,8 @@ def _decoder(folder, layers: str, joined: bool, kv_int8: bool):
         fuse_projections(lm)
     dec = TorchDecoder(lm, ImageHead(lm, layout.image_ids), device_loop=True, attend_bucket=64, layers=layers,
                        kv_int8=kv_int8)
-    side = 8
-    dec.prefill([list(range(5, 300))], 512, 3, unconditional_capacity=128)
+    side, prompt = (2, 20) if layers == "triton" else (8, 295)
+    dec.prefill([list(range(5, 5 + prompt))], 512, 3, unconditional_capacity=128)
     dec.begin_unconditional()
     dec.decode_plain_image(layout.header(64, 64), side, SamplingConfig(), [0], layout.image_ids, layout.row_end)
     with torch.inference_mode():  # a fresh chain on the same buffers, as the next restoration would have
@@ -74,11 +83,25 @@ def _decoder(folder, layers: str, joined: bool, kv_int8: bool):
 
 
 def count_calls(dec) -> collections.Counter:
+    """Aten calls of one step, and each Triton kernel launch under the kernel's name."""
+    launches = collections.Counter()
+    kernels = getattr(dec.layers_fn, "triton", None)
+    if kernels is not None:
+        def counted(name):
+            def call(*args, **kwargs):
+                launches[name] += 1
+                with _disable_current_modes():  # the interpreter's own tensor copies are not the kernel's
+                    return getattr(kernels, name)(*args, **kwargs)
+            return call
+
+        dec.layers_fn.triton = type("Counted", (), {name: staticmethod(counted(name)) for name in TRITON_KERNELS})
     with torch.inference_mode():
         with CountCalls() as count:
             dec._link(1, dec._spans(1))
         _same_step_again(dec)
-    return count.calls
+    if kernels is not None:
+        dec.layers_fn.triton = kernels
+    return count.calls + launches
 
 
 def _same_step_again(dec) -> None:
@@ -105,6 +128,7 @@ def time_steps(decoders: dict, rounds: int) -> dict:
 
 
 def main() -> None:
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before pure_lite.triton_kernels is imported
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
         folder = make_tiny_checkpoint(tmp, layout="compact", num_layers=LAYERS, hidden_size=64, num_heads=4,
@@ -112,18 +136,20 @@ def main() -> None:
         decoders = {f"{name}{' / int8 KV' if kv8 else ''}": _decoder(folder, *VARIANTS[name], kv8)
                     for kv8 in (False, True) for name in VARIANTS}
         calls = {name: count_calls(dec) for name, dec in decoders.items()}
-        times = time_steps(decoders, rounds=150)
-    results = {name: {"aten_calls": sum(calls[name].values()), "by_op": dict(calls[name].most_common()), **times[name]}
-               for name in decoders}
+        times = time_steps({name: dec for name, dec in decoders.items() if "triton" not in name}, rounds=150)
+    results = {name: {"aten_calls": sum(calls[name].values()), "by_op": dict(calls[name].most_common()),
+                      **times.get(name, {})} for name in decoders}
     base = results["transformers"]
     rows = ["| layers / KV cache | aten calls per CFG image step (32 layers) | vs transformers | "
             "eager CPU ms per step, width 64, min / median (Python and dispatch overhead only) | min vs transformers |",
             "| --- | --- | --- | --- | --- |"]
     for name, r in results.items():
-        rows.append(f"| {name} | {r['aten_calls']} | {r['aten_calls'] / base['aten_calls']:.2f} | "
-                    f"{r['cpu_ms_min']:.1f} / {r['cpu_ms_median']:.1f} | {r['cpu_ms_min'] / base['cpu_ms_min']:.2f} |")
+        timed = f"{r['cpu_ms_min']:.1f} / {r['cpu_ms_median']:.1f} | {r['cpu_ms_min'] / base['cpu_ms_min']:.2f}" \
+            if "cpu_ms_min" in r else "(interpreted) | "
+        rows.append(f"| {name} | {r['aten_calls']} | {r['aten_calls'] / base['aten_calls']:.2f} | {timed} |")
     report.write("step_ops", {"layers": LAYERS, "results": results,
-                              "note": "aten calls other than views, counted by a TorchDispatchMode"}, "\n".join(rows))
+                              "note": "aten calls other than views and allocations, counted by a TorchDispatchMode, "
+                              "plus Triton kernel launches"}, "\n".join(rows))
 
 
 if __name__ == "__main__":

@@ -21,9 +21,13 @@ transformers' in the last bits (RMSNorm applies its gain before the cast back, n
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .errors import MissingDependencyError
 
 QK_NORM_EPS = 1e-5  # transformers' ChameleonLayerNorm uses this eps regardless of the config
 
@@ -35,9 +39,14 @@ class DecodeLayers(nn.Module):
     ``attend`` reads them). The qk-norm gains of each layer are joined once, here, on the weights'
     device: build this after the weights are final and in place (the torch backend builds its decoder
     after loading).
+
+    ``kernels="triton"`` does the elementwise work between the matmuls with ``pure_lite.triton_kernels``
+    (11 kernels per layer instead of 21). It needs what those kernels assume: the pre-norm layer order,
+    projections joined by ``fuse_projections``, a power-of-two head width, a CUDA device (or Triton's
+    interpreter).
     """
 
-    def __init__(self, lm):
+    def __init__(self, lm, kernels: Literal["torch", "triton"] = "torch"):
         super().__init__()
         config = lm.config
         self.model = lm.model
@@ -57,47 +66,92 @@ class DecodeLayers(nn.Module):
         self.scaling = self.head_dim ** -0.5
         half, embed = self.head_dim // 2, self.model.embed_tokens.weight
         self.rotate_sign = torch.cat([-torch.ones(half), torch.ones(half)]).to(device=embed.device, dtype=embed.dtype)
+        self.triton = None
+        if kernels == "triton":
+            self.triton = _triton_kernels(self, embed.device)
+        elif kernels != "torch":
+            raise ValueError(f"kernels must be 'torch' or 'triton', got {kernels!r}")
 
     def _rms(self, x: torch.Tensor, norm) -> torch.Tensor:
         return torch.rms_norm(x, (x.shape[-1],), norm.weight, self.eps)
 
-    def forward(self, ids: torch.Tensor, positions: torch.Tensor, cache) -> torch.Tensor:
-        hidden = self.model.embed_tokens(ids)
-        cos, sin = self.model.rotary_emb(hidden, positions)  # (R, T, head_dim), halves repeated
-        cos, sin = cos.unsqueeze(2), (sin * self.rotate_sign).unsqueeze(2)
-        for i, layer in enumerate(self.model.layers):
-            hidden = self._layer(i, layer, hidden, cos, sin, cache)
-        return self._rms(hidden, self.model.norm)
+    def _add_rms(self, x: torch.Tensor, delta: torch.Tensor | None, norm) -> tuple[torch.Tensor, torch.Tensor]:
+        """The residual stream plus ``delta``, and it normalised by ``norm`` (the next sub-layer's input)."""
+        if self.triton is not None:
+            return self.triton.add_rms_norm(x, delta, norm.weight, self.eps)
+        x = x if delta is None else x + delta
+        return x, self._rms(x, norm)
 
-    def _layer(self, i: int, layer, x: torch.Tensor, cos, sin, cache) -> torch.Tensor:
-        attn, mlp = layer.self_attn, layer.mlp
-        h = x if self.swin else self._rms(x, layer.input_layernorm)
+    def forward(self, ids: torch.Tensor, positions: torch.Tensor, cache) -> torch.Tensor:
+        x = self.model.embed_tokens(ids)
+        cos, sin = self.model.rotary_emb(x, positions)  # (R, T, head_dim), halves repeated
+        sin = sin * self.rotate_sign
+        layers = self.model.layers
+        if self.swin:  # x + norm(sub-layer(x)): the norm is the sub-layer's, nothing to join with the add
+            for i, layer in enumerate(layers):
+                x = x + self._rms(self._attention(i, layer.self_attn, x, cos, sin, positions, cache),
+                                  layer.input_layernorm)
+                x = x + self._rms(self._mlp(i, layer.mlp, x), layer.post_attention_layernorm)
+            return self._rms(x, self.model.norm)
+        # pre-norm: x + sub-layer(norm(x)); each residual add is joined with the norm that follows it
+        x, h = self._add_rms(x, None, layers[0].input_layernorm)
+        for i, layer in enumerate(layers):
+            x, h = self._add_rms(x, self._attention(i, layer.self_attn, h, cos, sin, positions, cache),
+                                 layer.post_attention_layernorm)
+            following = layers[i + 1].input_layernorm if i + 1 < len(layers) else self.model.norm
+            x, h = self._add_rms(x, self._mlp(i, layer.mlp, h), following)
+        return h
+
+    def _attention(self, i: int, attn, h: torch.Tensor, cos, sin, positions, cache) -> torch.Tensor:
         qk_heads = self.heads + self.kv_heads
         if self.joined_qkv[i]:  # fuse_projections: one matmul
             qkv = attn.qkv_proj(h).unflatten(-1, (qk_heads + self.kv_heads, self.head_dim))
-            # normalising the value heads too wastes a little arithmetic but spares a copy of the slice
-            qk = F.layer_norm(qkv, (self.head_dim,), eps=QK_NORM_EPS)[:, :, :qk_heads]
-            value = qkv[:, :, qk_heads:]
         else:
-            qk = torch.cat([attn.q_proj(h), attn.k_proj(h)], -1).unflatten(-1, (qk_heads, self.head_dim))
-            qk = F.layer_norm(qk, (self.head_dim,), eps=QK_NORM_EPS)
-            value = attn.v_proj(h).unflatten(-1, (self.kv_heads, self.head_dim))
+            qkv = torch.cat([attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)], -1).unflatten(
+                -1, (qk_heads + self.kv_heads, self.head_dim))
         gain, bias = self.qk_norms[i]
-        qk = torch.addcmul(bias, qk, gain)
-        # rotate_half(x) * sin == (x's halves swapped) * (sin with its first half negated)
-        swapped = qk.unflatten(-1, (2, self.head_dim // 2)).flip(-2).flatten(-2)
-        qk = torch.addcmul(qk * cos, swapped, sin)
-        query, key = qk[:, :, :self.heads].transpose(1, 2), qk[:, :, self.heads:].transpose(1, 2)
-        cache.update(key, value.transpose(1, 2), i)
-        out = attn.o_proj(cache.attend(i, query, self.scaling).flatten(2))
-        x = x + (self._rms(out, layer.input_layernorm) if self.swin else out)
-        h = x if self.swin else self._rms(x, layer.post_attention_layernorm)
+        if self.triton is not None:
+            groups = cache.live_groups
+            query = self.triton.qk_norm_rope_store(qkv, gain, bias, cos, sin, positions, [g.kv[i] for g in groups],
+                                                   self.heads, self.kv_heads, QK_NORM_EPS,
+                                                   [g.scales[i] for g in groups] if cache.int8 else None)
+        else:
+            # normalising the value heads too wastes a little arithmetic but spares a copy of the slice
+            qk = torch.addcmul(bias, F.layer_norm(qkv, (self.head_dim,), eps=QK_NORM_EPS)[:, :, :qk_heads], gain)
+            # rotate_half(x) * sin == (x's halves swapped) * (sin with its first half negated)
+            swapped = qk.unflatten(-1, (2, self.head_dim // 2)).flip(-2).flatten(-2)
+            qk = torch.addcmul(qk * cos.unsqueeze(2), swapped, sin.unsqueeze(2))
+            query, key = qk[:, :, :self.heads].transpose(1, 2), qk[:, :, self.heads:].transpose(1, 2)
+            cache.update(key, qkv[:, :, qk_heads:].transpose(1, 2), i)
+        return attn.o_proj(cache.attend(i, query, self.scaling).flatten(2))
+
+    def _mlp(self, i: int, mlp, h: torch.Tensor) -> torch.Tensor:
         if self.joined_gate_up[i]:
-            gate, up = mlp.gate_up_proj(h).chunk(2, -1)
+            gate_up = mlp.gate_up_proj(h)
+            if self.triton is not None:
+                return mlp.down_proj(self.triton.swiglu(gate_up))
+            gate, up = gate_up.chunk(2, -1)
         else:
             gate, up = mlp.gate_proj(h), mlp.up_proj(h)
-        out = mlp.down_proj(mlp.act_fn(gate) * up)
-        return x + (self._rms(out, layer.post_attention_layernorm) if self.swin else out)
+        return mlp.down_proj(mlp.act_fn(gate) * up)
+
+
+def _triton_kernels(layers: DecodeLayers, device: torch.device):
+    """``pure_lite.triton_kernels``, once the model is one its kernels fit (else a ValueError saying why)."""
+    try:
+        from . import triton_kernels
+    except ImportError as exc:
+        raise MissingDependencyError("kernels='triton' needs Triton (installed with torch's CUDA builds)") from exc
+    problems = [
+        (layers.swin, "the swin norm layer order (its norms follow the sub-layers)"),
+        (not all(layers.joined_qkv) or not all(layers.joined_gate_up), "projections fuse_projections has not joined"),
+        (layers.head_dim & (layers.head_dim - 1) != 0, f"head width {layers.head_dim}, not a power of two"),
+        (not triton_kernels.available_on(device), f"device {device} (Triton compiles for CUDA)"),
+    ]
+    found = [why for bad, why in problems if bad]
+    if found:
+        raise ValueError("kernels='triton' cannot run this model: " + "; ".join(found))
+    return triton_kernels
 
 
 def fuse_projections(lm) -> int:

@@ -197,16 +197,17 @@ class TorchDecoder:
     slots attention reads are rounded up to a multiple of this (default 1 when eager, exact;
     512 with graphs, so a 512² restoration needs ~30 captured shapes). ``kv_int8``: keep the KV cache in
     int8 with a scale per slot and head (half the cache memory; see ``_Group``). ``layers``: ``"fused"``
-    runs the layers as ``pure_lite.decode_layers`` writes them (about half the kernels per step);
-    ``"transformers"`` runs transformers' own layer forward over the same cache (the reference it is
+    runs the layers as ``pure_lite.decode_layers`` writes them (about half the kernels per step); ``"triton"``
+    the same with its elementwise work in ``pure_lite.triton_kernels`` (about half again; CUDA, not yet the
+    default: docs/gpu.md); ``"transformers"`` runs transformers' own layer forward over the same cache (the reference it is
     tested and benchmarked against).
     """
 
     def __init__(self, lm, image_head, device: str = "cpu", *, graphs: bool | None = None,
                  device_loop: bool | None = None, attend_bucket: int | None = None, kv_int8: bool = False,
-                 layers: Literal["fused", "transformers"] = "fused"):
-        if layers == "fused":
-            self.layers_fn = DecodeLayers(lm).eval()
+                 layers: Literal["fused", "triton", "transformers"] = "fused"):
+        if layers in ("fused", "triton"):
+            self.layers_fn = DecodeLayers(lm, kernels="triton" if layers == "triton" else "torch").eval()
         elif layers == "transformers":
             if hasattr(lm.model.layers[0].self_attn, "qkv_proj"):
                 raise ValueError("layers='transformers' needs the separate projections that fuse_projections joined")
@@ -214,7 +215,7 @@ class TorchDecoder:
             step = ChameleonStep(lm).eval()
             self.layers_fn = lambda ids, positions, kv: step.run(ids, None, positions, kv, grouped_cache=kv)
         else:
-            raise ValueError(f"layers must be 'fused' or 'transformers', got {layers!r}")
+            raise ValueError(f"layers must be 'fused', 'triton' or 'transformers', got {layers!r}")
         self.lm = lm
         self.text_head = TextHead(lm).eval()
         self.image_head = image_head.eval()

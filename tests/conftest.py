@@ -2,8 +2,16 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
+import torch
+
+# pure_lite.triton_kernels compiles for CUDA; without a GPU its kernels run through Triton's interpreter,
+# which reads this when the kernels are defined, so it is set before any test imports them
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from pure_lite.tokens import TokenLayout
 

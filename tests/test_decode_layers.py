@@ -12,11 +12,12 @@ both run by TorchDecoder over the same kind of grouped cache.
 """
 
 import collections
+import types
 
 import numpy as np
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
 from pure_lite.checkpoint import CheckpointFiles
 from pure_lite.decode_layers import fuse_projections
@@ -101,9 +102,10 @@ def test_fused_layers_match_transformers_on_cuda_fp16(compact):
 
 
 class _Count(TorchDispatchMode):
+    # calls that launch no kernel: views, and allocations (pure_lite.triton_kernels allocates its outputs)
     VIEWS = {"view", "_unsafe_view", "transpose", "slice", "select", "unsqueeze", "squeeze", "expand", "permute",
              "t", "alias", "detach", "as_strided", "split", "unbind", "reshape", "unflatten", "flatten", "lift_fresh",
-             "split_with_sizes", "_reshape_alias"}
+             "split_with_sizes", "_reshape_alias", "chunk", "empty", "empty_like", "new_empty", "empty_strided"}
 
     def __init__(self):
         super().__init__()
@@ -116,25 +118,42 @@ class _Count(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def test_fused_layers_launch_at_most_60_percent_of_the_kernels(compact):
-    """Per layer of a CFG image step: the difference between a 1-layer and a 2-layer model's counts."""
+def _kernels_per_layer(compact, variant: str) -> int:
+    """Kernels of one layer of a CFG image step: the difference between a 1-layer and a 2-layer model's counts
+    (aten calls, plus launches of pure_lite.triton_kernels, which the dispatcher does not see)."""
     _, layout = compact
-    per_layer = {}
-    for variant in ("transformers", "fused", "joined"):
-        counts = []
-        for depth in (1, 2):
-            lm = _lm(compact, False)
-            lm.model.layers = lm.model.layers[:depth]
-            lm.config.num_hidden_layers = depth
-            if variant == "joined":
-                fuse_projections(lm)
-            dec = TorchDecoder(lm, ImageHead(lm, layout.image_ids), layers="fused" if variant == "joined" else variant)
-            dec.prefill([[5, 6, 7]], 16, 2, unconditional_capacity=8)
-            dec.begin_unconditional()
-            with _Count() as count:
-                dec.step(np.full((2, 1), layout.image_ids[0]), image=True)
-            counts.append(sum(count.calls.values()))
-        per_layer[variant] = counts[1] - counts[0]
+    counts = []
+    for depth in (1, 2):
+        lm = _lm(compact, False)
+        lm.model.layers = lm.model.layers[:depth]
+        lm.config.num_hidden_layers = depth
+        if variant in ("joined", "triton"):
+            fuse_projections(lm)
+        layers = {"joined": "fused"}.get(variant, variant)
+        dec = TorchDecoder(lm, ImageHead(lm, layout.image_ids), layers=layers)
+        dec.prefill([[5, 6, 7]], 16, 2, unconditional_capacity=8)
+        dec.begin_unconditional()
+        launches = collections.Counter()
+        if variant == "triton":  # each of the module's functions launches one kernel
+            module = dec.layers_fn.triton
+
+            def counted(name):
+                def call(*args, **kwargs):
+                    launches[name] += 1
+                    with _disable_current_modes():  # the interpreter's own copies are not the kernel's
+                        return getattr(module, name)(*args, **kwargs)
+                return call
+
+            dec.layers_fn.triton = types.SimpleNamespace(**{name: counted(name) for name in
+                                                           ("add_rms_norm", "qk_norm_rope_store", "swiglu")})
+        with _Count() as count:
+            dec.step(np.full((2, 1), layout.image_ids[0]), image=True)
+        counts.append(sum(count.calls.values()) + sum(launches.values()))
+    return counts[1] - counts[0]
+
+
+def test_fused_layers_launch_at_most_60_percent_of_the_kernels(compact):
+    per_layer = {variant: _kernels_per_layer(compact, variant) for variant in ("transformers", "fused", "joined")}
     assert per_layer["fused"] <= 0.6 * per_layer["transformers"], per_layer
     assert per_layer["joined"] < per_layer["fused"], per_layer  # three matmuls in one, two in another
 
@@ -144,3 +163,11 @@ def test_transformers_layers_refuse_joined_projections(compact):
     fuse_projections(lm)
     with pytest.raises(ValueError, match="fuse_projections"):
         TorchDecoder(lm, ImageHead(lm, compact[1].image_ids), layers="transformers")
+
+
+def test_triton_layers_launch_11_kernels_per_layer(compact):
+    """4 matmuls, 2 attention calls (one per cache group) and the join of their outputs, and 4 Triton kernels:
+    the residual add and norm twice, the qk norm with rotary and the cache write, silu-and-multiply."""
+    pytest.importorskip("triton", reason="Triton is installed with the [test] extra on Linux x86_64")
+    assert _kernels_per_layer(compact, "triton") == 11
+    assert _kernels_per_layer(compact, "joined") == 21

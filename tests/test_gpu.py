@@ -224,3 +224,56 @@ def test_int4_quantizes_the_decoder_and_its_graphs_match_eager(tiny256):
         assert isinstance(linear.weight, TorchAOBaseTensor)
     for a, b in zip(run(joined, graphs=False, device_loop=False), run(joined, attend_bucket=16)):
         np.testing.assert_array_equal(a.tokens, b.tokens)
+
+
+@pytest.mark.gpu
+def test_triton_layers_on_cuda(tiny_compact, tiny256):
+    """layers="triton" compiled for the GPU: in float32, captured in CUDA graphs, the greedy tokens of the eager
+    torch ops (host loop); in fp16 and bf16, eager and captured, logits within their rounding of the torch ops'
+    (cosine >= 0.999 per row, as tests/test_decode_layers.py bounds the own forward against transformers')."""
+    torch = _cuda()
+    pytest.importorskip("triton")
+    from pure_lite.checkpoint import CheckpointFiles
+    from pure_lite.decode_layers import fuse_projections
+    from pure_lite.generate import generate_batch
+    from pure_lite.lm import ImageHead, load_language_model
+    from pure_lite.tokens import TokenLayout
+    from pure_lite.torch_decoder import TorchDecoder
+
+    from conftest import TARGET
+
+    lm, head, layout, prompts = _tiny_on_cuda(tiny_compact, 2)
+    fuse_projections(lm)
+    greedy = SamplingConfig(temperature=0, cfg_scale=0.8, max_text_tokens=4)
+
+    def run(**kw):
+        return generate_batch(TorchDecoder(lm, head, "cuda", **kw), prompts, layout, TARGET, greedy,
+                              [np.random.default_rng(s) for s in (3, 4)], max_positions=4096)
+
+    for a, b in zip(run(graphs=False, device_loop=False), run(layers="triton", attend_bucket=16)):
+        np.testing.assert_array_equal(a.tokens, b.tokens)
+
+    for folder, dtype in ((tiny_compact, torch.float16), (tiny256, torch.bfloat16)):
+        files = CheckpointFiles.locate(folder)
+        layout = TokenLayout.from_tokenizer_file(files.tokenizer, files.read_config()["vocab_size"])
+        model = load_language_model(files, device="cuda", dtype=dtype)
+        fuse_projections(model)
+        image_head = ImageHead(model, layout.image_ids)
+
+        def logits(**kw):
+            dec = TorchDecoder(model, image_head, "cuda", **kw)
+            rng = np.random.default_rng(0)
+            out = [dec.prefill([rng.integers(4, 200, 23).tolist(), rng.integers(4, 200, 17).tolist()], 64, 2,
+                               unconditional_capacity=16)]
+            dec.begin_unconditional()
+            out.append(dec.step(np.tile(layout.header(32, 32), (4, 1)), image=True))
+            codes = layout.image_ids[rng.integers(0, layout.codebook_size, (4, 2))]
+            out.append(dec.step(codes, image=True, all_positions=True).reshape(8, -1))
+            return out
+
+        reference = logits(graphs=False)
+        for candidate in (logits(layers="triton", graphs=False), logits(layers="triton", attend_bucket=16)):
+            for a, b in zip(reference, candidate):
+                a, b = a.astype(np.float64), b.astype(np.float64)
+                cosine = (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
+                assert cosine.min() >= 0.999, (dtype, cosine.min())

@@ -1,0 +1,185 @@
+"""pure_lite.triton_kernels, on CPU through Triton's interpreter (tests/conftest.py sets it without a GPU).
+
+- each kernel against plain torch arithmetic written out here: float32 within 1e-5 of the largest value
+  (the kernels differ only in rounding order), fp16 within its rounding (2e-3 of the largest); widths that
+  are not powers of two, more than one program per row, two cache groups of different capacities and a
+  key/value head count below the query's; every cache slot the kernel must not touch keeps its value;
+- the decoder layers with ``kernels="triton"`` against the torch ops (``DecodeLayers``' default), through
+  TorchDecoder: every logit of a prefill, a CFG step and a two-token step within 1e-5 of the largest
+  (float32; 1% with the int8 cache, whose writes stay with the torch ops), and identical greedy tokens
+  for whole restorations, host loop and chained loop;
+- the models the kernels do not fit are refused with the reason.
+The GPU checks (compiled, captured in CUDA graphs) are tests/test_gpu.py's.
+"""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("triton", reason="Triton is installed with the [test] extra on Linux x86_64")
+
+from pure_lite import triton_kernels as tk  # noqa: E402
+from pure_lite.checkpoint import CheckpointFiles  # noqa: E402
+from pure_lite.decode_layers import DecodeLayers, fuse_projections  # noqa: E402
+from pure_lite.generate import generate_batch  # noqa: E402
+from pure_lite.lm import ImageHead, load_language_model  # noqa: E402
+from pure_lite.prompt import TextTokenizer, prompt_ids  # noqa: E402
+from pure_lite.sampling import SamplingConfig  # noqa: E402
+from pure_lite.tokens import TokenLayout  # noqa: E402
+from pure_lite.torch_decoder import TorchDecoder, quantize_kv  # noqa: E402
+
+from conftest import TARGET  # noqa: E402
+
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3}
+
+
+def _close(actual: torch.Tensor, expected: torch.Tensor, dtype) -> None:
+    assert actual.dtype == dtype and actual.shape == expected.shape
+    scale = expected.float().abs().max()
+    assert scale > 0.1  # not a vacuous comparison of near-zero values
+    assert (actual.float() - expected.float()).abs().max() <= TOLERANCE[dtype] * scale
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("with_delta", [False, True])
+def test_add_rms_norm_matches_torch(dtype, with_delta):
+    gen = torch.Generator().manual_seed(0)
+    x, delta = (torch.randn(5, 3, 48, generator=gen).to(dtype) for _ in range(2))
+    weight = torch.randn(48, generator=gen).to(dtype)
+    summed, normed = tk.add_rms_norm(x, delta if with_delta else None, weight, 1e-5)
+    expected = x + delta if with_delta else x
+    assert torch.equal(summed, expected)  # the residual stream is added in its own dtype, as torch adds it
+    _close(normed, torch.rms_norm(expected.float(), (48,), weight.float(), 1e-5).to(dtype), dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("width", [100, 1500])  # one partial block; two blocks per row
+def test_swiglu_matches_torch(dtype, width):
+    gate_up = torch.randn(2, 3, 2 * width, generator=torch.Generator().manual_seed(1)).to(dtype)
+    gate, up = gate_up.float().chunk(2, -1)
+    _close(tk.swiglu(gate_up), (F.silu(gate) * up).to(dtype), dtype)
+
+
+def _rotary_reference(x, cos, sin):
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat([-x[..., half:], x[..., :half]], -1) * sin
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("kv_heads", [4, 2])
+@pytest.mark.parametrize("int8", [False, True])
+def test_qk_norm_rope_store_matches_torch(dtype, kv_heads, int8):
+    """Two groups (3 conditional rows with 40 slots, 3 unconditional with 24), two tokens per row at
+    different slots: queries, the keys and values at their slots, and every other slot untouched. int8: the
+    stored values within one step of ``quantize_kv``'s (a last-bit difference before rounding can move one),
+    and equal to them in at least 99% of places; the scales within the dtype's rounding."""
+    gen = torch.Generator().manual_seed(2)
+    rows, tokens, heads, head_dim = 6, 2, 4, 16
+    qkv = torch.randn(rows, tokens, heads + 2 * kv_heads, head_dim, generator=gen).to(dtype)
+    gain, bias = (torch.randn(heads + kv_heads, head_dim, generator=gen).to(dtype) for _ in range(2))
+    angle = torch.rand(rows, tokens, head_dim // 2, generator=gen) * 6
+    cos = torch.cat([angle.cos()] * 2, -1).to(dtype)
+    sin = torch.cat([angle.sin()] * 2, -1).to(dtype)  # the kernel takes sin with rotate_half's sign folded in
+    signed = sin * torch.cat([-torch.ones(head_dim // 2), torch.ones(head_dim // 2)]).to(dtype)
+    slots = torch.tensor([[0, 1], [7, 8], [38, 39], [0, 1], [5, 6], [22, 23]])
+    store = torch.int8 if int8 else dtype
+    groups = [torch.full((2, 3, kv_heads, capacity, head_dim), 7, dtype=store) for capacity in (40, 24)]
+    scales = [torch.full((2, 3, kv_heads, capacity, 1), 7.0, dtype=dtype) for capacity in (40, 24)] if int8 else None
+    query = tk.qk_norm_rope_store(qkv, gain, bias, cos, signed, slots, groups, heads, kv_heads, 1e-5, scales)
+
+    x = qkv.float()
+    qk = F.layer_norm(x[:, :, :heads + kv_heads], (head_dim,), eps=1e-5) * gain.float() + bias.float()
+    qk = _rotary_reference(qk, cos.float().unsqueeze(2), sin.float().unsqueeze(2))
+    _close(query, qk[:, :, :heads].transpose(1, 2).to(dtype), dtype)
+    keys, values = qk[:, :, heads:].to(dtype), x[:, :, heads + kv_heads:].to(dtype)
+    steps_off = []
+    for g, group in enumerate(groups):
+        written = torch.zeros(group.shape[:-1], dtype=torch.bool)
+        for r in range(3):
+            row = 3 * g + r
+            for t in range(tokens):
+                slot = slots[row, t]
+                written[:, r, :, slot] = True
+                for which, expected in ((0, keys[row, t]), (1, values[row, t])):
+                    stored = group[which, r, :, slot]
+                    if not int8:
+                        _close(stored, expected, dtype)
+                        continue
+                    q, scale = quantize_kv(expected, dtype)
+                    steps_off.append((stored.int() - q.int()).abs())
+                    torch.testing.assert_close(scales[g][which, r, :, slot], scale, rtol=TOLERANCE[dtype], atol=0)
+        assert (group[~written] == 7).all()
+        if int8:
+            assert (scales[g][~written] == 7.0).all()
+    if int8:
+        off = torch.cat([s.flatten() for s in steps_off])
+        assert off.max() <= 1 and (off == 0).float().mean() >= 0.99
+
+
+@pytest.fixture(scope="module")
+def compact(tiny_compact):
+    files = CheckpointFiles.locate(tiny_compact)
+    layout = TokenLayout.from_tokenizer_file(files.tokenizer, files.read_config()["vocab_size"])
+    lm = load_language_model(files).eval()
+    fuse_projections(lm)
+    tokenizer = TextTokenizer(files.tokenizer)
+    prompts = [prompt_ids(tokenizer, layout, layout.encode_image((np.arange(64).reshape(8, 8) * (i + 3))
+                                                                  % layout.codebook_size)) for i in range(2)]
+    prompts[1] = prompts[1][:-5]  # rows at different positions
+    return lm, ImageHead(lm, layout.image_ids), layout, prompts, files
+
+
+def _logits(compact, layers: str, **kw):
+    """A prefill of two short prompts, CFG rows, one image step and one two-token step; every logit."""
+    lm, head, layout, _, _ = compact
+    dec = TorchDecoder(lm, head, layers=layers, **kw)
+    rng = np.random.default_rng(0)
+    out = [dec.prefill([rng.integers(4, 200, 7).tolist(), rng.integers(4, 200, 4).tolist()], 32, 2,
+                       unconditional_capacity=8)]
+    dec.begin_unconditional()
+    out.append(dec.step(np.tile(layout.header(32, 32), (4, 1)), image=True))
+    codes = layout.image_ids[rng.integers(0, layout.codebook_size, (4, 2))]
+    out.append(dec.step(codes, image=True, all_positions=True).reshape(8, -1))
+    return out
+
+
+@pytest.mark.parametrize("kv_int8", [False, True])
+def test_triton_layers_match_the_torch_ops(compact, kv_int8):
+    reference, candidate = _logits(compact, "fused", kv_int8=kv_int8), _logits(compact, "triton", kv_int8=kv_int8)
+    tolerance = 0.01 if kv_int8 else 1e-5  # int8: a last-bit difference can move a cached value by one step
+    for a, b in zip(reference, candidate):
+        assert a.shape == b.shape
+        np.testing.assert_allclose(b, a, rtol=0, atol=tolerance * np.abs(a).max())
+    assert np.abs(reference[1]).max() > 1
+
+
+def test_triton_layers_give_the_same_greedy_restorations(compact):
+    """Whole restorations (text, then 4x4 codes with CFG: the interpreter is slow), greedy: the host loop with
+    the torch ops against the chained loop with the Triton kernels, the path a GPU captures."""
+    lm, head, layout, prompts, _ = compact
+    config = SamplingConfig(temperature=0, cfg_scale=0.8, max_text_tokens=3)
+
+    def run(**kw):
+        return generate_batch(TorchDecoder(lm, head, **kw), prompts, layout, TARGET // 2, config,
+                              [np.random.default_rng(s) for s in (0, 1)], max_positions=4096)
+
+    reference = run()
+    for a, b in zip(reference, run(layers="triton", device_loop=True, attend_bucket=16)):
+        np.testing.assert_array_equal(b.tokens, a.tokens)
+    assert len({tuple(r.tokens) for r in reference}) == 2  # the two prompts decode differently
+
+
+def test_triton_kernels_refuse_models_they_do_not_fit(compact, monkeypatch):
+    files = compact[4]
+    unjoined = load_language_model(files)
+    with pytest.raises(ValueError, match="fuse_projections"):
+        DecodeLayers(unjoined, kernels="triton")
+    unjoined.config.swin_norm = True
+    with pytest.raises(ValueError, match="swin"):
+        DecodeLayers(unjoined, kernels="triton")
+    monkeypatch.setattr(tk, "INTERPRETED", False)
+    with pytest.raises(ValueError, match="CUDA"):
+        DecodeLayers(compact[0], kernels="triton")
+    with pytest.raises(ValueError, match="kernels must be"):
+        DecodeLayers(compact[0], kernels="cuda")
