@@ -445,9 +445,10 @@ def main() -> None:
                          f"{r['peak_decode_vram_gb']:.1f} | {again} |")
         else:
             lines.append(f"| {quant} | {r.get('error', '')} | | | | |")
-    attention = results.get("attention", {})
-    lines += ["", f"| decode attention at the end of a 512² restoration ({attention.get('kv_gb_per_step', 0):.1f} GB "
-              "of KV per step, all layers, both groups, one graph) | ms per step | GB/s |", "| --- | --- | --- |"]
+    attention = results.get("attention", {})  # not measured with --quick
+    if attention:
+        lines += ["", f"| decode attention at the end of a 512² restoration ({attention['kv_gb_per_step']:.1f} GB "
+                  "of KV per step, all layers, both groups, one graph) | ms per step | GB/s |", "| --- | --- | --- |"]
     for name, r in attention.items():
         if isinstance(r, dict):
             lines.append(f"| {name} | {r['ms_per_step']:.2f} | {r['gb_per_s']:.0f} |" if "ms_per_step" in r

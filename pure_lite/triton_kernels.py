@@ -38,7 +38,7 @@ def available_on(device: torch.device) -> bool:
 @triton.jit
 def _add_rms_norm_kernel(x_ptr, delta_ptr, weight_ptr, x_out_ptr, h_out_ptr, width, eps,
                          HAS_DELTA: tl.constexpr, BLOCK: tl.constexpr):
-    row = tl.program_id(0)
+    row = tl.program_id(0).to(tl.int64)  # offsets in int64: a long prefill's rows x width can pass 2**31
     cols = tl.arange(0, BLOCK)
     inside = cols < width
     x = tl.load(x_ptr + row * width + cols, mask=inside, other=0.0)
@@ -67,7 +67,7 @@ def add_rms_norm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tens
 
 @triton.jit
 def _swiglu_kernel(gate_up_ptr, out_ptr, width, BLOCK: tl.constexpr):
-    row = tl.program_id(0)
+    row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     inside = cols < width
     gate = tl.load(gate_up_ptr + row * 2 * width + cols, mask=inside, other=0.0).to(tl.float32)
@@ -91,7 +91,7 @@ def _qk_norm_rope_store_kernel(qkv_ptr, gain_ptr, bias_ptr, cos_ptr, sin_ptr, sl
                                kv0_ptr, kv1_ptr, scale0_ptr, scale1_ptr, rows0, rows1, capacity0, capacity1, tokens,
                                heads, kv_heads, eps, HEAD_DIM: tl.constexpr, HEADS_BLOCK: tl.constexpr,
                                INT8: tl.constexpr):
-    token = tl.program_id(0)  # row * tokens + t
+    token = tl.program_id(0).to(tl.int64)  # row * tokens + t
     row = token // tokens
     t = token % tokens
     # a (HEADS_BLOCK, HEAD_DIM) tile of this token's heads: query heads, then key heads, then value heads
