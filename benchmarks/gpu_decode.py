@@ -16,6 +16,7 @@ with PURE's default sampling (CFG 0.8 as batch 2, entropy top-k, temperature 0.9
   ``-cudnn`` / ``-math``: the same with SDPA held to one kernel (the default picks cuDNN on an H200);
 - ``graphs-b512-triton``: the same with ``layers="triton"`` (``pure_lite.triton_kernels``: 11 kernels per
   layer instead of 21); not yet the torch backend's default, this row decides it (also for torchao int4);
+  ``...-kv8`` / ``...-kv8-triton``: the int8 KV cache, dequantized for SDPA / read by the Triton attention;
 - ``nf4-...``: the same with bitsandbytes nf4 weights (when bitsandbytes is installed);
 - ``torchao-int4-...`` / ``torchao-int8-...``: torchao weight-only int4 (the torch backend's
   ``quantize_int4``: tinygemm layout, bf16 activations, group 128) and int8 (per row) weights, when
@@ -28,7 +29,8 @@ with PURE's default sampling (CFG 0.8 as batch 2, entropy top-k, temperature 0.9
 
 Reported: ms per image step over ``--steps`` codes (capture time excluded and reported apart), then full
 512² restorations (4096 codes) with graphs, fp16 and torchao int4, each with the torch ops and with the Triton
-kernels, and int4 with the int8 KV cache: seconds, capture seconds and peak VRAM; the fp16 one is decoded twice
+kernels, and int4 with the int8 KV cache (both ways): seconds, capture seconds and peak VRAM; the fp16 one is
+decoded twice
 on the same decoder, the second reusing the graphs (its time with no capture in it checks ``capture_s``).
 
     python benchmarks/gpu_decode.py [--steps 256] [--skip-hf] [--skip-full] [--quick]
@@ -55,7 +57,8 @@ import report
 
 PROMPT = 4200
 QUICK = {"graphs-b512-transformers", "graphs-b512-unjoined", "graphs-b512", "graphs-b512-triton", "graphs-b512-kv8",
-         "torchao-int4-graphs-b512", "torchao-int4-graphs-b512-triton", "torchao-int4-graphs-b512-kv8"}
+         "graphs-b512-kv8-triton", "torchao-int4-graphs-b512", "torchao-int4-graphs-b512-triton",
+         "torchao-int4-graphs-b512-kv8", "torchao-int4-graphs-b512-kv8-triton"}
 DEVICE = "cuda"
 LAYOUT = None  # PURE's token layout (image ids, grid tokens, row end), from a tiny checkpoint's tokenizer
 SHAPE = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
@@ -407,6 +410,9 @@ def main() -> None:
                            sdpa=getattr(SDPBackend, kernel))
         if quant in ("fp16", "torchao-int4"):  # the KV cache in int8 (kv_cache="int8"): half its memory
             record(f"{prefix}graphs-b512-kv8", time_chained, model, side, attend_bucket=512, kv_int8=True)
+            if not args.smoke:  # and read by the Triton attention kernel, without a copy in the model's dtype
+                record(f"{prefix}graphs-b512-kv8-triton", time_chained, model, side, attend_bucket=512, kv_int8=True,
+                       layers="triton")
         if quant in ("fp16", "nf4"):  # tiles decoded together (issue 12): one step serves 4 tiles' 8 rows
             record(f"{prefix}graphs-b512-4-tiles", time_chained, model, side, batch=4, attend_bucket=512)
         if quant == "fp16":
@@ -414,7 +420,8 @@ def main() -> None:
         # nf4's full restoration is left out (run B: 48.5 s, behind int4 at the same VRAM) to keep the run short
         full = {"fp16": {"fp16": {"again": True}, "fp16-triton": {"layers": "triton"}},
                 "torchao-int4": {"torchao-int4": {}, "torchao-int4-triton": {"layers": "triton"},
-                                 "torchao-int4-kv8": {"kv_int8": True}}}
+                                 "torchao-int4-kv8": {"kv_int8": True},
+                                 "torchao-int4-kv8-triton": {"kv_int8": True, "layers": "triton"}}}
         for name, kw in ({} if args.skip_full else full.get(quant, {})).items():
             try:
                 results["full_512"][name] = time_chained(model, 64, attend_bucket=512, **kw)

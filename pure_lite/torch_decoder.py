@@ -134,6 +134,10 @@ class GroupedKV:
         self.int8, self.dtype = int8, dtype
         self.live = 1
         self.offsets = torch.arange(max_new, device=device)
+        # int8 groups with layers="triton": pure_lite.triton_kernels.int8_attention reads the int8 keys and values
+        # directly for calls of up to ``int8_attention_tokens`` tokens per row (decode steps, not a prefill)
+        self.int8_attention: Callable | None = None
+        self.int8_attention_tokens = 0
         self.key_index = torch.arange(max(g.capacity for g in self.groups), device=device)
         self.seen = torch.zeros((), dtype=dtype, device=device)
         self.unseen = torch.full((), float("-inf"), dtype=dtype, device=device)
@@ -168,6 +172,14 @@ class GroupedKV:
 
     def attend(self, layer: int, query: torch.Tensor, scaling: float) -> torch.Tensor:
         """query (rows, heads, T, head_dim) -> (rows, T, heads, head_dim)."""
+        rows, heads, t, head_dim = query.shape
+        if self.int8_attention is not None and t <= self.int8_attention_tokens:
+            joined, start = query.new_empty((rows, t, heads, head_dim)), 0
+            for group in self.live_groups:
+                self.int8_attention(query[start:start + group.rows], group.kv[layer], group.scales[layer], group.slots,
+                                    group.span, scaling, joined, start)
+                start += group.rows
+            return joined
         out, start = [], 0
         for group in self.live_groups:
             q = query[start:start + group.rows]
@@ -198,8 +210,8 @@ class TorchDecoder:
     512 with graphs, so a 512² restoration needs ~30 captured shapes). ``kv_int8``: keep the KV cache in
     int8 with a scale per slot and head (half the cache memory; see ``_Group``). ``layers``: ``"fused"``
     runs the layers as ``pure_lite.decode_layers`` writes them (about half the kernels per step); ``"triton"``
-    the same with its elementwise work in ``pure_lite.triton_kernels`` (about half again; CUDA, not yet the
-    default: docs/gpu.md); ``"transformers"`` runs transformers' own layer forward over the same cache (the reference it is
+    the same with its elementwise work in ``pure_lite.triton_kernels`` (about half again), and an int8 cache
+    read by its attention kernel (CUDA; not yet the default: docs/gpu.md); ``"transformers"`` runs transformers' own layer forward over the same cache (the reference it is
     tested and benchmarked against).
     """
 
@@ -255,6 +267,10 @@ class TorchDecoder:
                                 self.dtype, self.device, self.kv_int8)
             self.shape, self.chain_cache = shape, None
             self.captured.clear()  # graphs hold the old batch's buffers
+            kernels = getattr(self.layers_fn, "triton", None)
+            if kernels is not None and self.kv_int8 and self.head_dim >= kernels.MIN_ATTENTION_HEAD_DIM:
+                self.kv.int8_attention, self.kv.int8_attention_tokens = kernels.int8_attention, \
+                    kernels.MAX_ATTENTION_TOKENS
             self.step_inputs: dict[tuple[int, int], torch.Tensor] = {}
         self.lengths = np.zeros(2 * batch, np.int64)
         self.batch, self.live, self.max_step = batch, batch, max_step

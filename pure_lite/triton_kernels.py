@@ -173,3 +173,120 @@ def qk_norm_rope_store(qkv: torch.Tensor, gain: torch.Tensor, bias: torch.Tensor
         rows0, max(rows - rows0, 1), first.shape[3], second.shape[3], tokens, heads, kv_heads, eps,
         HEAD_DIM=head_dim, HEADS_BLOCK=block, INT8=scales is not None)
     return query
+
+
+@triton.jit
+def _int8_attention_split_kernel(q_ptr, kv_ptr, scale_ptr, slot_ptr, m_ptr, l_ptr, acc_ptr, rows, heads, kv_heads,
+                                 capacity, tokens, chunk, scaling, TOKENS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                                 BLOCK: tl.constexpr, IEEE: tl.constexpr):
+    program = tl.program_id(0)  # row * heads + head
+    split = tl.program_id(1)
+    splits = tl.num_programs(1)
+    row = program // heads
+    head = program % heads
+    kv_head = head // (heads // kv_heads)
+    t = tl.arange(0, TOKENS)
+    dims = tl.arange(0, HEAD_DIM)
+    real = t < tokens
+    # each token sees the slots up to its own: the row's last token bounds the keys any of them reads
+    slots = tl.load(slot_ptr + row * tokens + t, mask=real, other=-1)
+    start = split * chunk
+    end = tl.minimum(start + chunk, tl.max(slots, 0) + 1)
+    dtype = q_ptr.dtype.element_ty
+    q = tl.load(q_ptr + ((row * heads + head) * tokens + t[:, None]) * HEAD_DIM + dims[None, :],
+                mask=real[:, None], other=0.0)
+    q = (q.to(tl.float32) * scaling).to(dtype)
+    keys = ((0 * rows + row) * kv_heads + kv_head).to(tl.int64) * capacity
+    values = ((1 * rows + row) * kv_heads + kv_head).to(tl.int64) * capacity
+    best = tl.full((TOKENS,), float("-inf"), tl.float32)
+    total = tl.zeros((TOKENS,), tl.float32)
+    acc = tl.zeros((TOKENS, HEAD_DIM), tl.float32)
+    for first in range(start, end, BLOCK):
+        n = first + tl.arange(0, BLOCK)
+        inside = n < end
+        k = tl.load(kv_ptr + (keys + n[:, None]) * HEAD_DIM + dims[None, :], mask=inside[:, None], other=0)
+        k = (k.to(tl.float32) * tl.load(scale_ptr + keys + n, mask=inside, other=0.0).to(tl.float32)[:, None]).to(dtype)
+        if IEEE:  # float32 models: no TF32 rounding
+            scores = tl.dot(q, tl.trans(k), input_precision="ieee")
+        else:
+            scores = tl.dot(q, tl.trans(k))  # (TOKENS, BLOCK), float32
+        scores = tl.where(n[None, :] <= slots[:, None], scores, float("-inf"))
+        new_best = tl.maximum(best, tl.max(scores, 1))
+        shift = tl.where(new_best == float("-inf"), 0.0, new_best)  # a token that has seen nothing yet
+        p = tl.exp(scores - shift[:, None])
+        rescale = tl.exp(best - shift)
+        v = tl.load(kv_ptr + (values + n[:, None]) * HEAD_DIM + dims[None, :], mask=inside[:, None], other=0)
+        v = (v.to(tl.float32) * tl.load(scale_ptr + values + n, mask=inside, other=0.0).to(tl.float32)[:, None]).to(dtype)
+        if IEEE:
+            acc = acc * rescale[:, None] + tl.dot(p.to(dtype), v, input_precision="ieee")
+        else:
+            acc = acc * rescale[:, None] + tl.dot(p.to(dtype), v)
+        total = total * rescale + tl.sum(p, 1)
+        best = new_best
+    partial = (program * splits + split) * tokens + t  # only the real tokens are kept
+    tl.store(m_ptr + partial, best, mask=real)
+    tl.store(l_ptr + partial, total, mask=real)
+    tl.store(acc_ptr + partial[:, None] * HEAD_DIM + dims[None, :], acc, mask=real[:, None])
+
+
+@triton.jit
+def _attention_combine_kernel(m_ptr, l_ptr, acc_ptr, out_ptr, heads, tokens, row_offset, splits,
+                              TOKENS: tl.constexpr, HEAD_DIM: tl.constexpr):
+    program = tl.program_id(0)  # row * heads + head
+    row = program // heads
+    head = program % heads
+    t = tl.arange(0, TOKENS)
+    dims = tl.arange(0, HEAD_DIM)
+    real = t < tokens
+    best = tl.full((TOKENS,), float("-inf"), tl.float32)
+    total = tl.zeros((TOKENS,), tl.float32)
+    acc = tl.zeros((TOKENS, HEAD_DIM), tl.float32)
+    for split in range(0, splits):  # the splits' softmax partials, merged as the split kernel merges blocks
+        partial = (program * splits + split) * tokens + t
+        m = tl.load(m_ptr + partial, mask=real, other=float("-inf"))
+        new_best = tl.maximum(best, m)
+        shift = tl.where(new_best == float("-inf"), 0.0, new_best)
+        old, this = tl.exp(best - shift), tl.exp(m - shift)
+        total = total * old + tl.load(l_ptr + partial, mask=real, other=0.0) * this
+        acc = acc * old[:, None] + tl.load(acc_ptr + partial[:, None] * HEAD_DIM + dims[None, :], mask=real[:, None],
+                                           other=0.0) * this[:, None]
+        best = new_best
+    out = acc / tl.where(real, total, 1.0)[:, None]
+    # (rows, tokens, heads, head_dim): attention's output as the layer's o_proj reads it
+    target = (((row_offset + row) * tokens + t[:, None]) * heads + head) * HEAD_DIM + dims[None, :]
+    tl.store(out_ptr + target, out.to(out_ptr.dtype.element_ty), mask=real[:, None])
+
+
+MAX_ATTENTION_TOKENS = 16  # decode steps and speculative windows (tl.dot's smallest tile); a prefill uses SDPA
+MIN_ATTENTION_HEAD_DIM = 16  # tl.dot's smallest inner and outer width on a GPU
+ATTENTION_BLOCK = 64  # keys per loop iteration
+ATTENTION_CHUNK = 512  # keys per program: a 512² restoration's 8.4k-slot span is 17 programs per row and head
+
+
+def int8_attention(query: torch.Tensor, kv: torch.Tensor, scales: torch.Tensor, slots: torch.Tensor, span: int,
+                   scaling: float, out: torch.Tensor, row_offset: int) -> None:
+    """Attention of one cache group's queries over its int8 keys and values, dequantized as they are read.
+
+    ``query`` (rows, heads, tokens, head_dim) with tokens <= MAX_ATTENTION_TOKENS; ``kv`` (2, rows, kv_heads,
+    capacity, head_dim) int8 and ``scales`` (2, rows, kv_heads, capacity, 1); ``slots`` (rows, tokens): each
+    token's slot, which bounds the keys it sees (its own and the earlier ones); ``span``: the slots any row may
+    read. Writes rows ``row_offset ..`` of ``out`` (all rows, tokens, heads, head_dim). Split over the keys in
+    chunks (flash decoding): a decode step has too few rows and heads to fill a GPU otherwise.
+
+    Why: attention over an int8 cache through SDPA first writes a copy of the span in the model's dtype and
+    reads it again, 2.5x the bytes of a cache in that dtype; this reads the int8 cache once, half of them.
+    """
+    rows, heads, tokens, head_dim = query.shape
+    if tokens > MAX_ATTENTION_TOKENS:
+        raise ValueError(f"int8_attention takes at most {MAX_ATTENTION_TOKENS} tokens per row, got {tokens}")
+    splits = max(1, triton.cdiv(span, ATTENTION_CHUNK))
+    chunk = triton.cdiv(triton.cdiv(span, splits), ATTENTION_BLOCK) * ATTENTION_BLOCK
+    best = torch.empty((rows * heads, splits, tokens), dtype=torch.float32, device=query.device)
+    total = torch.empty_like(best)
+    acc = torch.empty((rows * heads, splits, tokens, head_dim), dtype=torch.float32, device=query.device)
+    _int8_attention_split_kernel[(rows * heads, splits)](
+        query, kv, scales, slots.contiguous(), best, total, acc, rows, heads, kv.shape[2], kv.shape[3], tokens, chunk,
+        scaling, TOKENS=MAX_ATTENTION_TOKENS, HEAD_DIM=head_dim, BLOCK=ATTENTION_BLOCK,
+        IEEE=query.dtype == torch.float32)
+    _attention_combine_kernel[(rows * heads,)](best, total, acc, out, heads, tokens, row_offset, splits,
+                                               TOKENS=MAX_ATTENTION_TOKENS, HEAD_DIM=head_dim)

@@ -229,8 +229,9 @@ def test_int4_quantizes_the_decoder_and_its_graphs_match_eager(tiny256):
 @pytest.mark.gpu
 def test_triton_layers_on_cuda(tiny_compact, tiny256):
     """layers="triton" compiled for the GPU: in float32, captured in CUDA graphs, the greedy tokens of the eager
-    torch ops (host loop); in fp16 and bf16, eager and captured, logits within their rounding of the torch ops'
-    (cosine >= 0.999 per row, as tests/test_decode_layers.py bounds the own forward against transformers')."""
+    torch ops (host loop); in fp16 and bf16, eager and captured, with the cache in the model's dtype and in int8,
+    logits within their rounding of the torch ops' (cosine >= 0.999 per row, as tests/test_decode_layers.py
+    bounds the own forward against transformers')."""
     torch = _cuda()
     pytest.importorskip("triton")
     from pure_lite.checkpoint import CheckpointFiles
@@ -271,9 +272,11 @@ def test_triton_layers_on_cuda(tiny_compact, tiny256):
             out.append(dec.step(codes, image=True, all_positions=True).reshape(8, -1))
             return out
 
-        reference = logits(graphs=False)
-        for candidate in (logits(layers="triton", graphs=False), logits(layers="triton", attend_bucket=16)):
-            for a, b in zip(reference, candidate):
-                a, b = a.astype(np.float64), b.astype(np.float64)
-                cosine = (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
-                assert cosine.min() >= 0.999, (dtype, cosine.min())
+        for kv_int8 in (False, True):  # int8: the Triton path also reads the cache with its own attention kernel
+            reference = logits(graphs=False, kv_int8=kv_int8)
+            for candidate in (logits(layers="triton", graphs=False, kv_int8=kv_int8),
+                              logits(layers="triton", attend_bucket=16, kv_int8=kv_int8)):
+                for a, b in zip(reference, candidate):
+                    a, b = a.astype(np.float64), b.astype(np.float64)
+                    cosine = (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
+                    assert cosine.min() >= 0.999, (dtype, kv_int8, cosine.min())

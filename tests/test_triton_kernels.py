@@ -3,10 +3,11 @@
 - each kernel against plain torch arithmetic written out here: float32 within 1e-5 of the largest value
   (the kernels differ only in rounding order), fp16 within its rounding (2e-3 of the largest); widths that
   are not powers of two, more than one program per row, two cache groups of different capacities and a
-  key/value head count below the query's; every cache slot the kernel must not touch keeps its value;
+  key/value head count below the query's; every cache slot the kernel must not touch keeps its value; the
+  int8 attention against SDPA over the dequantized cache;
 - the decoder layers with ``kernels="triton"`` against the torch ops (``DecodeLayers``' default), through
   TorchDecoder: every logit of a prefill, a CFG step and a two-token step within 1e-5 of the largest
-  (float32; 1% with the int8 cache, whose writes stay with the torch ops), and identical greedy tokens
+  (float32; 1% with the int8 cache, read by the int8 attention kernel), and identical greedy tokens
   for whole restorations, host loop and chained loop;
 - the models the kernels do not fit are refused with the reason.
 The GPU checks (compiled, captured in CUDA graphs) are tests/test_gpu.py's.
@@ -26,12 +27,14 @@ from pure_lite.generate import generate_batch  # noqa: E402
 from pure_lite.lm import ImageHead, load_language_model  # noqa: E402
 from pure_lite.prompt import TextTokenizer, prompt_ids  # noqa: E402
 from pure_lite.sampling import SamplingConfig  # noqa: E402
+from pure_lite.testing import make_tiny_checkpoint  # noqa: E402
 from pure_lite.tokens import TokenLayout  # noqa: E402
 from pure_lite.torch_decoder import TorchDecoder, quantize_kv  # noqa: E402
 
 from conftest import TARGET  # noqa: E402
 
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3}
+_int8_attention = tk.int8_attention
 
 
 def _close(actual: torch.Tensor, expected: torch.Tensor, dtype) -> None:
@@ -117,9 +120,36 @@ def test_qk_norm_rope_store_matches_torch(dtype, kv_heads, int8):
         assert off.max() <= 1 and (off == 0).float().mean() >= 0.99
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_int8_attention_matches_sdpa_over_the_dequantized_cache(dtype):
+    """Three rows at different lengths (one past two 512-key splits), three tokens each, two query heads per
+    key/value head, written from row 2 of the output on; against SDPA over the dequantized cache with
+    TorchDecoder's mask. float32 within 1e-5 of the largest output; fp16 within 5e-3 (the softmax weights
+    are rounded to fp16 before they weight the values, as flash attention does)."""
+    gen = torch.Generator().manual_seed(3)
+    rows, heads, kv_heads, tokens, head_dim, capacity, span = 3, 4, 2, 3, 16, 1200, 1088
+    q8, scales = quantize_kv(torch.randn(2, rows, kv_heads, capacity, head_dim, generator=gen), dtype)
+    query = torch.randn(rows, heads, tokens, head_dim, generator=gen).to(dtype)
+    slots = torch.tensor([[1080, 1081, 1082], [10, 11, 12], [0, 1, 2]])
+    out = torch.full((rows + 2, tokens, heads, head_dim), 7.0, dtype=dtype)
+    tk.int8_attention(query, q8, scales, slots, span, head_dim ** -0.5, out, 2)
+
+    dequantized = (q8.float() * scales.float())[:, :, :, :span].repeat_interleave(heads // kv_heads, 2)
+    mask = (torch.arange(span) <= slots[:, :, None]).unsqueeze(1)
+    expected = F.scaled_dot_product_attention(query.float(), dequantized[0], dequantized[1], attn_mask=mask,
+                                              scale=head_dim ** -0.5).transpose(1, 2)
+    scale = expected.abs().max()
+    assert (out[2:].float() - expected).abs().max() <= (1e-5 if dtype == torch.float32 else 5e-3) * scale
+    assert (out[:2] == 7.0).all()
+    with pytest.raises(ValueError, match="at most"):
+        tk.int8_attention(query.repeat(1, 1, 6, 1), q8, scales, slots.repeat(1, 6), span, 1.0, out, 0)
+
+
 @pytest.fixture(scope="module")
-def compact(tiny_compact):
-    files = CheckpointFiles.locate(tiny_compact)
+def compact(tmp_path_factory):
+    """A tiny checkpoint whose heads are 16 wide: the narrowest the int8 attention kernel takes."""
+    folder = make_tiny_checkpoint(tmp_path_factory.mktemp("tiny_heads16"), layout="compact", hidden_size=64)
+    files = CheckpointFiles.locate(folder)
     layout = TokenLayout.from_tokenizer_file(files.tokenizer, files.read_config()["vocab_size"])
     lm = load_language_model(files).eval()
     fuse_projections(lm)
@@ -145,8 +175,13 @@ def _logits(compact, layers: str, **kw):
 
 
 @pytest.mark.parametrize("kv_int8", [False, True])
-def test_triton_layers_match_the_torch_ops(compact, kv_int8):
+def test_triton_layers_match_the_torch_ops(compact, kv_int8, monkeypatch):
+    calls = []
+    if kv_int8:  # the int8 cache is read by the Triton attention kernel: count that it is
+        monkeypatch.setattr(tk, "int8_attention", lambda *a: calls.append(1) or _int8_attention(*a))
     reference, candidate = _logits(compact, "fused", kv_int8=kv_int8), _logits(compact, "triton", kv_int8=kv_int8)
+    # per layer (2): the prefill reads one cache group, the two steps two groups each
+    assert len(calls) == (2 * (1 + 2 + 2) if kv_int8 else 0)
     tolerance = 0.01 if kv_int8 else 1e-5  # int8: a last-bit difference can move a cached value by one step
     for a, b in zip(reference, candidate):
         assert a.shape == b.shape
