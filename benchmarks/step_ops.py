@@ -83,24 +83,28 @@ def _decoder(folder, layers: str, joined: bool, kv_int8: bool):
 
 
 def count_calls(dec) -> collections.Counter:
-    """Aten calls of one step, and each Triton kernel launch under the kernel's name."""
+    """Aten calls of one step, and each Triton kernel launch under the kernel's name (int8_attention: two)."""
     launches = collections.Counter()
-    kernels = getattr(dec.layers_fn, "triton", None)
-    if kernels is not None:
-        def counted(name):
-            def call(*args, **kwargs):
-                launches[name] += 1
-                with _disable_current_modes():  # the interpreter's own tensor copies are not the kernel's
-                    return getattr(kernels, name)(*args, **kwargs)
-            return call
 
-        dec.layers_fn.triton = type("Counted", (), {name: staticmethod(counted(name)) for name in TRITON_KERNELS})
+    def counted(name, function, kernels=1):
+        def call(*args, **kwargs):
+            launches[name] += kernels
+            with _disable_current_modes():  # the interpreter's own tensor copies are not the kernel's
+                return function(*args, **kwargs)
+        return call
+
+    module, attention = getattr(dec.layers_fn, "triton", None), dec.kv.int8_attention
+    if module is not None:
+        dec.layers_fn.triton = type("Counted", (), {name: staticmethod(counted(name, getattr(module, name)))
+                                                    for name in TRITON_KERNELS})
+    if attention is not None:
+        dec.kv.int8_attention = counted("int8_attention", attention, kernels=2)
     with torch.inference_mode():
         with CountCalls() as count:
             dec._link(1, dec._spans(1))
         _same_step_again(dec)
-    if kernels is not None:
-        dec.layers_fn.triton = kernels
+    if module is not None:
+        dec.layers_fn.triton, dec.kv.int8_attention = module, attention
     return count.calls + launches
 
 

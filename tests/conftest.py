@@ -58,6 +58,19 @@ def random_lpips_weights(net: str, seed: int = 0) -> dict[str, np.ndarray]:
 KINDS = ["tiny", "small", "unit", "large", "huge", "flat", "ties", "peaked", "two-level", "mid-entropy"]
 
 
+def probe_logits(decoder, layout: TokenLayout, lengths=(23, 17)) -> list[np.ndarray]:
+    """Every logit of a prefill of two random prompts of ``lengths``, then with CFG rows one image step and one
+    two-token step: the calls a layer implementation is compared on (TorchDecoder layer tests)."""
+    rng = np.random.default_rng(0)
+    capacity = max(lengths) + 32
+    out = [decoder.prefill([rng.integers(4, 200, n).tolist() for n in lengths], capacity, 2, unconditional_capacity=16)]
+    decoder.begin_unconditional()
+    out.append(decoder.step(np.tile(layout.header(32, 32), (4, 1)), image=True))
+    codes = layout.image_ids[rng.integers(0, layout.codebook_size, (4, 2))]
+    out.append(decoder.step(codes, image=True, all_positions=True).reshape(8, -1))
+    return out
+
+
 @pytest.fixture(scope="session")
 def tiny_pure(tmp_path_factory):
     from pure_lite.testing import make_tiny_checkpoint

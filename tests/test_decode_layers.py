@@ -25,6 +25,8 @@ from pure_lite.lm import ImageHead, load_language_model
 from pure_lite.tokens import TokenLayout
 from pure_lite.torch_decoder import TorchDecoder
 
+from conftest import probe_logits
+
 
 @pytest.fixture(scope="module")
 def compact(tiny_compact):
@@ -48,16 +50,7 @@ def _lm(compact, swin: bool, dtype=torch.float32):
 
 
 def _logits(lm, layout, layers: str, **kw):
-    """A prefill of two prompts, CFG rows, one image step and one two-token step; every logit."""
-    dec = TorchDecoder(lm, ImageHead(lm, layout.image_ids), layers=layers, **kw)
-    rng = np.random.default_rng(0)
-    prompts = [rng.integers(4, 200, 23).tolist(), rng.integers(4, 200, 17).tolist()]
-    out = [dec.prefill(prompts, 64, 2, unconditional_capacity=16)]
-    dec.begin_unconditional()
-    out.append(dec.step(np.tile(layout.header(32, 32), (4, 1)), image=True))
-    codes = layout.image_ids[rng.integers(0, layout.codebook_size, (4, 2))]
-    out.append(dec.step(codes, image=True, all_positions=True).reshape(8, -1))
-    return out
+    return probe_logits(TorchDecoder(lm, ImageHead(lm, layout.image_ids), layers=layers, **kw), layout)
 
 
 @pytest.mark.parametrize("swin", [False, True])

@@ -241,7 +241,7 @@ def test_triton_layers_on_cuda(tiny_compact, tiny256):
     from pure_lite.tokens import TokenLayout
     from pure_lite.torch_decoder import TorchDecoder
 
-    from conftest import TARGET
+    from conftest import TARGET, probe_logits
 
     lm, head, layout, prompts = _tiny_on_cuda(tiny_compact, 2)
     fuse_projections(lm)
@@ -262,15 +262,7 @@ def test_triton_layers_on_cuda(tiny_compact, tiny256):
         image_head = ImageHead(model, layout.image_ids)
 
         def logits(**kw):
-            dec = TorchDecoder(model, image_head, "cuda", **kw)
-            rng = np.random.default_rng(0)
-            out = [dec.prefill([rng.integers(4, 200, 23).tolist(), rng.integers(4, 200, 17).tolist()], 64, 2,
-                               unconditional_capacity=16)]
-            dec.begin_unconditional()
-            out.append(dec.step(np.tile(layout.header(32, 32), (4, 1)), image=True))
-            codes = layout.image_ids[rng.integers(0, layout.codebook_size, (4, 2))]
-            out.append(dec.step(codes, image=True, all_positions=True).reshape(8, -1))
-            return out
+            return probe_logits(TorchDecoder(model, image_head, "cuda", **kw), layout)
 
         for kv_int8 in (False, True):  # int8: the Triton path also reads the cache with its own attention kernel
             reference = logits(graphs=False, kv_int8=kv_int8)

@@ -31,7 +31,7 @@ from pure_lite.testing import make_tiny_checkpoint  # noqa: E402
 from pure_lite.tokens import TokenLayout  # noqa: E402
 from pure_lite.torch_decoder import TorchDecoder, quantize_kv  # noqa: E402
 
-from conftest import TARGET  # noqa: E402
+from conftest import TARGET, probe_logits  # noqa: E402
 
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3}
 _int8_attention = tk.int8_attention
@@ -161,17 +161,8 @@ def compact(tmp_path_factory):
 
 
 def _logits(compact, layers: str, **kw):
-    """A prefill of two short prompts, CFG rows, one image step and one two-token step; every logit."""
     lm, head, layout, _, _ = compact
-    dec = TorchDecoder(lm, head, layers=layers, **kw)
-    rng = np.random.default_rng(0)
-    out = [dec.prefill([rng.integers(4, 200, 7).tolist(), rng.integers(4, 200, 4).tolist()], 32, 2,
-                       unconditional_capacity=8)]
-    dec.begin_unconditional()
-    out.append(dec.step(np.tile(layout.header(32, 32), (4, 1)), image=True))
-    codes = layout.image_ids[rng.integers(0, layout.codebook_size, (4, 2))]
-    out.append(dec.step(codes, image=True, all_positions=True).reshape(8, -1))
-    return out
+    return probe_logits(TorchDecoder(lm, head, layers=layers, **kw), layout, lengths=(7, 4))  # short: interpreted
 
 
 @pytest.mark.parametrize("kv_int8", [False, True])
