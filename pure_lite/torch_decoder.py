@@ -211,8 +211,8 @@ class TorchDecoder:
     int8 with a scale per slot and head (half the cache memory; see ``_Group``). ``layers``: ``"fused"``
     runs the layers as ``pure_lite.decode_layers`` writes them (about half the kernels per step); ``"triton"``
     the same with its elementwise work in ``pure_lite.triton_kernels`` (about half again), and an int8 cache
-    read by its attention kernel (CUDA; not yet the default: docs/gpu.md); ``"transformers"`` runs transformers' own layer forward over the same cache (the reference it is
-    tested and benchmarked against).
+    read by its attention kernel (CUDA; not yet the default: docs/gpu.md); ``"transformers"`` runs
+    transformers' own layer forward over the same cache (the reference it is tested and benchmarked against).
     """
 
     def __init__(self, lm, image_head, device: str = "cpu", *, graphs: bool | None = None,

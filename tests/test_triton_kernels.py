@@ -180,20 +180,20 @@ def test_triton_layers_match_the_torch_ops(compact, kv_int8, monkeypatch):
     assert np.abs(reference[1]).max() > 1
 
 
-def test_triton_layers_give_the_same_greedy_restorations(compact):
-    """Whole restorations (text, then 4x4 codes with CFG: the interpreter is slow), greedy: the host loop with
-    the torch ops against the chained loop with the Triton kernels, the path a GPU captures."""
+def test_triton_layers_give_the_same_greedy_restoration(compact):
+    """A whole restoration (text, then 4x4 codes with CFG; one prompt: the interpreter is slow), greedy: the
+    host loop with the torch ops against the chained loop with the Triton kernels, the path a GPU captures.
+    (Rows at different positions: test_triton_layers_match_the_torch_ops.)"""
     lm, head, layout, prompts, _ = compact
     config = SamplingConfig(temperature=0, cfg_scale=0.8, max_text_tokens=3)
 
     def run(**kw):
-        return generate_batch(TorchDecoder(lm, head, **kw), prompts, layout, TARGET // 2, config,
-                              [np.random.default_rng(s) for s in (0, 1)], max_positions=4096)
+        return generate_batch(TorchDecoder(lm, head, **kw), prompts[:1], layout, TARGET // 2, config,
+                              [np.random.default_rng(0)], max_positions=4096)[0]
 
     reference = run()
-    for a, b in zip(reference, run(layers="triton", device_loop=True, attend_bucket=16)):
-        np.testing.assert_array_equal(b.tokens, a.tokens)
-    assert len({tuple(r.tokens) for r in reference}) == 2  # the two prompts decode differently
+    np.testing.assert_array_equal(run(layers="triton", device_loop=True, attend_bucket=16).tokens, reference.tokens)
+    assert len(set(reference.tokens.tolist())) > 4  # a varied decode, not one repeated token
 
 
 def test_triton_kernels_refuse_models_they_do_not_fit(compact, monkeypatch):
