@@ -1,4 +1,5 @@
-"""Three Triton kernels that do a decoder layer's elementwise work between its matmuls in fewer launches.
+"""Triton kernels for the torch backend's decode step: a layer's elementwise work in fewer launches, and
+attention straight from an int8 KV cache.
 
 Inside a CUDA graph a decode step of the 7B model is ~21 kernels per layer with ``pure_lite.decode_layers``'
 torch ops: 4 matmuls, 2 attention calls and ~15 small elementwise kernels that each read a few KB and cost
@@ -14,9 +15,13 @@ a launch slot of a few microseconds. These kernels take three groups of them:
 A layer is then 11 kernels. Each computes in float32 and rounds once at its output, where the torch ops
 round after every op, so the two differ in the last bits (``tests/test_triton_kernels.py`` bounds it).
 
+``int8_attention`` (two launches per cache group) reads an int8 cache's keys and values and their scales
+directly, where SDPA needs the span copied out in the model's dtype first (``GroupedKV.attend`` uses it for
+decode steps when the decoder was built with ``layers="triton"``).
+
 Triton compiles for CUDA; with ``TRITON_INTERPRET=1`` set before this module is imported the same kernels
 run on CPU tensors through Triton's interpreter, which is how the CPU tests check them. Whether they make a
-captured step faster is for ``benchmarks/gpu_decode.py`` to say (its ``graphs-b512-triton`` row).
+captured step faster is for ``benchmarks/gpu_decode.py`` to say (its ``...-triton`` rows); not yet measured.
 """
 
 from __future__ import annotations
