@@ -362,7 +362,7 @@ def main() -> None:
                 json.dump(results, f, indent=1)
 
     def record(name, fn, *a, **kw):
-        if args.quick and name not in QUICK:
+        if (args.quick and name not in QUICK) or (args.smoke and "triton" in name):  # smoke: interpreted, too slow
             return
         try:
             results["variants"][name] = fn(*a, **kw)
@@ -392,15 +392,14 @@ def main() -> None:
             record("graphs-b512-unjoined", time_chained, model, side, attend_bucket=512)
             fuse_projections(model)  # the rest as the torch backend loads it
             record("graphs-b512", time_chained, model, side, attend_bucket=512)  # the next two: before / after
-            if not args.smoke:
-                record("graphs-b512-triton", time_chained, model, side, attend_bucket=512, layers="triton")
+            record("graphs-b512-triton", time_chained, model, side, attend_bucket=512, layers="triton")
             record("eager-host", time_host, model, side)
         record(prefix + "eager-chained", time_chained, model, side, graphs=False, device_loop=True)
         for bucket in ((512, 1024, 1 << 20) if quant == "fp16" else (512,)):
             name = f"{prefix}graphs-b{bucket if bucket < 1 << 20 else 'full'}"
             if name not in results["variants"]:
                 record(name, time_chained, model, side, attend_bucket=bucket)
-            if quant == "torchao-int4" and not args.smoke:
+            if quant == "torchao-int4":
                 record(name + "-triton", time_chained, model, side, attend_bucket=bucket, layers="triton")
             if quant == "fp16" and bucket == 512:  # the attention kernels measured alone, in the whole step
                 from torch.nn.attention import SDPBackend
@@ -410,9 +409,9 @@ def main() -> None:
                            sdpa=getattr(SDPBackend, kernel))
         if quant in ("fp16", "torchao-int4"):  # the KV cache in int8 (kv_cache="int8"): half its memory
             record(f"{prefix}graphs-b512-kv8", time_chained, model, side, attend_bucket=512, kv_int8=True)
-            if not args.smoke:  # and read by the Triton attention kernel, without a copy in the model's dtype
-                record(f"{prefix}graphs-b512-kv8-triton", time_chained, model, side, attend_bucket=512, kv_int8=True,
-                       layers="triton")
+            # and read by the Triton attention kernel, without a copy in the model's dtype
+            record(f"{prefix}graphs-b512-kv8-triton", time_chained, model, side, attend_bucket=512, kv_int8=True,
+                   layers="triton")
         if quant in ("fp16", "nf4"):  # tiles decoded together (issue 12): one step serves 4 tiles' 8 rows
             record(f"{prefix}graphs-b512-4-tiles", time_chained, model, side, batch=4, attend_bucket=512)
         if quant == "fp16":

@@ -27,6 +27,7 @@ import os
 import statistics
 import tempfile
 import time
+import types
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
@@ -95,8 +96,8 @@ def count_calls(dec) -> collections.Counter:
 
     module, attention = getattr(dec.layers_fn, "triton", None), dec.kv.int8_attention
     if module is not None:
-        dec.layers_fn.triton = type("Counted", (), {name: staticmethod(counted(name, getattr(module, name)))
-                                                    for name in TRITON_KERNELS})
+        dec.layers_fn.triton = types.SimpleNamespace(**{name: counted(name, getattr(module, name))
+                                                        for name in TRITON_KERNELS})
     if attention is not None:
         dec.kv.int8_attention = counted("int8_attention", attention, kernels=2)
     with torch.inference_mode():

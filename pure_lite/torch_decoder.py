@@ -128,16 +128,17 @@ class GroupedKV:
     """
 
     def __init__(self, layers: int, heads: int, head_dim: int, groups: Sequence[tuple[int, int]], max_new: int,
-                 dtype, device, int8: bool = False):
+                 dtype, device, int8: bool = False, kernels=None):
         self.groups = [_Group(layers, rows, heads, capacity, head_dim, dtype, device, int8)
                        for rows, capacity in groups]
         self.int8, self.dtype = int8, dtype
         self.live = 1
         self.offsets = torch.arange(max_new, device=device)
-        # int8 groups with layers="triton": pure_lite.triton_kernels.int8_attention reads the int8 keys and values
-        # directly for calls of up to ``int8_attention_tokens`` tokens per row (decode steps, not a prefill)
+        # an int8 cache with ``kernels`` (pure_lite.triton_kernels, layers="triton"): its int8_attention reads the
+        # int8 keys and values directly for calls of up to MAX_ATTENTION_TOKENS tokens per row (not a prefill)
         self.int8_attention: Callable | None = None
-        self.int8_attention_tokens = 0
+        if int8 and kernels is not None and head_dim >= kernels.MIN_ATTENTION_HEAD_DIM:
+            self.int8_attention, self.int8_attention_tokens = kernels.int8_attention, kernels.MAX_ATTENTION_TOKENS
         self.key_index = torch.arange(max(g.capacity for g in self.groups), device=device)
         self.seen = torch.zeros((), dtype=dtype, device=device)
         self.unseen = torch.full((), float("-inf"), dtype=dtype, device=device)
@@ -264,13 +265,9 @@ class TorchDecoder:
         else:
             self.kv = None  # free the old cache before allocating the new one
             self.kv = GroupedKV(self.layers, self.heads, self.head_dim, [shape[:2], (batch, shape[2])], shape[3],
-                                self.dtype, self.device, self.kv_int8)
+                                self.dtype, self.device, self.kv_int8, getattr(self.layers_fn, "triton", None))
             self.shape, self.chain_cache = shape, None
             self.captured.clear()  # graphs hold the old batch's buffers
-            kernels = getattr(self.layers_fn, "triton", None)
-            if kernels is not None and self.kv_int8 and self.head_dim >= kernels.MIN_ATTENTION_HEAD_DIM:
-                self.kv.int8_attention, self.kv.int8_attention_tokens = kernels.int8_attention, \
-                    kernels.MAX_ATTENTION_TOKENS
             self.step_inputs: dict[tuple[int, int], torch.Tensor] = {}
         self.lengths = np.zeros(2 * batch, np.int64)
         self.batch, self.live, self.max_step = batch, batch, max_step
