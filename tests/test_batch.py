@@ -198,7 +198,14 @@ def test_ctrl_c_leaves_a_journal_from_which_the_rerun_resumes(local_ray, tmp_pat
     cmd = [sys.executable, "-m", "pure_lite.cli", "restore-many", str(tmp_path / "in"), "-o", str(out),
            "--workers", "1", "-q"]
     # Its own session, so that SIGINT reaches the whole group as a terminal's Ctrl-C does (Ray's processes too).
-    proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # A shell starts background jobs with SIGINT ignored, and exec keeps an ignored signal ignored: a suite run
+    # in the background would start a command that Ctrl-C cannot stop. A handler is not inherited (exec resets
+    # it to the default), so one is set here while the child starts.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None:
         if (out / JOURNAL_FILE).exists() and '"status": "done"' in (out / JOURNAL_FILE).read_text():
