@@ -174,13 +174,11 @@ def test_every_option_has_help():
     assert missing == []
 
 
-def test_export_shows_a_bar_and_a_summary_not_the_libraries_logs(tiny_compact, tmp_path):
-    pytest.importorskip("torch", reason="exporting needs the [export] extra")
+def test_export_shows_a_bar_and_a_summary_not_the_libraries_logs(cli_export_compact_int8, tiny_compact):
     from pure_lite.atomic import plain_file_mode, plain_folder_mode
     from pure_lite.manifest import Manifest
 
-    out = tmp_path / "export"
-    result = _run("export", tiny_compact, "-o", out, "--quant", "int8", "--block-size", "32")
+    result, out = cli_export_compact_int8  # `pure-lite export CHECKPOINT -o OUT --quant int8 --block-size 32`
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith(f"exported {out}: ") and len(result.stdout.splitlines()) == 1
     for noise in ("onnx_ir", "Warning", "torchvision", "Loading weights", "[torch.onnx]", "[1/4]"):
