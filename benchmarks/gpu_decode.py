@@ -30,14 +30,17 @@ with PURE's default sampling (CFG 0.8 as batch 2, entropy top-k, temperature 0.9
 Reported: ms per image step over ``--steps`` codes (capture time excluded and reported apart), then full
 512² restorations (4096 codes) with graphs, fp16 and torchao int4, each with the torch ops and with the Triton
 kernels, and int4 with the int8 KV cache (both ways): seconds, capture seconds and peak VRAM; the fp16 one is
-decoded twice
-on the same decoder, the second reusing the graphs (its time with no capture in it checks ``capture_s``).
+decoded twice on the same decoder, the second reusing the graphs (its time with no capture in it checks
+``capture_s``). ``--quick`` runs four of them, once each (below).
 
     python benchmarks/gpu_decode.py [--steps 256] [--skip-hf] [--skip-full] [--quick]
 
-``--quick`` (~5 minutes on an H200) keeps what the engine's open questions need: the fp16 and torchao int4
-graph steps with transformers' layers, the torch ops and the Triton kernels, the int8 KV cache, and the full
-restorations; it leaves out the eager variants, other buckets and SDPA kernels, nf4, int8 weights, batched
+``--quick`` (~5 minutes on an H200, estimated) keeps what the engine's open questions need: the fp16 and
+torchao int4 graph steps with transformers' layers, the torch ops and the Triton kernels, the int8 KV cache;
+and four full restorations, each candidate for the default before its baseline (fp16 with the Triton kernels,
+then with the torch ops; int4 with the Triton kernels and the int8 cache, then int4 as the backend loads it
+today), each decoded once: at ~40 s a restoration, all seven would not fit the 400 s a lent machine's call
+leaves after the tests, and a cut-short run keeps what it finished. It leaves out the eager variants, other buckets and SDPA kernels, nf4, int8 weights, batched
 tiles, SJD, the attention timing and transformers' ``generate`` (all measured in runs A-C, docs/gpu.md).
 
 ``--smoke`` runs the variants' code on CPU with a 2-layer model of the same vocabulary (graph variants
@@ -421,6 +424,10 @@ def main() -> None:
                 "torchao-int4": {"torchao-int4": {}, "torchao-int4-triton": {"layers": "triton"},
                                  "torchao-int4-kv8": {"kv_int8": True},
                                  "torchao-int4-kv8-triton": {"kv_int8": True, "layers": "triton"}}}
+        if args.quick:  # the candidates first, then their baselines (the module docstring says why)
+            full = {"fp16": {"fp16-triton": {"layers": "triton"}, "fp16": {}},
+                    "torchao-int4": {"torchao-int4-kv8-triton": {"kv_int8": True, "layers": "triton"},
+                                     "torchao-int4": {}}}
         for name, kw in ({} if args.skip_full else full.get(quant, {})).items():
             try:
                 results["full_512"][name] = time_chained(model, 64, attend_bucket=512, **kw)
