@@ -27,14 +27,13 @@ import os
 import statistics
 import tempfile
 import time
-import types
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
 import report
 from pure_lite.checkpoint import CheckpointFiles
 from pure_lite.decode_layers import fuse_projections
+from pure_lite.kernel_count import count_kernels
 from pure_lite.lm import ImageHead, load_language_model
 from pure_lite.sampling import SamplingConfig
 from pure_lite.testing import make_tiny_checkpoint
@@ -42,25 +41,8 @@ from pure_lite.tokens import TokenLayout
 from pure_lite.torch_decoder import TorchDecoder
 
 LAYERS = 32  # PURE's 7B
-VIEWS = {"view", "_unsafe_view", "transpose", "slice", "select", "unsqueeze", "squeeze", "expand", "permute", "t",
-         "alias", "detach", "as_strided", "split", "unbind", "reshape", "unflatten", "flatten", "lift_fresh",
-         "split_with_sizes", "_reshape_alias", "chunk",
-         "empty", "empty_like", "new_empty", "empty_strided"}  # and allocations: no kernel either
 VARIANTS = {"transformers": ("transformers", False), "fused": ("fused", False), "fused + joined": ("fused", True),
             "fused + joined + triton": ("triton", True)}
-TRITON_KERNELS = ("add_rms_norm", "qk_norm_rope_store", "swiglu")
-
-
-class CountCalls(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.calls = collections.Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = func.overloadpacket.__name__
-        if name not in VIEWS:
-            self.calls[name] += 1
-        return func(*args, **(kwargs or {}))
 
 
 def _decoder(folder, layers: str, joined: bool, kv_int8: bool):
@@ -84,29 +66,11 @@ def _decoder(folder, layers: str, joined: bool, kv_int8: bool):
 
 
 def count_calls(dec) -> collections.Counter:
-    """Aten calls of one step, and each Triton kernel launch under the kernel's name (int8_attention: two)."""
-    launches = collections.Counter()
-
-    def counted(name, function, kernels=1):
-        def call(*args, **kwargs):
-            launches[name] += kernels
-            with _disable_current_modes():  # the interpreter's own tensor copies are not the kernel's
-                return function(*args, **kwargs)
-        return call
-
-    module, attention = getattr(dec.layers_fn, "triton", None), dec.kv.int8_attention
-    if module is not None:
-        dec.layers_fn.triton = types.SimpleNamespace(**{name: counted(name, getattr(module, name))
-                                                        for name in TRITON_KERNELS})
-    if attention is not None:
-        dec.kv.int8_attention = counted("int8_attention", attention, kernels=2)
+    """Kernels of one CFG image step (``pure_lite.kernel_count``), then the cache and chain put back."""
     with torch.inference_mode():
-        with CountCalls() as count:
-            dec._link(1, dec._spans(1))
+        calls = count_kernels(dec, lambda: dec._link(1, dec._spans(1)))
         _same_step_again(dec)
-    if module is not None:
-        dec.layers_fn.triton, dec.kv.int8_attention = module, attention
-    return count.calls + launches
+    return calls
 
 
 def _same_step_again(dec) -> None:

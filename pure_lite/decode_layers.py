@@ -113,10 +113,10 @@ class DecodeLayers(nn.Module):
                 -1, (qk_heads + self.kv_heads, self.head_dim))
         gain, bias = self.qk_norms[i]
         if self.triton is not None:
-            groups = cache.live_groups
-            query = self.triton.qk_norm_rope_store(qkv, gain, bias, cos, sin, positions, [g.kv[i] for g in groups],
-                                                   self.heads, self.kv_heads, QK_NORM_EPS,
-                                                   [g.scales[i] for g in groups] if cache.int8 else None)
+            kv, scales = cache.layer_buffers(i)
+            # the cache's slot for a token is its position (GroupedKV), so the positions say where to write
+            query = self.triton.qk_norm_rope_store(qkv, gain, bias, cos, sin, positions, kv, self.heads,
+                                                   self.kv_heads, QK_NORM_EPS, scales)
         else:
             # normalising the value heads too wastes a little arithmetic but spares a copy of the slice
             qk = torch.addcmul(bias, F.layer_norm(qkv, (self.head_dim,), eps=QK_NORM_EPS)[:, :, :qk_heads], gain)

@@ -158,6 +158,13 @@ class GroupedKV:
                                      self.unseen).unsqueeze(1)
         return torch.cat([g.slots for g in self.live_groups])
 
+    def layer_buffers(self, layer: int) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
+        """One layer's keys and values in each live group, (2, group rows, heads, capacity, head_dim), and
+        their scales when the cache is int8: for a kernel that writes this call's slots itself instead of
+        through ``update`` (``pure_lite.triton_kernels.qk_norm_rope_store``)."""
+        groups = self.live_groups
+        return [g.kv[layer] for g in groups], [g.scales[layer] for g in groups] if self.int8 else None
+
     def update(self, key, value, layer_idx, *args, **kwargs):
         """Write a layer's keys and values (rows, heads, T, head_dim) of every live row (quantized once for
         all rows when the cache is int8)."""

@@ -11,16 +11,13 @@ both run by TorchDecoder over the same kind of grouped cache.
   tests/test_decode_parity.py's.
 """
 
-import collections
-import types
-
 import numpy as np
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
 from pure_lite.checkpoint import CheckpointFiles
 from pure_lite.decode_layers import fuse_projections
+from pure_lite.kernel_count import count_kernels
 from pure_lite.lm import ImageHead, load_language_model
 from pure_lite.tokens import TokenLayout
 from pure_lite.torch_decoder import TorchDecoder
@@ -94,26 +91,9 @@ def test_fused_layers_match_transformers_on_cuda_fp16(compact):
     _assert_close_rows(reference, _logits(lm, compact[1], "fused", device="cuda", attend_bucket=16))
 
 
-class _Count(TorchDispatchMode):
-    # calls that launch no kernel: views, and allocations (pure_lite.triton_kernels allocates its outputs)
-    VIEWS = {"view", "_unsafe_view", "transpose", "slice", "select", "unsqueeze", "squeeze", "expand", "permute",
-             "t", "alias", "detach", "as_strided", "split", "unbind", "reshape", "unflatten", "flatten", "lift_fresh",
-             "split_with_sizes", "_reshape_alias", "chunk", "empty", "empty_like", "new_empty", "empty_strided"}
-
-    def __init__(self):
-        super().__init__()
-        self.calls = collections.Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = func.overloadpacket.__name__
-        if name not in self.VIEWS:
-            self.calls[name] += 1
-        return func(*args, **(kwargs or {}))
-
-
 def _kernels_per_layer(compact, variant: str) -> int:
     """Kernels of one layer of a CFG image step: the difference between a 1-layer and a 2-layer model's counts
-    (aten calls, plus launches of pure_lite.triton_kernels, which the dispatcher does not see)."""
+    (``pure_lite.kernel_count``: aten calls and Triton launches)."""
     _, layout = compact
     counts = []
     for depth in (1, 2):
@@ -126,22 +106,8 @@ def _kernels_per_layer(compact, variant: str) -> int:
         dec = TorchDecoder(lm, ImageHead(lm, layout.image_ids), layers=layers)
         dec.prefill([[5, 6, 7]], 16, 2, unconditional_capacity=8)
         dec.begin_unconditional()
-        launches = collections.Counter()
-        if variant == "triton":  # each of the module's functions launches one kernel
-            module = dec.layers_fn.triton
-
-            def counted(name):
-                def call(*args, **kwargs):
-                    launches[name] += 1
-                    with _disable_current_modes():  # the interpreter's own copies are not the kernel's
-                        return getattr(module, name)(*args, **kwargs)
-                return call
-
-            dec.layers_fn.triton = types.SimpleNamespace(**{name: counted(name) for name in
-                                                           ("add_rms_norm", "qk_norm_rope_store", "swiglu")})
-        with _Count() as count:
-            dec.step(np.full((2, 1), layout.image_ids[0]), image=True)
-        counts.append(sum(count.calls.values()) + sum(launches.values()))
+        step = count_kernels(dec, lambda: dec.step(np.full((2, 1), layout.image_ids[0]), image=True))
+        counts.append(sum(step.values()))
     return counts[1] - counts[0]
 
 
