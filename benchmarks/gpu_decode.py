@@ -40,8 +40,9 @@ torchao int4 graph steps with transformers' layers, the torch ops and the Triton
 and four full restorations, each candidate for the default before its baseline (fp16 with the Triton kernels,
 then with the torch ops; int4 with the Triton kernels and the int8 cache, then int4 as the backend loads it
 today), each decoded once: at ~40 s a restoration, all seven would not fit the 400 s a lent machine's call
-leaves after the tests, and a cut-short run keeps what it finished. It leaves out the eager variants, other buckets and SDPA kernels, nf4, int8 weights, batched
-tiles, SJD, the attention timing and transformers' ``generate`` (all measured in runs A-C, docs/gpu.md).
+leaves after the tests, and a cut-short run keeps what it finished. It leaves out the eager variants, other
+buckets and SDPA kernels, nf4, int8 weights, batched tiles, SJD, the attention timing and transformers'
+``generate`` (all measured in runs A-C, docs/gpu.md).
 
 ``--smoke`` runs the variants' code on CPU with a 2-layer model of the same vocabulary (graph variants
 eagerly; no full run, no transformers baseline, no Triton variant: its interpreter would take hours over the
@@ -62,6 +63,9 @@ PROMPT = 4200
 QUICK = {"graphs-b512-transformers", "graphs-b512-unjoined", "graphs-b512", "graphs-b512-triton", "graphs-b512-kv8",
          "graphs-b512-kv8-triton", "torchao-int4-graphs-b512", "torchao-int4-graphs-b512-triton",
          "torchao-int4-graphs-b512-kv8", "torchao-int4-graphs-b512-kv8-triton"}
+# --quick's full restorations: each candidate for the default before its baseline (the docstring says why)
+QUICK_FULL = {"fp16": {"fp16-triton": {"layers": "triton"}, "fp16": {}},
+              "torchao-int4": {"torchao-int4-kv8-triton": {"kv_int8": True, "layers": "triton"}, "torchao-int4": {}}}
 DEVICE = "cuda"
 LAYOUT = None  # PURE's token layout (image ids, grid tokens, row end), from a tiny checkpoint's tokenizer
 SHAPE = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
@@ -424,10 +428,7 @@ def main() -> None:
                 "torchao-int4": {"torchao-int4": {}, "torchao-int4-triton": {"layers": "triton"},
                                  "torchao-int4-kv8": {"kv_int8": True},
                                  "torchao-int4-kv8-triton": {"kv_int8": True, "layers": "triton"}}}
-        if args.quick:  # the candidates first, then their baselines (the module docstring says why)
-            full = {"fp16": {"fp16-triton": {"layers": "triton"}, "fp16": {}},
-                    "torchao-int4": {"torchao-int4-kv8-triton": {"kv_int8": True, "layers": "triton"},
-                                     "torchao-int4": {}}}
+        full = QUICK_FULL if args.quick else full
         for name, kw in ({} if args.skip_full else full.get(quant, {})).items():
             try:
                 results["full_512"][name] = time_chained(model, 64, attend_bucket=512, **kw)
