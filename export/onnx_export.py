@@ -46,8 +46,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
-from pure_lite.checkpoint import CheckpointFiles, load_vq_state_dict
-from pure_lite.components import PURE_IMAGE_SIZE
+from pure_lite.checkpoint import CheckpointFiles, image_size as trained_image_size, load_vq_state_dict
 from pure_lite.errors import PureLiteError
 from pure_lite.manifest import write_manifest
 from pure_lite.sampling import SamplingConfig
@@ -210,7 +209,7 @@ def export_onnx(
     *,
     quantization: Literal["int8", "int4"] | None = None,
     block_size: int = QuantizationConfig.block_size,
-    image_size: int = PURE_IMAGE_SIZE,
+    image_size: int | None = None,
     opset: int = OPSET,
     overwrite: bool = False,
     progress: bool = True,
@@ -219,7 +218,8 @@ def export_onnx(
     """Export ``model_dir`` to ``out_dir``; the folder appears complete or not at all.
 
     ``image_size`` is the output side the model was trained for, recorded in the manifest as the
-    runtime's default ``target_size``. ``progress`` prints the stages and a bar over the weights.
+    runtime's default ``target_size``; None takes the checkpoint's own (a model trained by pure-lite
+    records it in config.json), else the released PURE's 512. ``progress`` prints the stages and a bar over the weights.
 
     ``streaming`` (the default) traces weightless stand-ins and streams each weight from the
     checkpoint's shards into the graphs' data files: peak memory is about the largest single tensor
@@ -228,7 +228,7 @@ def export_onnx(
     torch and traced with its weights, and ONNX Runtime's quantizer rewrites the saved float graphs
     (about 3x the float32 weights at peak).
     """
-    if image_size <= 0 or image_size % GRID_PIXELS:
+    if image_size is not None and (image_size <= 0 or image_size % GRID_PIXELS):
         raise ValueError(f"image_size must be a positive multiple of {GRID_PIXELS}, got {image_size}")
     qconfig = QuantizationConfig(weights=quantization, block_size=block_size)
     say = print if progress else (lambda message: None)
@@ -237,6 +237,7 @@ def export_onnx(
         raise PureLiteError(f"{out} exists and is not empty; pass overwrite=True (--overwrite) to replace it")
     files = CheckpointFiles.locate(model_dir)
     config = files.read_config()
+    image_size = image_size or trained_image_size(config)
     layout = TokenLayout.from_tokenizer_file(files.tokenizer, config["vocab_size"])
     out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))

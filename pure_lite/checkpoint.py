@@ -1,7 +1,8 @@
 """The on-disk layout of a PURE checkpoint (docs/pure-format.md §1) and safe loading of its files.
 
     MODEL_DIR/
-      config.json                      Chameleon config (model_type "chameleon")
+      config.json                      Chameleon config (model_type "chameleon"); a model trained by
+                                       pure-lite also records its output side (IMAGE_SIZE_KEY)
       model*.safetensors (+ index)     language-model weights, possibly sharded
       tokenizer.json                   text tokenizer incl. image and special tokens
       vq_ds8_c2i.pt                    image tokenizer: {"model": state_dict}, loaded weights_only
@@ -19,12 +20,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .atomic import atomic_path
+from .components import PURE_IMAGE_SIZE
 from .errors import CheckpointError, MissingDependencyError
+from .tokens import GRID_PIXELS
 
 CONFIG_FILE = "config.json"
 TOKENIZER_FILE = "tokenizer.json"
 VQ_PICKLE_FILE = "vq_ds8_c2i.pt"
 VQ_SAFETENSORS_FILE = "vq_ds8_c2i.safetensors"
+# The output side the model was trained for, in config.json beside Chameleon's own keys (transformers keeps
+# an unknown key through loading and saving, so a fine-tuned copy inherits it). The released PURE has none.
+IMAGE_SIZE_KEY = "pure_lite_image_size"
 
 
 @dataclass(frozen=True)
@@ -62,7 +68,16 @@ class CheckpointFiles:
         for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "max_position_embeddings"):
             if not isinstance(config.get(key), int):
                 raise CheckpointError(f"{self.config}: missing or non-integer {key!r}")
+        size = config.get(IMAGE_SIZE_KEY, PURE_IMAGE_SIZE)
+        if not isinstance(size, int) or isinstance(size, bool) or size <= 0 or size % GRID_PIXELS:
+            raise CheckpointError(f"{self.config}: {IMAGE_SIZE_KEY} must be a positive multiple of {GRID_PIXELS}, "
+                                  f"got {size!r}")
         return config
+
+
+def image_size(config: dict) -> int:
+    """The output side a checkpoint's model was trained for (``read_config`` checked it): restore's default."""
+    return config.get(IMAGE_SIZE_KEY, PURE_IMAGE_SIZE)
 
 
 def _torch():

@@ -460,8 +460,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--format", choices=["onnx", "tensorrt"], default="onnx", help="output format (default: onnx)")
     e.add_argument("--block-size", type=int, default=_QUANT_DEFAULTS.block_size,
                    help=f"quantization block size (default: {_QUANT_DEFAULTS.block_size})")
-    e.add_argument("--image-size", type=int, default=PURE_IMAGE_SIZE,
-                   help=f"output side the model was trained for, the runtime's default (default: {PURE_IMAGE_SIZE})")
+    e.add_argument("--image-size", type=int,
+                   help="output side the model was trained for, the runtime's default (default: the one a "
+                        f"pure-lite-trained checkpoint records, else {PURE_IMAGE_SIZE})")
     e.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     e.add_argument("-v", "--verbose", action="store_true",
                    help="print the exporting libraries' own messages instead of a progress bar")

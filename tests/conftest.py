@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -131,9 +133,17 @@ def cli_export_compact_int8(tiny_compact, tmp_path_factory) -> tuple[subprocess.
 
     Made through the command line because one test checks what that command prints and writes; the library's
     tests use the same folder as their int8 export (``export_compact_int8``), one ~35 s export instead of two.
+    The copy exported records a trained side of 64 in its config.json, as a model trained by pure-lite does:
+    the manifest must carry it without ``--image-size``.
     """
+    from pure_lite.checkpoint import IMAGE_SIZE_KEY
+
+    checkpoint = tmp_path_factory.mktemp("trained_at_64") / "model"
+    shutil.copytree(tiny_compact, checkpoint)
+    config = json.loads((checkpoint / "config.json").read_text())
+    (checkpoint / "config.json").write_text(json.dumps({**config, IMAGE_SIZE_KEY: 64}))
     out = tmp_path_factory.mktemp("export_int8") / "onnx"
-    result = subprocess.run([sys.executable, "-m", "pure_lite.cli", "export", str(tiny_compact), "-o", str(out),
+    result = subprocess.run([sys.executable, "-m", "pure_lite.cli", "export", str(checkpoint), "-o", str(out),
                              "--quant", "int8", "--block-size", "32"], capture_output=True, text=True, timeout=600)
     return result, out
 

@@ -178,12 +178,13 @@ def test_export_shows_a_bar_and_a_summary_not_the_libraries_logs(cli_export_comp
     from pure_lite.atomic import plain_file_mode, plain_folder_mode
     from pure_lite.manifest import Manifest
 
-    result, out = cli_export_compact_int8  # `pure-lite export CHECKPOINT -o OUT --quant int8 --block-size 32`
+    result, out = cli_export_compact_int8  # `pure-lite export COPY -o OUT --quant int8 --block-size 32`
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith(f"exported {out}: ") and len(result.stdout.splitlines()) == 1
     for noise in ("onnx_ir", "Warning", "torchvision", "Loading weights", "[torch.onnx]", "[1/4]"):
         assert noise not in result.stderr + result.stdout, noise
     assert Manifest.load(out).quantization == "int8"
+    assert Manifest.load(out).model["image_size"] == 64  # what the checkpoint records, with no --image-size
     # readable by others as a plain mkdir/open would make it (0755/0644 under umask 022), not 0700/0600
     assert (out.stat().st_mode & 0o777) == plain_folder_mode()
     assert {p.stat().st_mode & 0o777 for p in out.iterdir()} == {plain_file_mode()}

@@ -92,6 +92,27 @@ def test_tampered_weights_rejected(tiny_compact, tmp_path):
         Restorer.from_pretrained(broken)
 
 
+def test_a_checkpoint_restores_at_the_size_it_records(tiny_compact, tmp_path, rgb_image):
+    """A model trained by pure-lite records its side in config.json; restore tiles at it, not at PURE's 512."""
+    import json
+    import shutil
+
+    from pure_lite.checkpoint import IMAGE_SIZE_KEY
+
+    assert Restorer.from_pretrained(tiny_compact).components.image_size == 512  # the released PURE records none
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny_compact, ckpt)
+    config = json.loads((ckpt / "config.json").read_text())
+    (ckpt / "config.json").write_text(json.dumps({**config, IMAGE_SIZE_KEY: 64}))
+    res = Restorer.from_pretrained(ckpt).restore(rgb_image[:24, :16], seed=0, sampling=FAST)  # x4: 64 x 96
+    assert res.image.size == (64, 96) and len(res.tiles) >= 2  # one 512 tile would have covered it all
+    assert {(t.box[2] - t.box[0], t.box[3] - t.box[1]) for t in res.tiles} == {(64, 64)}
+    for bad in (100, 0, "64"):
+        (ckpt / "config.json").write_text(json.dumps({**config, IMAGE_SIZE_KEY: bad}))
+        with pytest.raises(CheckpointError, match=f"{IMAGE_SIZE_KEY} must be a positive multiple of 32"):
+            Restorer.from_pretrained(ckpt)
+
+
 @pytest.fixture(scope="module")
 def tiny64(tmp_path_factory):
     # bitsandbytes' CPU 4-bit kernels need input widths of at least 64

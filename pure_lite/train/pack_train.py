@@ -213,7 +213,9 @@ def stage_tokens(pack: TrainingPack, init: Path, work: Path, config: PackTrainCo
     tmp.mkdir(parents=True)
     np.save(tmp / "shard_00000.ids.npy", np.concatenate(ids_all))
     (tmp / "shard_00000.json").write_text(json.dumps({"samples": samples}))
-    (tmp / "index.json").write_text(json.dumps({"shards": 1, "samples": len(samples), "skipped": []}))
+    # The side the conversations were cut at: the published model records it as the size it restores at.
+    (tmp / "index.json").write_text(json.dumps({"shards": 1, "samples": len(samples), "skipped": [],
+                                                "image_size": size}))
     tmp.rename(out)
     return out
 
@@ -242,16 +244,18 @@ def stage_lm(init: Path, tokens: Path, work: Path, config: PackTrainConfig, devi
     return lm_out if result.finished and (lm_out / "config.json").exists() else None
 
 
-def publish_model(lm_dir: Path, final: Path, shard: str = "15MB", *, weights: Path | None = None) -> Path:
+def publish_model(lm_dir: Path, final: Path, shard: str = "15MB", *, weights: Path | None = None,
+                  image_size: int | None = None) -> Path:
     """Re-save the trained model as bfloat16 shards of at most ``shard`` beside its tokenizer and VQ.
 
     ``weights``: a training checkpoint's ``trainable.safetensors`` to load over ``lm_dir``'s weights
-    (publishing a run that ran out of time).
+    (publishing a run that ran out of time). ``image_size``: the side it was trained at, written to its
+    config.json (``checkpoint.IMAGE_SIZE_KEY``) so that restore and export default to it instead of 512.
     """
     import torch
     from safetensors.torch import load_file
 
-    from ..checkpoint import CheckpointFiles
+    from ..checkpoint import IMAGE_SIZE_KEY, CheckpointFiles
     from ..lm import load_language_model
 
     files = CheckpointFiles.locate(lm_dir)
@@ -265,6 +269,8 @@ def publish_model(lm_dir: Path, final: Path, shard: str = "15MB", *, weights: Pa
             raise PureLiteError(f"{weights} does not match {lm_dir} (e.g. {sorted(unknown)[:3]})")
         lm.load_state_dict(state, strict=False)
     lm = lm.to(torch.bfloat16)
+    if image_size is not None:
+        setattr(lm.config, IMAGE_SIZE_KEY, image_size)
     lm.save_pretrained(tmp, max_shard_size=shard)
     (tmp / "generation_config.json").unlink(missing_ok=True)
     shutil.copyfile(files.tokenizer, tmp / files.tokenizer.name)
@@ -312,6 +318,7 @@ def run(pack_path: str | Path, out: str | Path, config: PackTrainConfig = PackTr
     if prepared is None:
         return None
     vq_file, init, tokens, heldout = prepared
+    size = json.loads((tokens / "index.json").read_text()).get("image_size")  # None: tokens of an older version
     if not (out / "vq" / vq_file.name).exists():
         (out / "vq").mkdir(parents=True, exist_ok=True)
         shutil.copyfile(vq_file, out / "vq" / vq_file.name)
@@ -322,11 +329,11 @@ def run(pack_path: str | Path, out: str | Path, config: PackTrainConfig = PackTr
         source = weights_so_far(work / "lm" / "checkpoints")
         if publish_partial and source is not None:
             shutil.rmtree(out / "model-partial", ignore_errors=True)
-            publish_model(init, out / "model-partial", weights=source[0])
+            publish_model(init, out / "model-partial", weights=source[0], image_size=size)
             say(f"wrote the language model as of {source[1]} to {out / 'model-partial'}")
         return None
     final.parent.mkdir(parents=True, exist_ok=True)
-    publish_model(model, final)
+    publish_model(model, final, image_size=size)
     if not keep_work:
         shutil.rmtree(work)
     say(f"saved the trained model to {final} ({time.monotonic() - started:.0f} s)")
