@@ -1,6 +1,10 @@
+import shutil
 import subprocess
 import sys
+import zipfile
+from pathlib import Path
 
+import pytest
 from PIL import Image
 
 from pure_lite.cli import main
@@ -41,3 +45,26 @@ def test_cli_never_overwrites_an_input(tiny_compact, tmp_path, rgb_image, capsys
 def test_cli_bad_model_folder(tmp_path, capsys):
     rc = main(["restore", "x.png", "-o", str(tmp_path / "o.png"), "--model", str(tmp_path / "none")])
     assert rc == 2 and "does not exist" in capsys.readouterr().err
+
+
+def test_a_built_wheel_ships_the_default_model_and_the_three_layers(tmp_path):
+    """What `pip install ./` (not editable, as on a GPU machine) installs: PURE-tiny's files, and export/ and
+    runtime/ under the pure_lite package, where `import pure_lite.export` / `.runtime` look for them."""
+    pytest.importorskip("setuptools", reason="building a wheel without build isolation needs setuptools")
+    root = Path(__file__).resolve().parents[1]
+    source = tmp_path / "source"  # setuptools writes build/ and *.egg-info beside the sources: not into the checkout
+    source.mkdir()
+    for part in ("pyproject.toml", "README.md"):
+        shutil.copyfile(root / part, source / part)
+    for part in ("pure_lite", "export", "runtime"):
+        shutil.copytree(root / part, source / part, ignore=shutil.ignore_patterns("__pycache__"))
+    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+                            "-w", str(tmp_path / "dist"), str(source)], capture_output=True, text=True, timeout=300)
+    assert built.returncode == 0, built.stderr
+    (wheel,) = (tmp_path / "dist").glob("pure_lite-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    model = root / "pure_lite" / "models" / "pure_tiny"
+    assert {f"pure_lite/models/pure_tiny/{p.name}" for p in model.iterdir()} <= names
+    for layer in ("export", "runtime"):
+        assert {f"pure_lite/{layer}/{p.name}" for p in (root / layer).glob("*.py")} <= names
+    assert not any(n.startswith(("tests/", "export/", "runtime/", "benchmarks/")) for n in names)
