@@ -150,7 +150,7 @@ def _bad_data(data_dir, tmp_path):
 
 def test_pretokenize_labels_supervise_the_assistant_only(data_dir, train_ckpt, tmp_path):
     from pure_lite.tokens import TokenLayout
-    from pure_lite.train.pretokenize import TokenDataset, pretokenize
+    from pure_lite.train.pretokenize import TokenDataset, pretokenize, tokens_image_size
 
     report = pretokenize(data_dir, train_ckpt, tmp_path / "tok", shard_size=4)
     assert report.samples == 6 and not report.skipped
@@ -165,6 +165,18 @@ def test_pretokenize_labels_supervise_the_assistant_only(data_dir, train_ckpt, t
     assert len(starts) == 2 and starts[0] < first < starts[1]
     hq_block = ids[starts[1]:-1]
     assert layout.parse_image(hq_block).shape == (8, 8)
+    assert tokens_image_size(tmp_path / "tok") == 64  # every HQ image is 64 x 64: a model trained here restores at 64
+
+
+def test_pretokenize_records_no_side_when_the_images_differ(data_dir, train_ckpt, tmp_path):
+    from pure_lite.train.pretokenize import pretokenize, tokens_image_size
+
+    mixed = tmp_path / "mixed"
+    shutil.copytree(data_dir, mixed)
+    hq = mixed / json.loads((mixed / "conversations.json").read_text())[0]["image"][1]
+    Image.open(hq).resize((32, 32)).save(hq)
+    assert pretokenize(mixed, train_ckpt, tmp_path / "tok", shard_size=4).samples == 6
+    assert tokens_image_size(tmp_path / "tok") is None  # the model keeps the side its checkpoint records
 
 
 def test_pretokenize_resume_equals_uninterrupted(data_dir, train_ckpt, tmp_path):
@@ -221,6 +233,7 @@ def _batch_loss(model_dir, tokens_dir):
 
 def test_few_steps_reduce_loss_and_result_restores(train_ckpt, tokens, tmp_path):
     from pure_lite import Restorer, SamplingConfig
+    from pure_lite.checkpoint import CheckpointFiles, image_size
     from pure_lite.train.config import TrainConfig
     from pure_lite.train.finetune import train
 
@@ -231,6 +244,7 @@ def test_few_steps_reduce_loss_and_result_restores(train_ckpt, tokens, tmp_path)
     assert result.steps == 12
     assert _batch_loss(out, tokens) < _batch_loss(train_ckpt, tokens) - 0.1
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-10", "step-5"]
+    assert [image_size(CheckpointFiles.locate(d).read_config()) for d in (train_ckpt, out)] == [512, 64]
     res = Restorer.from_pretrained(out).restore(np.zeros((32, 32, 3), np.uint8), seed=0, target_size=64,
                                                 sampling=SamplingConfig(max_text_tokens=4))
     assert res.image.size == (64, 64)

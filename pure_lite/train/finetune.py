@@ -25,12 +25,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..checkpoint import CheckpointFiles
+from ..checkpoint import IMAGE_SIZE_KEY, CheckpointFiles
 from ..errors import PureLiteError
 from ..lm import load_language_model
 from ..prompt import IGNORE_INDEX
 from .config import TrainConfig, use_bf16
-from .pretokenize import TokenDataset
+from .pretokenize import TokenDataset, tokens_image_size
 from .stopping import stop_reason
 
 def lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:
@@ -275,7 +275,7 @@ def train(
             lm.load_state_dict(load_file(str(judge.folder / "trainable.safetensors"), device=str(dev)), strict=False)
             say(f"the final model has step {best_step}'s weights (held-out loss {judge.best:.4f}), not step {step}'s")
     if rank == 0:
-        _save_final(lm, files, out, config)
+        _save_final(lm, files, out, config, image_size=tokens_image_size(tokens_dir))
         say(f"saved the fine-tuned model to {out}")
     if world > 1:
         torch.distributed.destroy_process_group()
@@ -352,12 +352,18 @@ def _save_checkpoint(path: Path, lm, optimizer, scheduler, step: int, config: Tr
     _replace_folder(path, write)
 
 
-def _save_final(lm, files: CheckpointFiles, out: Path, config: TrainConfig) -> None:
-    """The released layout: config, safetensors, tokenizer.json and the VQ file, LoRA merged."""
+def _save_final(lm, files: CheckpointFiles, out: Path, config: TrainConfig, image_size: int | None) -> None:
+    """The released layout: config, safetensors, tokenizer.json and the VQ file, LoRA merged.
+
+    ``image_size``: the side of every training image, recorded in config.json (``IMAGE_SIZE_KEY``) as the
+    size the model restores at; None (sides that differ) keeps what the starting checkpoint recorded.
+    """
     if config.lora_rank:
         lm = merge_lora(lm)
     lm.eval()
     _apply_dropout(lm, 0.0)
+    if image_size is not None:
+        setattr(lm.config, IMAGE_SIZE_KEY, image_size)
     lm.save_pretrained(out)
     (out / "generation_config.json").unlink(missing_ok=True)
     shutil.copyfile(files.tokenizer, out / "tokenizer.json")

@@ -250,7 +250,8 @@ def publish_model(lm_dir: Path, final: Path, shard: str = "15MB", *, weights: Pa
 
     ``weights``: a training checkpoint's ``trainable.safetensors`` to load over ``lm_dir``'s weights
     (publishing a run that ran out of time). ``image_size``: the side it was trained at, written to its
-    config.json (``checkpoint.IMAGE_SIZE_KEY``) so that restore and export default to it instead of 512.
+    config.json (``checkpoint.IMAGE_SIZE_KEY``) as the size restore and export default to; a finished
+    run's model already has it (finetune records its tokens' side), the starting one of a partial does not.
     """
     import torch
     from safetensors.torch import load_file
@@ -318,22 +319,22 @@ def run(pack_path: str | Path, out: str | Path, config: PackTrainConfig = PackTr
     if prepared is None:
         return None
     vq_file, init, tokens, heldout = prepared
-    size = json.loads((tokens / "index.json").read_text()).get("image_size")  # None: tokens of an older version
     if not (out / "vq" / vq_file.name).exists():
         (out / "vq").mkdir(parents=True, exist_ok=True)
         shutil.copyfile(vq_file, out / "vq" / vq_file.name)
     model = stage_lm(init, tokens, work, config, device, deadline, say, heldout)
     if model is None:
         from .finetune import weights_so_far
+        from .pretokenize import tokens_image_size
 
         source = weights_so_far(work / "lm" / "checkpoints")
         if publish_partial and source is not None:
             shutil.rmtree(out / "model-partial", ignore_errors=True)
-            publish_model(init, out / "model-partial", weights=source[0], image_size=size)
+            publish_model(init, out / "model-partial", weights=source[0], image_size=tokens_image_size(tokens))
             say(f"wrote the language model as of {source[1]} to {out / 'model-partial'}")
         return None
     final.parent.mkdir(parents=True, exist_ok=True)
-    publish_model(model, final, image_size=size)
+    publish_model(model, final)  # its config.json has the tokens' side: training recorded it
     if not keep_work:
         shutil.rmtree(work)
     say(f"saved the trained model to {final} ({time.monotonic() - started:.0f} s)")

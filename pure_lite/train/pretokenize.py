@@ -3,7 +3,9 @@
     TOKENS_DIR/
       shard_00000.ids.npy     int32, the ids of the shard's samples, concatenated
       shard_00000.json        per sample: id, offset, length, prompt_len (labels are -100 before it)
-      index.json              shards, counts, skipped samples with reasons, tokenizer sha256
+      index.json              shards, counts, skipped samples with reasons, tokenizer sha256, and
+                              image_size when every HQ image has the same side (what a model trained
+                              on these tokens records as the size it restores at)
 
 Shard k always holds conversations [k * shard_size, (k+1) * shard_size) of conversations.json
 (bad ones skipped), and is written atomically (ids first, then its JSON), so an interrupted
@@ -54,8 +56,9 @@ def _split(value: str, where: str) -> tuple[str, str]:
     return before, after
 
 
-def sample_to_ids(record: dict, data_dir: Path, tokenizer: TextTokenizer, layout: TokenLayout, encode) -> tuple[np.ndarray, int]:
-    """(ids, prompt_len) of one record, or BadSample naming what is wrong."""
+def sample_to_ids(record: dict, data_dir: Path, tokenizer: TextTokenizer, layout: TokenLayout,
+                  encode) -> tuple[np.ndarray, int, int]:
+    """(ids, prompt_len, the HQ image's side) of one record, or BadSample naming what is wrong."""
     turns = record.get("conversations")
     if not isinstance(turns, list) or len(turns) != 2 or [t.get("from") for t in turns] != ["human", "gpt"]:
         raise BadSample("conversations must be one human turn then one gpt turn")
@@ -76,7 +79,7 @@ def sample_to_ids(record: dict, data_dir: Path, tokenizer: TextTokenizer, layout
     hq_codes = encode(to_model_input(hq))
     ids, labels = training_example(tokenizer, layout, layout.encode_image(lq_codes), response.rstrip(),
                                    layout.encode_image(hq_codes), instruction=instruction)
-    return ids, int(np.argmax(labels != IGNORE_INDEX))
+    return ids, int(np.argmax(labels != IGNORE_INDEX)), side
 
 
 def pretokenize(
@@ -126,14 +129,14 @@ def pretokenize(
         chunks, samples, offset = [], [], 0
         for i, record in enumerate(records[k * shard_size:(k + 1) * shard_size], start=k * shard_size):
             try:
-                ids, prompt_len = sample_to_ids(record, data_dir, tokenizer, layout, encode)
+                ids, prompt_len, side = sample_to_ids(record, data_dir, tokenizer, layout, encode)
             except (BadSample, KeyError, TypeError, AttributeError) as exc:
                 samples.append({"index": i, "id": str(record.get("id", i)) if isinstance(record, dict) else str(i),
                                 "skipped": f"{type(exc).__name__}: {exc}"})
                 continue
             chunks.append(ids.astype(np.int32))
             samples.append({"index": i, "id": record.get("id", str(i)), "offset": offset, "length": len(ids),
-                            "prompt_len": prompt_len})
+                            "prompt_len": prompt_len, "image_size": side})
             offset += len(ids)
         ids_all = np.concatenate(chunks) if chunks else np.zeros(0, np.int32)
         _atomic_bytes(out / f"shard_{k:05d}.ids.npy", lambda f: np.save(f, ids_all))
@@ -141,7 +144,7 @@ def pretokenize(
         report.shards_written += 1
     complete = all((out / f"shard_{k:05d}.json").exists() for k in range(n_shards))
     if complete:
-        index = {"shards": n_shards, "samples": 0, "skipped": []}
+        index, sides = {"shards": n_shards, "samples": 0, "skipped": []}, set()
         for k in range(n_shards):
             for s in json.loads((out / f"shard_{k:05d}.json").read_text())["samples"]:
                 if "skipped" in s:
@@ -149,9 +152,17 @@ def pretokenize(
                                              "index": s["index"], "reason": s["skipped"]})
                 else:
                     index["samples"] += 1
+                    sides.add(s.get("image_size"))  # None: a shard written before sides were recorded
+        if len(sides) == 1 and None not in sides:
+            index["image_size"] = sides.pop()
         _atomic_bytes(out / "index.json", lambda f: f.write(json.dumps(index, indent=1).encode()))
         report.samples, report.skipped = index["samples"], index["skipped"]
     return report
+
+
+def tokens_image_size(tokens_dir: str | os.PathLike) -> int | None:
+    """The side every HQ image of a complete tokens folder has, or None when they differ or it was not recorded."""
+    return json.loads((Path(tokens_dir) / "index.json").read_text()).get("image_size")
 
 
 class TokenDataset:
