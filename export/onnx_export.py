@@ -219,7 +219,8 @@ def export_onnx(
 
     ``image_size`` is the output side the model was trained for, recorded in the manifest as the
     runtime's default ``target_size``; None takes the checkpoint's own (a model trained by pure-lite
-    records it in config.json), else the released PURE's 512. ``progress`` prints the stages and a bar over the weights.
+    records it in config.json), else the released PURE's 512. ``progress`` prints the stages and a bar
+    over the weights.
 
     ``streaming`` (the default) traces weightless stand-ins and streams each weight from the
     checkpoint's shards into the graphs' data files: peak memory is about the largest single tensor
@@ -237,7 +238,8 @@ def export_onnx(
         raise PureLiteError(f"{out} exists and is not empty; pass overwrite=True (--overwrite) to replace it")
     files = CheckpointFiles.locate(model_dir)
     config = files.read_config()
-    image_size = image_size or trained_image_size(config)
+    if image_size is None:
+        image_size = trained_image_size(config)
     layout = TokenLayout.from_tokenizer_file(files.tokenizer, config["vocab_size"])
     out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))

@@ -69,7 +69,7 @@ class CheckpointFiles:
             if not isinstance(config.get(key), int):
                 raise CheckpointError(f"{self.config}: missing or non-integer {key!r}")
         size = config.get(IMAGE_SIZE_KEY, PURE_IMAGE_SIZE)
-        if not isinstance(size, int) or isinstance(size, bool) or size <= 0 or size % GRID_PIXELS:
+        if not isinstance(size, int) or size <= 0 or size % GRID_PIXELS:
             raise CheckpointError(f"{self.config}: {IMAGE_SIZE_KEY} must be a positive multiple of {GRID_PIXELS}, "
                                   f"got {size!r}")
         return config
