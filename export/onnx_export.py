@@ -46,7 +46,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
-from pure_lite.checkpoint import CheckpointFiles, image_size as trained_image_size, load_vq_state_dict
+from pure_lite.checkpoint import CheckpointFiles, load_vq_state_dict, trained_image_size
 from pure_lite.errors import PureLiteError
 from pure_lite.manifest import write_manifest
 from pure_lite.sampling import SamplingConfig

@@ -75,7 +75,7 @@ class CheckpointFiles:
         return config
 
 
-def image_size(config: dict) -> int:
+def trained_image_size(config: dict) -> int:
     """The output side a checkpoint's model was trained for (``read_config`` checked it): restore's default."""
     return config.get(IMAGE_SIZE_KEY, PURE_IMAGE_SIZE)
 

@@ -204,7 +204,7 @@ def test_pack_training_runs_stops_at_its_deadline_and_resumes(tiny_pack, tmp_pat
     pytest.importorskip("transformers")
     from dataclasses import replace
 
-    from pure_lite.checkpoint import CheckpointFiles, image_size
+    from pure_lite.checkpoint import CheckpointFiles, trained_image_size
     from pure_lite.train.config import TrainConfig, VQTrainConfig
     from pure_lite.train.pack_train import LMShape, PackTrainConfig, run
 
@@ -224,7 +224,7 @@ def test_pack_training_runs_stops_at_its_deadline_and_resumes(tiny_pack, tmp_pat
     logs.clear()  # VQ resumes and finishes; the LM stops after its first step and publishes what it has
     assert run(tiny_pack, out, config, minutes=expired, device="cpu", publish_partial=True, log=logs.append) is None
     assert (out / "model-partial" / "config.json").exists() and (out / "vq" / "vq_ds8_c2i.pt").exists()
-    assert image_size(CheckpointFiles.locate(out / "model-partial").read_config()) == 64  # the pack's side
+    assert trained_image_size(CheckpointFiles.locate(out / "model-partial").read_config()) == 64  # the pack's side
     assert any("resumed from" in m and "step 1" in m for m in logs)
     assert (out / "work" / "tokens" / "index.json").exists()
     assert (out / "work" / "lm" / "checkpoints" / "step-1").is_dir()
@@ -236,7 +236,7 @@ def test_pack_training_runs_stops_at_its_deadline_and_resumes(tiny_pack, tmp_pat
     elsewhere = run(tmp_path / "no-such-pack.npz", tmp_path / "elsewhere", config, device="cpu", work=carried,
                     log=logs.append)
     assert elsewhere is not None and CheckpointFiles.locate(elsewhere).vq.exists()
-    assert image_size(CheckpointFiles.locate(elsewhere).read_config()) == 64  # from the tokens, with no pack
+    assert trained_image_size(CheckpointFiles.locate(elsewhere).read_config()) == 64  # from the tokens, with no pack
     assert any("the pack is not read" in m for m in logs)
 
     logs.clear()  # the LM resumes from its checkpoint and the weights are written
@@ -244,7 +244,7 @@ def test_pack_training_runs_stops_at_its_deadline_and_resumes(tiny_pack, tmp_pat
     assert model == out / "model" and any("resumed from" in m and "step 1" in m for m in logs)
     files = CheckpointFiles.locate(model)
     assert files.read_config()["hidden_size"] == 32 and files.vq.exists()
-    assert image_size(files.read_config()) == 64
+    assert trained_image_size(files.read_config()) == 64
     assert not (out / "work").exists() and not (model / "checkpoints").exists()
     assert (out / "vq" / "vq_ds8_c2i.pt").exists()
     import safetensors.torch

@@ -233,7 +233,7 @@ def _batch_loss(model_dir, tokens_dir):
 
 def test_few_steps_reduce_loss_and_result_restores(train_ckpt, tokens, tmp_path):
     from pure_lite import Restorer, SamplingConfig
-    from pure_lite.checkpoint import CheckpointFiles, image_size
+    from pure_lite.checkpoint import CheckpointFiles, trained_image_size
     from pure_lite.train.config import TrainConfig
     from pure_lite.train.finetune import train
 
@@ -244,7 +244,7 @@ def test_few_steps_reduce_loss_and_result_restores(train_ckpt, tokens, tmp_path)
     assert result.steps == 12
     assert _batch_loss(out, tokens) < _batch_loss(train_ckpt, tokens) - 0.1
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-10", "step-5"]
-    assert [image_size(CheckpointFiles.locate(d).read_config()) for d in (train_ckpt, out)] == [512, 64]
+    assert [trained_image_size(CheckpointFiles.locate(d).read_config()) for d in (train_ckpt, out)] == [512, 64]
     res = Restorer.from_pretrained(out).restore(np.zeros((32, 32, 3), np.uint8), seed=0, target_size=64,
                                                 sampling=SamplingConfig(max_text_tokens=4))
     assert res.image.size == (64, 64)
