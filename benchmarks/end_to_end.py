@@ -21,7 +21,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-
 import report
 
 VARIANTS = ["reference", "torch", "onnx-float", "onnx-int8", "onnx-int4"]
@@ -47,16 +46,16 @@ def test_image(size: int) -> np.ndarray:
 def run_reference(ckpt: Path, size: int, text_tokens: int) -> dict:
     """The reference-style loop (see module docstring); returns timings."""
     import torch
+    from sampler import reference_step
     from transformers import DynamicCache
 
     from pure_lite import images
     from pure_lite.checkpoint import CheckpointFiles
-    from pure_lite.lm import load_language_model
     from pure_lite.prompt import TextTokenizer, prompt_ids
     from pure_lite.sampling import SamplingConfig
     from pure_lite.tokens import TokenLayout
-    from pure_lite.torch_backend import load_vq
-    from sampler import reference_step
+    from pure_lite.torch_backend.chameleon import load_language_model
+    from pure_lite.torch_backend.load import load_vq
 
     files = CheckpointFiles.locate(ckpt)
     layout = TokenLayout.from_tokenizer_file(files.tokenizer, files.read_config()["vocab_size"])
@@ -168,6 +167,7 @@ def main() -> None:
         return child(args)
 
     from pure_lite.export import export_onnx
+
     from pure_lite.testing import make_tiny_checkpoint
 
     work = Path(args.workdir)

@@ -5,7 +5,7 @@ Every variant decodes after the same 4,200-token prompt (a 512² restoration's L
 with PURE's default sampling (CFG 0.8 as batch 2, entropy top-k, temperature 0.9):
 
 - ``graphs-b512-transformers``: the captured steps (below) with transformers' own Chameleon layers
-  (``layers="transformers"``), and ``graphs-b512-unjoined`` with ``pure_lite.decode_layers`` before
+  (``layers="transformers"``), and ``graphs-b512-unjoined`` with ``pure_lite.torch_backend.layers`` before
   ``fuse_projections`` joins the projections: the baselines of the layer forward every other variant
   uses (the torch backend's: own layers, projections joined; ``benchmarks/step_ops.py`` counts their
   kernels);
@@ -14,7 +14,7 @@ with PURE's default sampling (CFG 0.8 as batch 2, entropy top-k, temperature 0.9
 - ``graphs-bN``: the chained steps captured as CUDA graphs, attention over spans rounded up to N slots
   (``full``: the whole preallocated capacity, one shape per step width); ``graphs-b512-efficient`` /
   ``-cudnn`` / ``-math``: the same with SDPA held to one kernel (the default picks cuDNN on an H200);
-- ``graphs-b512-triton``: the same with ``layers="triton"`` (``pure_lite.triton_kernels``: 11 kernels per
+- ``graphs-b512-triton``: the same with ``layers="triton"`` (``pure_lite.torch_backend.fused_kernels``: 11 kernels per
   layer instead of 21); not yet the torch backend's default, this row decides it (also for torchao int4);
   ``...-kv8`` / ``...-kv8-triton``: the int8 KV cache, dequantized for SDPA / read by the Triton attention;
 - ``nf4-...``: the same with bitsandbytes nf4 weights (when bitsandbytes is installed);
@@ -56,7 +56,6 @@ import json
 import time
 
 import numpy as np
-
 import report
 
 PROMPT = 4200
@@ -108,7 +107,7 @@ def build(quant: str):
                         setattr(parent, name, q)
         torch.cuda.empty_cache()
     elif quant == "torchao-int4":  # the torch backend's quantization="int4", applied to the built model
-        from pure_lite.torch_backend import quantize_int4
+        from pure_lite.torch_backend.quantize import quantize_int4
 
         model = model.to(torch.bfloat16)  # tinygemm's int4 kernel takes bf16 activations
         fuse_projections(model)  # as the backend loads it: joined, then quantized
@@ -127,7 +126,7 @@ def fuse_projections(model) -> None:
     """The torch backend's ``fuse_projections``, then the replaced weights' memory handed back."""
     import torch
 
-    from pure_lite.decode_layers import fuse_projections as join
+    from pure_lite.torch_backend.layers import fuse_projections as join
 
     join(model)
     if DEVICE == "cuda":
@@ -145,8 +144,8 @@ def pure_layout():
 
 
 def decoder(model, **kw):
-    from pure_lite.lm import ImageHead
-    from pure_lite.torch_decoder import TorchDecoder
+    from pure_lite.torch_backend.chameleon import ImageHead
+    from pure_lite.torch_backend.decoder import TorchDecoder
 
     return TorchDecoder(model, ImageHead(model, LAYOUT.image_ids), DEVICE, **kw), LAYOUT.image_ids
 

@@ -16,7 +16,6 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-
 import report
 
 
@@ -50,8 +49,8 @@ def main() -> None:
     args = parser.parse_args()
 
     from pure_lite.checkpoint import CheckpointFiles
-    from pure_lite.lm import load_language_model
     from pure_lite.tokens import TokenLayout
+    from pure_lite.torch_backend.chameleon import load_language_model
     from pure_lite.train.pack import load_pack
     from pure_lite.train.pack_train import PackTrainConfig, stage_tokens
     from pure_lite.train.pretokenize import TokenDataset

@@ -8,9 +8,9 @@ CFG image step of the chained loop (the body a CUDA graph captures: sampler, tok
 image head), for:
 
 - ``transformers``: transformers' Chameleon layers over the grouped cache (``layers="transformers"``);
-- ``fused``: ``pure_lite.decode_layers`` over the same weights;
+- ``fused``: ``pure_lite.torch_backend.layers`` over the same weights;
 - ``fused + joined``: the same with ``fuse_projections`` (what the torch backend loads);
-- ``fused + joined + triton``: the same with ``layers="triton"`` (``pure_lite.triton_kernels``, run here
+- ``fused + joined + triton``: the same with ``layers="triton"`` (``pure_lite.torch_backend.fused_kernels``, run here
   through Triton's interpreter; each of its calls is one kernel launch, counted beside the aten calls);
 
 each with the KV cache in the model's dtype and in int8. The counts do not depend on the widths, so the
@@ -28,17 +28,17 @@ import statistics
 import tempfile
 import time
 
-import torch
-
 import report
+import torch
+from kernel_count import count_kernels
+
 from pure_lite.checkpoint import CheckpointFiles
-from pure_lite.decode_layers import fuse_projections
-from pure_lite.kernel_count import count_kernels
-from pure_lite.lm import ImageHead, load_language_model
 from pure_lite.sampling import SamplingConfig
 from pure_lite.testing import make_tiny_checkpoint
 from pure_lite.tokens import TokenLayout
-from pure_lite.torch_decoder import TorchDecoder
+from pure_lite.torch_backend.chameleon import ImageHead, load_language_model
+from pure_lite.torch_backend.decoder import TorchDecoder
+from pure_lite.torch_backend.layers import fuse_projections
 
 LAYERS = 32  # PURE's 7B
 VARIANTS = {"transformers": ("transformers", False), "fused": ("fused", False), "fused + joined": ("fused", True),
@@ -66,7 +66,7 @@ def _decoder(folder, layers: str, joined: bool, kv_int8: bool):
 
 
 def count_calls(dec) -> collections.Counter:
-    """Kernels of one CFG image step (``pure_lite.kernel_count``), then the cache and chain put back."""
+    """Kernels of one CFG image step (``benchmarks/kernel_count.py``), then the cache and chain put back."""
     with torch.inference_mode():
         calls = count_kernels(dec, lambda: dec._link(1, dec._spans(1)))
         _same_step_again(dec)
@@ -97,7 +97,7 @@ def time_steps(decoders: dict, rounds: int) -> dict:
 
 
 def main() -> None:
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before pure_lite.triton_kernels is imported
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before pure_lite.torch_backend.fused_kernels is imported
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
         folder = make_tiny_checkpoint(tmp, layout="compact", num_layers=LAYERS, hidden_size=64, num_heads=4,

@@ -27,10 +27,10 @@ def main() -> None:
 
     import torch
 
+    from pure_lite.torch_backend.vq import VQModel
     from pure_lite.train.pack import load_pack
     from pure_lite.train.pack_train import PackTrainConfig
     from pure_lite.train.vq_train import round_trip_psnr
-    from pure_lite.vq import VQModel
 
     state = torch.load(args.tokenizer, map_location="cpu", weights_only=True)
     vq = VQModel(PackTrainConfig().vq_config())

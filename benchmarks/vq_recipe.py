@@ -20,9 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
+from pure_lite.torch_backend.vq import VQConfig
 from pure_lite.train.config import PRECISIONS, VQTrainConfig
 from pure_lite.train.pack import hq_batch, load_pack
-from pure_lite.vq import VQConfig
 
 V1 = dict(base_channels=32, channel_mult=(1, 1, 2, 2), z_channels=32, codebook_size=1024)
 NEW = dict(warmup_steps=50, min_lr_ratio=0.1, l2_weight=0.5, lr=1e-3)

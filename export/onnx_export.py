@@ -9,7 +9,7 @@
       tokenizer.json                       copied from the checkpoint
       pure_lite_manifest.json              dimensions, I/O names, token layout, sha256 of every file
 
-Decoder I/O (fixed contract, deterministic names; see pure_lite.lm.ChameleonStep):
+Decoder I/O (fixed contract, deterministic names; see pure_lite.torch_backend.chameleon.ChameleonStep):
   inputs   input_ids (B, T) int64, attention_mask (B, S+T) int64, position_ids (B, T) int64,
            past_key_values.{i}.key / .value (B, heads, S, head_dim): the caller's whole cache buffer
   outputs  hidden (B, T, hidden) float32: the final-norm state of every new position (speculative
@@ -83,7 +83,7 @@ def decoder_spec(lm) -> GraphSpec:
     import torch
     from torch.export import Dim
 
-    from pure_lite.lm import ChameleonStep, kv_shape
+    from pure_lite.torch_backend.chameleon import ChameleonStep, kv_shape
 
     step = ChameleonStep(lm).eval()
     layers = lm.config.num_hidden_layers
@@ -293,7 +293,7 @@ def export_onnx(
 def _stream_graphs(files: CheckpointFiles, work: Path, layout: TokenLayout, qconfig: QuantizationConfig, *,
                    opset: int, say, progress: bool) -> None:
     """Trace weightless stand-ins, then fill their weights tensor by tensor (``weight_stream``)."""
-    from pure_lite.lm import UNUSED_WEIGHT_PREFIXES, TextHead
+    from pure_lite.torch_backend.chameleon import UNUSED_WEIGHT_PREFIXES, TextHead
 
     from . import stand_in
     from .tensors import LoadedTensors, SafetensorsTensors
@@ -336,8 +336,8 @@ def _in_memory_graphs(files: CheckpointFiles, work: Path, layout: TokenLayout, q
     """The reference path: the float32 model in torch, traced with its weights; ORT's quantizer on the saved graphs."""
     import torch
 
-    from pure_lite.lm import SPLIT_ATTENTION, ImageHead, TextHead, load_language_model
-    from pure_lite.torch_backend import load_vq
+    from pure_lite.torch_backend.chameleon import SPLIT_ATTENTION, ImageHead, TextHead, load_language_model
+    from pure_lite.torch_backend.load import load_vq
 
     say(f"[1/4] loading {files.root}")
     lm = load_language_model(files, attn_implementation=SPLIT_ATTENTION, dtype=torch.float32)

@@ -88,7 +88,7 @@ def language_model(files: CheckpointFiles):
     import torch
     from transformers import ChameleonForConditionalGeneration
 
-    from pure_lite.lm import SPLIT_ATTENTION, chameleon_config, register_split_attention
+    from pure_lite.torch_backend.chameleon import SPLIT_ATTENTION, chameleon_config, register_split_attention
 
     config = chameleon_config(files)
     register_split_attention()
@@ -102,7 +102,7 @@ def language_model(files: CheckpointFiles):
 
 def image_head(lm, image_ids: np.ndarray, keys: dict[int, str]):
     """``ImageHead`` of the stand-in, and where its weight comes from: rows ``image_ids`` of ``lm_head``, in code order."""
-    from pure_lite.lm import ImageHead
+    from pure_lite.torch_backend.chameleon import ImageHead
 
     head = ImageHead(lm, image_ids).eval()
     rows = np.array(image_ids, dtype=np.int64)
@@ -113,7 +113,7 @@ def vq_model(tensors: Tensors):
     """The VQ-8 tokenizer at the checkpoint's widths (read off its tensor shapes) with fake weights."""
     import torch
 
-    from pure_lite.vq import VQConfig, VQModel
+    from pure_lite.torch_backend.vq import VQConfig, VQModel
 
     shapes = {name: torch.empty(tensors.shape(name), device="meta") for name in tensors.names()}
     config = VQConfig.from_state_dict(shapes)

@@ -287,8 +287,8 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _train_vq(args: argparse.Namespace) -> int:
+    from .torch_backend.vq import VQConfig
     from .train.vq_train import train_vq
-    from .vq import VQConfig
 
     path = train_vq(args.images, args.output,
                     VQConfig(base_channels=args.width, channel_mult=tuple(args.channel_mult), z_channels=args.z_channels,

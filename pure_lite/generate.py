@@ -69,7 +69,7 @@ class Decoder(Protocol):
 
     # Optional: ``decode_plain_image(header, side, config, seeds, image_ids, row_end, progress)`` ->
     # (codes (B, side²), entropies (B, side²), calls). A backend that can chain plain decoding on
-    # its device (draw, feed, next step, with no host round trip: pure_lite.torch_decoder) offers
+    # its device (draw, feed, next step, with no host round trip: pure_lite.torch_backend.decoder) offers
     # it, and the loop hands it the whole image phase when no speculation is asked for.
 
 

@@ -110,7 +110,7 @@ class Restorer:
 
         CheckpointFiles.locate(path)  # a missing or incomplete folder is reported before torch is needed
         try:
-            from .torch_backend import load_components
+            from .torch_backend.load import load_components
         except ModuleNotFoundError as exc:
             raise MissingDependencyError(
                 f"{path} is a PURE checkpoint folder, served by the torch backend, which needs {exc.name}: "

@@ -170,7 +170,7 @@ def draw(probs: np.ndarray, rng: np.random.Generator) -> int:
 class Sampler(Protocol):
     """What the decode loop asks of a sampler, one token at a time on host arrays.
 
-    ``NumpySampler`` is the implementation and the reference; ``pure_lite.torch_sampler`` is the
+    ``NumpySampler`` is the implementation and the reference; ``pure_lite.torch_backend.sampler`` is the
     same maths on batched device tensors, for a decode step that stays on the GPU.
     """
 

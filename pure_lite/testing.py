@@ -15,7 +15,14 @@ from typing import Literal
 
 from .checkpoint import CONFIG_FILE, TOKENIZER_FILE, VQ_PICKLE_FILE
 from .tokens import (
-    BOS, END_OF_TURN, IMAGE_END, IMAGE_START, MAX_GRID, ROW_END, grid_token_name, image_token_name,
+    BOS,
+    END_OF_TURN,
+    IMAGE_END,
+    IMAGE_START,
+    MAX_GRID,
+    ROW_END,
+    grid_token_name,
+    image_token_name,
 )
 
 _BASIC = ["<s>", "<pad>", "</s>", "<unk>"]
@@ -88,7 +95,7 @@ def make_tiny_checkpoint(
     import torch
     from transformers import ChameleonConfig, ChameleonForConditionalGeneration
 
-    from .vq import VQConfig, VQModel
+    from .torch_backend.vq import VQConfig, VQModel
 
     if layout not in ("pure", "compact"):
         raise ValueError(f"layout must be 'pure' or 'compact', got {layout!r}")

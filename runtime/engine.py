@@ -4,7 +4,7 @@ The KV cache is allocated once per restoration, for the whole sequence: one
 (2, heads, capacity, head_dim) buffer per layer and key/value (batch 2 reserved for CFG).
 Every call binds those buffers as the graph's ``past`` input and a small preallocated
 scratch as its ``new_key_values`` output; the graph attends over the cache slots without
-copying them (see pure_lite.lm.ChameleonStep), and the engine then writes the T new keys
+copying them (see pure_lite.torch_backend.chameleon.ChameleonStep), and the engine then writes the T new keys
 and values into their slots. Nothing is concatenated or reallocated per step. The decoder's
 last hidden state then goes through the text head (all logits) or, inside an image, the
 image head (the image tokens' logits only).

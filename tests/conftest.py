@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -13,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-# pure_lite.triton_kernels compiles for CUDA; without a GPU its kernels run through Triton's interpreter,
+# pure_lite.torch_backend.fused_kernels compiles for CUDA; without a GPU its kernels run through Triton's interpreter,
 # which reads this when the kernels are defined, so it is set before any test imports them
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -61,6 +62,15 @@ def random_lpips_weights(net: str, seed: int = 0) -> dict[str, np.ndarray]:
 
 
 KINDS = ["tiny", "small", "unit", "large", "huge", "flat", "ties", "peaked", "two-level", "mid-entropy"]
+
+
+def load_benchmark_module(name: str):
+    """A module of ``benchmarks/`` (measuring tools live there, not in the library), loaded from its file."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"benchmarks_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def probe_logits(decoder, layout: TokenLayout, lengths=(23, 17)) -> list[np.ndarray]:

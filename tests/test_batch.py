@@ -270,7 +270,7 @@ def test_the_load_options_listed_without_torch_are_the_torch_backends():
 
     from pure_lite.batch import LOAD_OPTIONS
 
-    torch_backend = pytest.importorskip("pure_lite.torch_backend")
+    torch_backend = pytest.importorskip("pure_lite.torch_backend.quantize")
     assert LOAD_OPTIONS["quantization"] == get_args(torch_backend.Quantization)
 
 

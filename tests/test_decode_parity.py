@@ -5,16 +5,15 @@ chained on-device image loop against the shared host loop."""
 import numpy as np
 import pytest
 import torch
+from conftest import TARGET
 
 from pure_lite.checkpoint import CheckpointFiles
 from pure_lite.generate import generate
-from pure_lite.lm import ImageHead, load_language_model
 from pure_lite.prompt import TextTokenizer, prompt_ids
 from pure_lite.sampling import SamplingConfig
 from pure_lite.tokens import TokenLayout
-from pure_lite.torch_decoder import TorchDecoder
-
-from conftest import TARGET
+from pure_lite.torch_backend.chameleon import ImageHead, load_language_model
+from pure_lite.torch_backend.decoder import TorchDecoder
 
 
 class RecomputeDecoder:
@@ -91,7 +90,7 @@ def test_cache_keyword_follows_the_layer_signature():
     from transformers.models.chameleon.modeling_chameleon import ChameleonDecoderLayer
 
     from pure_lite.errors import MissingDependencyError
-    from pure_lite.lm import _cache_keyword
+    from pure_lite.torch_backend.chameleon import _cache_keyword
 
     class Older:
         def forward(self, hidden_states, attention_mask=None, past_key_values=None, **kwargs): ...

@@ -12,8 +12,9 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from pure_lite.errors import CheckpointError  # noqa: E402
 from conftest import random_lpips_weights as _weights  # noqa: E402
+
+from pure_lite.errors import CheckpointError  # noqa: E402
 from pure_lite.lpips import LPIPS, NETS, convert_lpips_sdist, weights_member  # noqa: E402
 
 
@@ -85,9 +86,9 @@ def _pack(path, n: int = 6, side: int = 64):
 
 def test_decoder_tune_moves_the_decoder_only(tiny_pure, tmp_path):
     from pure_lite.checkpoint import CheckpointFiles, load_vq_state_dict
+    from pure_lite.torch_backend.vq import VQConfig, VQModel
     from pure_lite.train.decoder_tune import DEFAULT_CONFIG, same_codes, tune_decoder
     from pure_lite.train.perceptual import PerceptualLoss
-    from pure_lite.vq import VQConfig, VQModel
 
     pack = _pack(tmp_path / "train.npz")
     config = replace(DEFAULT_CONFIG, steps=3, batch_size=2, crop=32, lr=1e-2, warmup_steps=0, save_every=0)
@@ -118,10 +119,10 @@ def test_decoder_tune_moves_the_decoder_only(tiny_pure, tmp_path):
 
 
 def test_decoder_tune_refuses_what_would_move_the_codes(tiny_pure, tmp_path):
+    from pure_lite.torch_backend.vq import VQConfig
     from pure_lite.train.config import VQTrainConfig
     from pure_lite.train.decoder_tune import DEFAULT_CONFIG, same_codes, tune_decoder
     from pure_lite.train.vq_train import train_vq_on
-    from pure_lite.vq import VQConfig
 
     with pytest.raises(ValueError, match="decoder only"):
         tune_decoder(tiny_pure, tmp_path / "absent.npz", tmp_path / "w", replace(DEFAULT_CONFIG, decoder_only=False))

@@ -10,9 +10,9 @@ import torch
 
 from pure_lite.checkpoint import CheckpointFiles
 from pure_lite.errors import ManifestError, MissingDependencyError
-from pure_lite.lm import SPLIT_ATTENTION, ChameleonStep, load_language_model
 from pure_lite.manifest import MANIFEST_FILE, Manifest, write_manifest
-from pure_lite.torch_backend import load_vq
+from pure_lite.torch_backend.chameleon import SPLIT_ATTENTION, ChameleonStep, load_language_model
+from pure_lite.torch_backend.load import load_vq
 
 
 def _session(path):
@@ -242,8 +242,9 @@ def test_tensorrt_build_guarded(export_compact_float, export_compact_int4, tmp_p
 
 
 def test_export_refuses_non_empty_output(tiny_compact, tmp_path):
-    from pure_lite.errors import PureLiteError
     from pure_lite.export import export_onnx
+
+    from pure_lite.errors import PureLiteError
 
     (tmp_path / "keep.txt").write_text("mine")
     with pytest.raises(PureLiteError, match="not empty"):

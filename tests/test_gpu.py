@@ -16,7 +16,7 @@ def _cuda():
 @pytest.mark.gpu
 def test_torch_sampler_on_cuda_keeps_the_reference_top_k():
     torch = _cuda()
-    from pure_lite import torch_sampler as ts
+    from pure_lite.torch_backend import sampler as ts
 
     rng = np.random.default_rng(0)
     config = SamplingConfig()
@@ -43,7 +43,7 @@ def test_torch_sampler_replays_in_a_cuda_graph_with_fresh_draws():
     torch = _cuda()
     from scipy.stats import chi2
 
-    from pure_lite import torch_sampler as ts
+    from pure_lite.torch_backend import sampler as ts
 
     rng = np.random.default_rng(1)
     cond = (rng.normal(size=40) * 2.0).astype(np.float32)
@@ -93,9 +93,9 @@ def test_torch_sampler_replays_in_a_cuda_graph_with_fresh_draws():
 def _tiny_on_cuda(folder, n: int):
     """The tiny checkpoint's language model on CUDA, its image head and layout, and n prompts of one length."""
     from pure_lite.checkpoint import CheckpointFiles
-    from pure_lite.lm import ImageHead, load_language_model
     from pure_lite.prompt import TextTokenizer, prompt_ids
     from pure_lite.tokens import TokenLayout
+    from pure_lite.torch_backend.chameleon import ImageHead, load_language_model
 
     files = CheckpointFiles.locate(folder)
     layout = TokenLayout.from_tokenizer_file(files.tokenizer, files.read_config()["vocab_size"])
@@ -113,10 +113,10 @@ def test_graph_decoder_matches_eager_on_cuda(tiny_compact, kv_int8):
     identical tokens), and against the eager chain (sampled: identical codes, same kernels); with the KV
     cache in the model's dtype and in int8."""
     _cuda()
-    from pure_lite.generate import generate_batch
-    from pure_lite.torch_decoder import TorchDecoder
-
     from conftest import TARGET
+
+    from pure_lite.generate import generate_batch
+    from pure_lite.torch_backend.decoder import TorchDecoder
 
     lm, head, layout, prompts = _tiny_on_cuda(tiny_compact, 2)
 
@@ -137,10 +137,10 @@ def test_graphs_carry_over_to_the_next_batch_of_the_same_shape(tiny_compact):
     """The second batch of the same shape on one decoder captures nothing new and decodes, greedy, exactly
     what a fresh decoder does (the graphs replay on the refilled buffers)."""
     _cuda()
-    from pure_lite.generate import generate_batch
-    from pure_lite.torch_decoder import TorchDecoder
-
     from conftest import TARGET
+
+    from pure_lite.generate import generate_batch
+    from pure_lite.torch_backend.decoder import TorchDecoder
 
     lm, head, layout, prompts = _tiny_on_cuda(tiny_compact, 4)
     config = SamplingConfig(temperature=0, cfg_scale=0.8, max_text_tokens=0)
@@ -177,17 +177,17 @@ def test_int4_quantizes_the_decoder_and_its_graphs_match_eager(tiny256):
     projections joined first; its captured decode matches its eager one too."""
     torch = _cuda()
     pytest.importorskip("torchao", reason="install the [torchao] extra")
+    from conftest import TARGET
     from torchao.utils import TorchAOBaseTensor
 
     from pure_lite.checkpoint import CheckpointFiles
     from pure_lite.generate import generate_batch
-    from pure_lite.lm import ImageHead, load_language_model
     from pure_lite.prompt import TextTokenizer, prompt_ids
     from pure_lite.tokens import TokenLayout
-    from pure_lite.torch_backend import load_components, quantize_int4
-    from pure_lite.torch_decoder import TorchDecoder
-
-    from conftest import TARGET
+    from pure_lite.torch_backend.chameleon import ImageHead, load_language_model
+    from pure_lite.torch_backend.decoder import TorchDecoder
+    from pure_lite.torch_backend.load import load_components
+    from pure_lite.torch_backend.quantize import quantize_int4
 
     files = CheckpointFiles.locate(tiny256)
     plain = load_language_model(files, device="cuda", dtype=torch.bfloat16)
@@ -230,18 +230,18 @@ def test_int4_quantizes_the_decoder_and_its_graphs_match_eager(tiny256):
 def test_triton_layers_on_cuda(tiny_compact, tiny256):
     """layers="triton" compiled for the GPU: in float32, captured in CUDA graphs, the greedy tokens of the eager
     torch ops (host loop); in fp16 and bf16, eager and captured, with the cache in the model's dtype and in int8,
-    logits within their rounding of the torch ops' (cosine >= 0.999 per row, as tests/test_decode_layers.py
+    logits within their rounding of the torch ops' (cosine >= 0.999 per row, as tests/test_torch_layers.py
     bounds the own forward against transformers')."""
     torch = _cuda()
     pytest.importorskip("triton")
-    from pure_lite.checkpoint import CheckpointFiles
-    from pure_lite.decode_layers import fuse_projections
-    from pure_lite.generate import generate_batch
-    from pure_lite.lm import ImageHead, load_language_model
-    from pure_lite.tokens import TokenLayout
-    from pure_lite.torch_decoder import TorchDecoder
-
     from conftest import TARGET, probe_logits
+
+    from pure_lite.checkpoint import CheckpointFiles
+    from pure_lite.generate import generate_batch
+    from pure_lite.tokens import TokenLayout
+    from pure_lite.torch_backend.chameleon import ImageHead, load_language_model
+    from pure_lite.torch_backend.decoder import TorchDecoder
+    from pure_lite.torch_backend.layers import fuse_projections
 
     lm, head, layout, prompts = _tiny_on_cuda(tiny_compact, 2)
     fuse_projections(lm)

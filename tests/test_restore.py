@@ -1,11 +1,10 @@
 import numpy as np
 import pytest
+from conftest import TARGET
 from PIL import Image
 
 from pure_lite import Restorer, SamplingConfig
 from pure_lite.errors import CheckpointError, MissingDependencyError
-
-from conftest import TARGET
 
 FAST = SamplingConfig(max_text_tokens=12)
 
@@ -175,7 +174,7 @@ def test_int8_kv_cache_restores_through_the_backend(tiny64, rgb_image):
 def test_int4_quantizes_exactly_the_decoder_linears_tinygemm_can_pack():
     """The filter takes every decoder linear whose widths fit group 128 and 8-column tiles, and nothing else."""
     torch = pytest.importorskip("torch")
-    from pure_lite.torch_backend import _int4_fits
+    from pure_lite.torch_backend.quantize import _int4_fits
 
     assert _int4_fits(torch.nn.Linear(256, 512, bias=False))
     assert _int4_fits(torch.nn.Linear(128, 8))

@@ -9,6 +9,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from conftest import random_lpips_weights  # noqa: E402
+
 from pure_lite.errors import PureLiteError  # noqa: E402
 
 
@@ -57,8 +58,8 @@ def test_sampled_codes_do_not_depend_on_batch_or_on_stopping(tiny_pure, tmp_path
 
 def test_given_codes_are_the_ones_decoded(tiny_pure):
     from pure_lite.checkpoint import CheckpointFiles, load_vq_state_dict
+    from pure_lite.torch_backend.vq import VQConfig, VQModel
     from pure_lite.train.vq_train import vq_losses
-    from pure_lite.vq import VQConfig, VQModel
 
     state = load_vq_state_dict(CheckpointFiles.locate(tiny_pure).vq)
     vq = VQModel(VQConfig.from_state_dict(state)).eval()

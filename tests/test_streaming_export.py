@@ -14,18 +14,16 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from conftest import TARGET
+from pure_lite.export import export_onnx, onnx_export, weight_stream
+from pure_lite.export.quantize import QuantizationConfig, quantize_graph
+from pure_lite.export.tensors import SafetensorsTensors
+from test_export import _session, _teacher_forced_logits
 
 from pure_lite import Restorer, SamplingConfig
 from pure_lite.checkpoint import CheckpointFiles
 from pure_lite.errors import CheckpointError
-from pure_lite.export import export_onnx
-from pure_lite.export import onnx_export, weight_stream
-from pure_lite.export.quantize import QuantizationConfig, quantize_graph
-from pure_lite.export.tensors import SafetensorsTensors
 from pure_lite.manifest import MANIFEST_FILE, Manifest
-
-from conftest import TARGET
-from test_export import _session, _teacher_forced_logits
 
 LM_GRAPHS = ("decoder.onnx", "lm_head.onnx", "image_head.onnx")
 
@@ -223,10 +221,10 @@ def test_an_initializer_with_no_checkpoint_tensor_is_an_error(tiny_compact):
 
 def test_a_tied_lm_head_is_read_from_the_embedding(tiny_compact, tmp_path):
     """With tie_word_embeddings the checkpoint holds one tensor for both; the head reads it under its own name."""
+    from pure_lite.export import stand_in
     from safetensors.torch import load_file, save_file
 
-    from pure_lite.export import stand_in
-    from pure_lite.lm import UNUSED_WEIGHT_PREFIXES, TextHead
+    from pure_lite.torch_backend.chameleon import UNUSED_WEIGHT_PREFIXES, TextHead
 
     ckpt = tmp_path / "tied"
     shutil.copytree(tiny_compact, ckpt)

@@ -4,7 +4,7 @@ host loop, on CPU (eager: the same code a CUDA graph captures; tests/test_gpu.py
 - greedy: the chained loop gives the host loop's tokens exactly, alone and in a batch with
   different prompt lengths, with and without CFG, and with attention over bucketed spans;
 - sampled: the chained loop's codes equal a step-by-step host driver that draws each code with
-  ``torch_sampler.image_codes`` at ``counter_uniforms(seed, index)`` (two independent drivers of
+  ``sampler.image_codes`` at ``counter_uniforms(seed, index)`` (two independent drivers of
   the same maths); a tile's codes do not depend on its batch;
 - progress is reported once per image row; cancelling stops the decode.
 """
@@ -12,18 +12,17 @@ host loop, on CPU (eager: the same code a CUDA graph captures; tests/test_gpu.py
 import numpy as np
 import pytest
 import torch
+from conftest import TARGET
 
-from pure_lite import torch_sampler as ts
 from pure_lite.checkpoint import CheckpointFiles
 from pure_lite.errors import GenerationCancelled
 from pure_lite.generate import generate_batch
-from pure_lite.lm import ImageHead, load_language_model
 from pure_lite.prompt import TextTokenizer, prompt_ids
 from pure_lite.sampling import SamplingConfig
 from pure_lite.tokens import LATENT_STRIDE, TokenLayout, image_block_length
-from pure_lite.torch_decoder import TorchDecoder
-
-from conftest import TARGET
+from pure_lite.torch_backend import sampler as ts
+from pure_lite.torch_backend.chameleon import ImageHead, load_language_model
+from pure_lite.torch_backend.decoder import TorchDecoder
 
 SIDE = TARGET // LATENT_STRIDE
 
@@ -218,7 +217,7 @@ def test_int8_cache_chained_and_fixed_shape_paths_equal_the_host_loop(model):
 def test_int8_cache_keeps_zero_vectors_and_fp16_finite():
     """An all-zero key (a head that has learned to ignore a token) comes back as zeros, not 0/0, in an fp16
     cache as on a GPU; other vectors within half a step."""
-    from pure_lite.torch_decoder import _Group, quantize_kv
+    from pure_lite.torch_backend.kv_cache import _Group, quantize_kv
 
     group = _Group(layers=1, rows=2, heads=2, capacity=4, head_dim=8, dtype=torch.float16, device="cpu", int8=True)
     group.slots, group.span = torch.tensor([[0, 1], [0, 1]]), 2

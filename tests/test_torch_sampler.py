@@ -10,12 +10,11 @@ for the file if the seeds were random); the seeds are fixed, so a run is determi
 import numpy as np
 import pytest
 import torch
+from conftest import KINDS, ROWS, logit_rows
 from scipy.stats import chi2
 
-from pure_lite import torch_sampler as ts
 from pure_lite.sampling import NumpySampler, SamplingConfig, cfg_mix, entropy_top_k, softmax_entropy, top_k_keep
-
-from conftest import KINDS, ROWS, logit_rows
+from pure_lite.torch_backend import sampler as ts
 
 ALPHA = 1e-3
 

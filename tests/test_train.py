@@ -9,7 +9,13 @@ from PIL import Image
 
 from pure_lite.prompt import IGNORE_INDEX, parse_degradation_levels, parse_response
 from pure_lite.train.degrade import (
-    KERNEL_TYPES, DegradationConfig, StageConfig, _draw_kernel, degrade, level_of, sinc_kernel,
+    KERNEL_TYPES,
+    DegradationConfig,
+    StageConfig,
+    _draw_kernel,
+    degrade,
+    level_of,
+    sinc_kernel,
 )
 
 pytest.importorskip("cv2", reason="install the [train] extra")
@@ -220,7 +226,7 @@ def _batch_loss(model_dir, tokens_dir):
     import torch
 
     from pure_lite.checkpoint import CheckpointFiles
-    from pure_lite.lm import load_language_model
+    from pure_lite.torch_backend.chameleon import load_language_model
     from pure_lite.train.finetune import CausalLMLoss, collate
     from pure_lite.train.pretokenize import TokenDataset
 
@@ -275,7 +281,7 @@ def test_lora_merge_gives_the_unmerged_logits(train_ckpt):
     from peft import LoraConfig, inject_adapter_in_model
 
     from pure_lite.checkpoint import CheckpointFiles
-    from pure_lite.lm import load_language_model
+    from pure_lite.torch_backend.chameleon import load_language_model
     from pure_lite.train.finetune import merge_lora
 
     lm = load_language_model(CheckpointFiles.locate(train_ckpt), attn_implementation="eager")
@@ -304,8 +310,8 @@ def test_vq_training_reduces_reconstruction_and_saves_release_format(hq_dir, tmp
     import torch
 
     from pure_lite.checkpoint import load_vq_state_dict
+    from pure_lite.torch_backend.vq import VQConfig, VQModel
     from pure_lite.train.vq_train import VQTrainConfig, _crops, load_training_images, train_vq, vq_losses
-    from pure_lite.vq import VQConfig, VQModel
 
     vq_cfg = VQConfig(base_channels=32, z_channels=32, codebook_size=64)
     x = torch.from_numpy(_crops(load_training_images(hq_dir, 32, lambda m: None), np.random.default_rng(123), 8, 32))
@@ -344,8 +350,8 @@ def test_precision_choice(monkeypatch):
 def test_vq_losses_in_bf16_keep_the_code_search_and_losses_in_fp32():
     import torch
 
+    from pure_lite.torch_backend.vq import VQConfig, VQModel
     from pure_lite.train.vq_train import vq_losses
-    from pure_lite.vq import VQConfig, VQModel
 
     torch.manual_seed(0)
     vq = VQModel(VQConfig(base_channels=32, z_channels=32, codebook_size=64)).eval()
@@ -366,10 +372,10 @@ def test_ctrl_c_saves_at_the_end_of_the_step_and_the_run_resumes(tmp_path):
     import os
     import signal
 
+    from pure_lite.torch_backend.vq import VQConfig
     from pure_lite.train.config import VQTrainConfig
     from pure_lite.train.stopping import stop_on_signals, stop_reason
     from pure_lite.train.vq_train import train_vq_on
-    from pure_lite.vq import VQConfig
 
     drawn = []
 

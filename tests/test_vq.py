@@ -7,7 +7,7 @@ import torch
 
 from pure_lite.checkpoint import convert_vq, load_vq_state_dict
 from pure_lite.errors import CheckpointError
-from pure_lite.vq import VQConfig, VQModel
+from pure_lite.torch_backend.vq import VQConfig, VQModel
 
 STATE_DICT = Path(__file__).parent / "data" / "llamagen_vq8_state_dict.txt"  # the release's names and shapes (docs/pure-format.md §4)
 

@@ -91,7 +91,7 @@ def tune_decoder(model: str | Path, pack_path: str | Path, work: str | Path, con
     its own. ``perceptual``: the loss network (default: ``PerceptualLoss.load()``, LPIPS-VGG16 from the
     user cache).
     """
-    from ..vq import VQConfig
+    from ..torch_backend.vq import VQConfig
     from .vq_train import save_vq, train_vq_on
 
     say = log or (lambda message: None)
@@ -142,7 +142,7 @@ def tune_decoder(model: str | Path, pack_path: str | Path, work: str | Path, con
 
 def _report_heldout(old_state: dict, new_vq, hq: np.ndarray, say) -> None:
     from ..lpips import LPIPS, default_weights_path
-    from ..vq import VQConfig, VQModel
+    from ..torch_backend.vq import VQConfig, VQModel
 
     old = VQModel(VQConfig.from_state_dict(old_state)).eval()
     old.load_state_dict(old_state)

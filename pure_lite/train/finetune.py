@@ -27,11 +27,12 @@ from torch import nn
 
 from ..checkpoint import IMAGE_SIZE_KEY, CheckpointFiles
 from ..errors import PureLiteError
-from ..lm import load_language_model
 from ..prompt import IGNORE_INDEX
+from ..torch_backend.chameleon import load_language_model
 from .config import TrainConfig, use_bf16
 from .pretokenize import TokenDataset, tokens_image_size
 from .stopping import stop_reason
+
 
 def lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:
     """Linear warm-up to 1, then cosine decay to ``min_ratio`` at ``total``."""

@@ -87,7 +87,7 @@ class PackTrainConfig:
     lm_from: str | None = None
 
     def vq_config(self):
-        from ..vq import VQConfig
+        from ..torch_backend.vq import VQConfig
 
         return VQConfig(base_channels=self.vq_base_channels, channel_mult=self.vq_channel_mult,
                         z_channels=self.vq_z_channels, codebook_size=self.vq_codebook_size)
@@ -96,7 +96,7 @@ class PackTrainConfig:
 def shipped_bytes_estimate(config: PackTrainConfig, vocab_size: int) -> int:
     """int8 export size, roughly: LM weights at 1 byte (untied embeddings and head), the VQ kept float32,
     plus ``EXPORT_OVERHEAD_BYTES``; compare with ``SHIPPED_LIMIT_BYTES`` before spending GPU time."""
-    from ..vq import VQModel
+    from ..torch_backend.vq import VQModel
 
     vq = sum(p.numel() for p in VQModel(config.vq_config()).parameters())
     h, s = config.lm.hidden_size, config.lm
@@ -170,7 +170,7 @@ def stage_tokens(pack: TrainingPack, init: Path, work: Path, config: PackTrainCo
     from ..images import resize
     from ..prompt import TextTokenizer, degradation_sentence, training_example
     from ..tokens import TokenLayout
-    from ..torch_backend import load_vq
+    from ..torch_backend.load import load_vq
     from .degrade import DEGRADATION_TYPES, LEVELS
 
     out = work / name
@@ -257,7 +257,7 @@ def publish_model(lm_dir: Path, final: Path, shard: str = "15MB", *, weights: Pa
     from safetensors.torch import load_file
 
     from ..checkpoint import IMAGE_SIZE_KEY, CheckpointFiles
-    from ..lm import load_language_model
+    from ..torch_backend.chameleon import load_language_model
 
     files = CheckpointFiles.locate(lm_dir)
     tmp = final.with_name(final.name + ".tmp")

@@ -97,7 +97,7 @@ def pretokenize(
     """
     import torch
 
-    from ..torch_backend import load_vq
+    from ..torch_backend.load import load_vq
 
     data_dir = Path(data_dir)
     out = Path(out_dir) if out_dir is not None else data_dir / "tokens"

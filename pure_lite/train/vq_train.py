@@ -34,7 +34,7 @@ from torch import nn
 from ..checkpoint import VQ_PICKLE_FILE
 from ..errors import InvalidImageError, PureLiteError
 from ..images import load_image
-from ..vq import VQConfig, VQModel
+from ..torch_backend.vq import VQConfig, VQModel
 from .config import VQTrainConfig, use_bf16
 from .data import IMAGE_SUFFIXES
 from .finetune import lr_factor

@@ -1,4 +1,4 @@
-"""pure_lite.decode_layers (the torch backend's own layer forward) against transformers' Chameleon layers,
+"""pure_lite.torch_backend.layers (the torch backend's own layer forward) against transformers' Chameleon layers,
 both run by TorchDecoder over the same kind of grouped cache.
 
 - float32, with the projections separate and joined: every logit of a prefill, a CFG image step and a two-token step within 1e-5 of the largest
@@ -14,15 +14,15 @@ both run by TorchDecoder over the same kind of grouped cache.
 import numpy as np
 import pytest
 import torch
+from conftest import load_benchmark_module, probe_logits
 
 from pure_lite.checkpoint import CheckpointFiles
-from pure_lite.decode_layers import fuse_projections
-from pure_lite.kernel_count import count_kernels
-from pure_lite.lm import ImageHead, load_language_model
 from pure_lite.tokens import TokenLayout
-from pure_lite.torch_decoder import TorchDecoder
+from pure_lite.torch_backend.chameleon import ImageHead, load_language_model
+from pure_lite.torch_backend.decoder import TorchDecoder
+from pure_lite.torch_backend.layers import fuse_projections
 
-from conftest import probe_logits
+count_kernels = load_benchmark_module("kernel_count").count_kernels
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +93,7 @@ def test_fused_layers_match_transformers_on_cuda_fp16(compact):
 
 def _kernels_per_layer(compact, variant: str) -> int:
     """Kernels of one layer of a CFG image step: the difference between a 1-layer and a 2-layer model's counts
-    (``pure_lite.kernel_count``: aten calls and Triton launches)."""
+    (``benchmarks/kernel_count.py``: aten calls and Triton launches)."""
     _, layout = compact
     counts = []
     for depth in (1, 2):

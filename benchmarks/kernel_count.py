@@ -2,9 +2,9 @@
 
 Inside a CUDA graph a step's time beyond its memory traffic goes to its kernels, one launch slot each,
 so the layer forwards are compared by their count (``benchmarks/step_ops.py`` reports it,
-``tests/test_decode_layers.py`` bounds it). Counted on any device, CPU included: aten calls seen by a
+``tests/test_torch_layers.py`` bounds it). Counted on any device, CPU included: aten calls seen by a
 ``TorchDispatchMode``, less those that launch nothing (views, allocations), plus each launch of
-``pure_lite.triton_kernels``, which the dispatcher does not see (under the interpreter its kernels run
+``pure_lite.torch_backend.fused_kernels``, which the dispatcher does not see (under the interpreter its kernels run
 as torch calls of their own, which are not counted).
 """
 

@@ -1,29 +1,26 @@
-"""The torch backend's Decoder: a preallocated KV cache in two groups, eager on CPU, CUDA graphs on a GPU.
+"""The torch backend's Decoder: the KV cache of ``kv_cache.py``, eager on CPU, CUDA graphs on a GPU.
 
-Four choices, each for the GPU (docs/gpu.md has the numbers):
+Three choices, each for the GPU (docs/gpu.md has the numbers):
 
-- **Two cache groups.** The conditional rows hold prompt, text and image; the unconditional
-  (CFG) rows only ever hold the image block, so their group is sized for that. At PURE's
-  512² that is 4.2k slots instead of 8.4k per tile: a third less KV memory.
-- **Static shapes.** Every buffer is allocated once per batch; attention reads each group's
-  first ``span`` slots, with ``span`` rounded up to ``attend_bucket``, through a mask that
-  admits each row's own earlier slots. So a decode step has a few shapes only, and on CUDA
-  each is captured once as a CUDA graph and replayed: one launch instead of ~1000 kernels
-  launched from Python (the eager 7B step is launch-bound: 65 ms on an H200 against a
-  ~4 ms bandwidth floor).
+- **Captured steps.** The cache's static shapes (``GroupedKV``: attention reads each group's first
+  ``span`` slots, ``span`` rounded up to ``attend_bucket``) leave a decode step a few shapes only, and
+  on CUDA each is captured once as a CUDA graph and replayed: one launch instead of ~1000 kernels
+  launched from Python (the eager 7B step is launch-bound: 65 ms on an H200 against a ~4 ms
+  bandwidth floor).
 - **Plain image decoding chained on the device** (``decode_plain_image``): the draw
-  (``pure_lite.torch_sampler``, uniforms from a counter hash), the drawn code's token id and
-  the next decoder step are one graph; the host only chooses which graph to replay (a code
-  that ends an image row rides with the row end: two tokens) and reads the codes back once
-  per image row, which keeps the progress bar and cancellation working.
-- **Few kernels per step**: the layers run as ``pure_lite.decode_layers`` writes them (transformers'
-  own forward stays available as ``layers="transformers"``, the reference it is checked against), keys
-  and values share one tensor per layer (one write per group), and the uniforms of a whole restoration
-  are hashed once (a lookup per step).
+  (``sampler.py``, uniforms from a counter hash), the drawn code's token id and the next decoder
+  step are one graph; the host only chooses which graph to replay (a code that ends an image row
+  rides with the row end: two tokens) and reads the codes back once per image row, which keeps the
+  progress bar and cancellation working.
+- **Few kernels per step**: the layers run as ``layers.py`` writes them (transformers' own forward
+  stays available as ``layers="transformers"``, the reference it is checked against), keys and values
+  share one tensor per layer (one write per group), and the uniforms of a whole restoration are
+  hashed once (a lookup per step).
 
-The same code runs eagerly on CPU (graphs are a CUDA feature); there the shared decode loop
-samples on the host with the NumPy sampler unless ``device_loop=True`` is asked for.
-Speculative decoding and the text before the image always go through the shared loop
+Graph capture and the chained loop stay in this module with the decoder: both are ways of running
+its step, and share its buffers. The same code runs eagerly on CPU (graphs are a CUDA feature); there
+the shared decode loop samples on the host with the NumPy sampler unless ``device_loop=True`` is
+asked for. Speculative decoding and the text before the image always go through the shared loop
 (``pure_lite.generate``) and this class's ``step``/``rewind``.
 """
 
@@ -37,176 +34,13 @@ from typing import Callable, Literal, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from . import torch_sampler
-from .decode_layers import DecodeLayers
-from .errors import GenerationError
-from .lm import ChameleonStep, TextHead, kv_shape
-from .sampling import SamplingConfig
-
-GROUPED_ATTENTION = "pure_lite_grouped_cache"
-
-
-def grouped_cache_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
-                            grouped_cache=None, **kwargs):
-    """The attention function the torch backend registers with transformers.
-
-    With a ``grouped_cache`` (a ``GroupedKV``) it reads that cache; any other caller (training,
-    a test's full recompute) gets transformers' own SDPA attention, so the model stays usable.
-    """
-    if grouped_cache is None:
-        from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      **kwargs)
-    return grouped_cache.attend(module.layer_idx, query, scaling), None
-
-
-def use_grouped_attention(lm) -> None:
-    """Make ``lm``'s layers call ``grouped_cache_attention`` (registered once per process)."""
-    from transformers import AttentionInterface
-
-    AttentionInterface.register(GROUPED_ATTENTION, grouped_cache_attention)
-    if lm.config._attn_implementation != GROUPED_ATTENTION:
-        lm.set_attn_implementation(GROUPED_ATTENTION)
-
-
-class _Group:
-    """Keys and values of ``rows`` rows with room for ``capacity`` slots each, and their lengths on the device.
-
-    A layer's keys and values are one tensor, (2, rows, heads, capacity, head_dim), so one index write
-    stores both. ``int8``: store each slot's key and value per head as int8 with one scale (absmax / 127,
-    in the model's dtype): half the memory of fp16/bf16, which is what a 12 GB card lacks for a 512²
-    restoration of the 7B model at 4-bit. Attention dequantizes the span it reads, so the kernel is unchanged.
-    """
-
-    def __init__(self, layers: int, rows: int, heads: int, capacity: int, head_dim: int, dtype, device,
-                 int8: bool = False):
-        shape = (2, rows, heads, capacity, head_dim)
-        self.kv = [torch.zeros(shape, dtype=torch.int8 if int8 else dtype, device=device) for _ in range(layers)]
-        self.scales = [torch.zeros(shape[:-1] + (1,), dtype=dtype, device=device) for _ in range(layers)] if int8 else None
-        self.lengths = torch.zeros(rows, dtype=torch.int64, device=device)
-        self.row_index = torch.arange(rows, device=device).unsqueeze(1)
-        self.rows, self.capacity = rows, capacity
-        self.slots: torch.Tensor | None = None  # (rows, T) slots of this call's tokens
-        self.mask: torch.Tensor | None = None  # (rows, 1, T, span): 0 where a new token sees a slot, -inf elsewhere
-        self.span = 0
-
-    def write(self, layer: int, kv: torch.Tensor, scales: torch.Tensor | None = None) -> None:
-        """Store keys and values (2, rows, heads, T, head_dim) at this call's slots; int8 with their scales
-        (2, rows, heads, T, 1) when the group is int8 (``quantize_kv``)."""
-        for store, x in ((self.kv, kv), (self.scales, scales)):
-            if store is not None:
-                store[layer].transpose(2, 3)[:, self.row_index, self.slots] = x.transpose(2, 3)
-
-    def read(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values of the first ``span`` slots, in the model's dtype."""
-        kv = self.kv[layer][:, :, :, :self.span]
-        if self.scales is not None:  # int8 times the scales promotes to their dtype: one pass for both
-            kv = kv * self.scales[layer][:, :, :, :self.span]
-        return kv[0], kv[1]
-
-
-def quantize_kv(kv: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """(..., head_dim) -> int8 values and their scales (..., 1) in ``dtype``: absmax / 127 per vector.
-
-    In float32: fp16 would round a tiny absmax to 0, and an all-zero vector (a head that ignores a
-    token) must come back as zeros, not 0/0."""
-    x = kv.float()
-    absmax = torch.linalg.vector_norm(x, float("inf"), dim=-1, keepdim=True).clamp_min_(1e-8)
-    return (x * (127 / absmax)).round_().to(torch.int8), (absmax / 127).to(dtype)
-
-
-class GroupedKV:
-    """The cache of a batch: group 0 the conditional rows, group 1 (once live) the unconditional rows.
-
-    A token's slot is its position: ``prepare`` places the next T tokens of each row at its
-    length, the layers' ``update`` writes their keys/values there, ``attend`` scores each group
-    against its first ``span`` slots, and ``advance`` moves the lengths on. Everything reads
-    the lengths from the device, so a captured graph replays correctly at any length.
-    """
-
-    def __init__(self, layers: int, heads: int, head_dim: int, groups: Sequence[tuple[int, int]], max_new: int,
-                 dtype, device, int8: bool = False, kernels=None):
-        self.groups = [_Group(layers, rows, heads, capacity, head_dim, dtype, device, int8)
-                       for rows, capacity in groups]
-        self.int8, self.dtype = int8, dtype
-        self.live = 1
-        self.offsets = torch.arange(max_new, device=device)
-        # an int8 cache with ``kernels`` (pure_lite.triton_kernels, layers="triton"): its int8_attention reads the
-        # int8 keys and values directly for calls of up to MAX_ATTENTION_TOKENS tokens per row (not a prefill)
-        self.int8_attention: Callable | None = None
-        if int8 and kernels is not None and head_dim >= kernels.MIN_ATTENTION_HEAD_DIM:
-            self.int8_attention, self.int8_attention_tokens = kernels.int8_attention, kernels.MAX_ATTENTION_TOKENS
-        self.key_index = torch.arange(max(g.capacity for g in self.groups), device=device)
-        self.seen = torch.zeros((), dtype=dtype, device=device)
-        self.unseen = torch.full((), float("-inf"), dtype=dtype, device=device)
-
-    @property
-    def live_groups(self) -> list[_Group]:
-        return self.groups[:self.live]
-
-    def prepare(self, t: int, spans: Sequence[int]) -> torch.Tensor:
-        """Slots and masks for a call of T tokens per live row; returns the positions (rows, T)."""
-        for group, span in zip(self.live_groups, spans):
-            group.slots = group.lengths.unsqueeze(1) + self.offsets[:t]
-            group.span = span
-            # additive, in the model's dtype, made once per call: SDPA would turn a boolean mask into this
-            # itself in every layer (a hidden ``where`` per attention call)
-            group.mask = torch.where(self.key_index[:span] <= group.slots.unsqueeze(-1), self.seen,
-                                     self.unseen).unsqueeze(1)
-        return torch.cat([g.slots for g in self.live_groups])
-
-    def layer_buffers(self, layer: int) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
-        """One layer's keys and values in each live group, (2, group rows, heads, capacity, head_dim), and
-        their scales when the cache is int8: for a kernel that writes this call's slots itself instead of
-        through ``update`` (``pure_lite.triton_kernels.qk_norm_rope_store``)."""
-        groups = self.live_groups
-        return [g.kv[layer] for g in groups], [g.scales[layer] for g in groups] if self.int8 else None
-
-    def update(self, key, value, layer_idx, *args, **kwargs):
-        """Write a layer's keys and values (rows, heads, T, head_dim) of every live row (quantized once for
-        all rows when the cache is int8)."""
-        kv, scales = torch.stack([key, value]), None
-        if self.int8:
-            kv, scales = quantize_kv(kv, self.dtype)
-        start = 0
-        for group in self.live_groups:
-            rows = slice(start, start + group.rows)
-            group.write(layer_idx, kv[:, rows], None if scales is None else scales[:, rows])
-            start += group.rows
-        return key, value  # unused: grouped_cache_attention reads the groups
-
-    def attend(self, layer: int, query: torch.Tensor, scaling: float) -> torch.Tensor:
-        """query (rows, heads, T, head_dim) -> (rows, T, heads, head_dim)."""
-        rows, heads, t, head_dim = query.shape
-        if self.int8_attention is not None and t <= self.int8_attention_tokens:
-            joined, start = query.new_empty((rows, t, heads, head_dim)), 0
-            for group in self.live_groups:
-                self.int8_attention(query[start:start + group.rows], group.kv[layer], group.scales[layer], group.slots,
-                                    group.span, scaling, joined, start)
-                start += group.rows
-            return joined
-        out, start = [], 0
-        for group in self.live_groups:
-            q = query[start:start + group.rows]
-            keys, values = group.read(layer)
-            out.append(F.scaled_dot_product_attention(q, keys, values, attn_mask=group.mask, scale=scaling)
-                       .transpose(1, 2))
-            start += group.rows
-        return torch.cat(out)  # one kernel joins the groups and lays them out (rows, T, heads, head_dim)
-
-    def advance(self, t: int) -> None:
-        for group in self.live_groups:
-            group.lengths += t
-
-    def reset(self) -> None:
-        """Empty every row for a new batch, in place. Stale keys need no clearing: a slot is written
-        before any token can see it (the masks only reach slots up to each token's own)."""
-        self.live = 1
-        for group in self.groups:
-            group.lengths.zero_()
+from ..errors import GenerationError
+from ..sampling import SamplingConfig
+from . import sampler
+from .chameleon import ChameleonStep, TextHead, kv_shape
+from .kv_cache import GroupedKV, use_grouped_attention
+from .layers import DecodeLayers
 
 
 class TorchDecoder:
@@ -216,9 +50,9 @@ class TorchDecoder:
     offer ``decode_plain_image`` to the decode loop (default: on CUDA). ``attend_bucket``: the
     slots attention reads are rounded up to a multiple of this (default 1 when eager, exact;
     512 with graphs, so a 512² restoration needs ~30 captured shapes). ``kv_int8``: keep the KV cache in
-    int8 with a scale per slot and head (half the cache memory; see ``_Group``). ``layers``: ``"fused"``
-    runs the layers as ``pure_lite.decode_layers`` writes them (about half the kernels per step); ``"triton"``
-    the same with its elementwise work in ``pure_lite.triton_kernels`` (about half again), and an int8 cache
+    int8 with a scale per slot and head (half the cache memory; see ``kv_cache._Group``). ``layers``: ``"fused"``
+    runs the layers as ``layers.py`` writes them (about half the kernels per step); ``"triton"``
+    the same with its elementwise work in ``fused_kernels.py`` (about half again), and an int8 cache
     read by its attention kernel (CUDA; not yet the default: docs/gpu.md); ``"transformers"`` runs
     transformers' own layer forward over the same cache (the reference it is tested and benchmarked against).
     """
@@ -343,9 +177,9 @@ class TorchDecoder:
         """The chained decode's buffers: the previous decode's, refilled in place, when everything its
         captured links baked in is the same (so they replay on them); else new ones, and the old links go."""
         dev = self.device
-        folded = torch.tensor([torch_sampler.fold_seed(s) for s in seeds], dtype=torch.int64, device=dev)
+        folded = torch.tensor([sampler.fold_seed(s) for s in seeds], dtype=torch.int64, device=dev)
         # every uniform the decode can draw, hashed now in one go: a lookup per step instead of ~60 small kernels
-        uniforms = torch_sampler.counter_uniforms(folded.unsqueeze(1), torch.arange(total, device=dev))
+        uniforms = sampler.counter_uniforms(folded.unsqueeze(1), torch.arange(total, device=dev))
         ids = torch.as_tensor(np.array(image_ids, np.int64), device=dev)
         state = self.chain_cache
         if (state is not None and state.config == config and state.codes.shape == (self.batch, total)
@@ -375,7 +209,7 @@ class TorchDecoder:
         b = s.batch
         column = s.counter.view(1)
         uniforms = s.uniforms.index_select(1, column).squeeze(1)
-        code, entropy = torch_sampler.image_codes(s.logits[:b], s.logits[b:] if s.cfg else None, s.config, uniforms)
+        code, entropy = sampler.image_codes(s.logits[:b], s.logits[b:] if s.cfg else None, s.config, uniforms)
         s.codes.index_copy_(1, column, code.unsqueeze(1))
         s.entropy.index_copy_(1, column, entropy.to(s.entropy.dtype).unsqueeze(1))
         s.counter += 1

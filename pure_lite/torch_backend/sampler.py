@@ -24,8 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from .sampling import SamplingConfig
-
+from ..sampling import SamplingConfig
 
 _MASK32 = 0xFFFFFFFF
 

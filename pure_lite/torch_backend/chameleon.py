@@ -12,7 +12,7 @@ attention_mask (B, S + T) marks which of its S slots hold real positions, then t
 tokens. Attention scores the past and the new tokens separately and joins only the small
 score matrices, so no step ever copies the cache; the caller writes the returned new keys
 and values into its buffer. The torch backend runs the same weights over a static cache of
-its own (``pure_lite.torch_decoder``, with the layer forward of ``pure_lite.decode_layers``, fewer kernels
+its own (``pure_lite.torch_backend.decoder``, with the layer forward of ``pure_lite.torch_backend.layers``, fewer kernels
 per step). Both call the decoder layers and ``lm_head`` directly because the
 stock ``ChameleonForConditionalGeneration.forward`` masks every image token out of the logits.
 """
@@ -27,8 +27,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .checkpoint import CheckpointFiles
-from .errors import CheckpointError, MissingDependencyError
+from ..checkpoint import CheckpointFiles
+from ..errors import CheckpointError, MissingDependencyError
 
 # Keys the checkpoint may lack: transformers builds Chameleon's own VQ-VAE inside the
 # model, which PURE never uses (it has the LlamaGen VQ-8 instead).

@@ -14,9 +14,9 @@ modules; only the small qk-norm gains are copied, joined) in 21 per layer:
 - with ``fuse_projections`` (the torch backend applies it at load), q/k/v as one matmul and gate/up
   as another.
 
-``kernels="triton"`` goes further (11 per layer: ``pure_lite.triton_kernels``). For the pre-norm order each
+``kernels="triton"`` goes further (11 per layer: ``fused_kernels.py``). For the pre-norm order each
 residual add is written together with the norm that follows it, the next sub-layer's or the final one, so
-the Triton kernel can do both in one pass. ``tests/test_decode_layers.py`` checks this forward against
+the Triton kernel can do both in one pass. ``tests/test_torch_layers.py`` checks this forward against
 transformers' layers (float32, both layer orders), and ``benchmarks/step_ops.py`` counts the kernels. The
 rounding differs from transformers' in the last bits (RMSNorm applies its gain before the cast back, not after).
 """
@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import MissingDependencyError
+from ..errors import MissingDependencyError
 
 QK_NORM_EPS = 1e-5  # transformers' ChameleonLayerNorm uses this eps regardless of the config
 
@@ -37,12 +37,12 @@ QK_NORM_EPS = 1e-5  # transformers' ChameleonLayerNorm uses this eps regardless 
 class DecodeLayers(nn.Module):
     """``forward(ids (R, T), positions (R, T), cache) -> final-norm hidden states (R, T, hidden)``.
 
-    ``cache`` is a ``pure_lite.torch_decoder.GroupedKV`` (``update`` writes a layer's keys/values,
+    ``cache`` is a ``kv_cache.GroupedKV`` (``update`` writes a layer's keys/values,
     ``attend`` reads them). The qk-norm gains of each layer are joined once, here, on the weights'
     device: build this after the weights are final and in place (the torch backend builds its decoder
     after loading).
 
-    ``kernels="triton"`` does the elementwise work between the matmuls with ``pure_lite.triton_kernels``
+    ``kernels="triton"`` does the elementwise work between the matmuls with ``fused_kernels.py``
     (11 kernels per layer instead of 21). It needs what those kernels assume: the pre-norm layer order,
     projections joined by ``fuse_projections``, a power-of-two head width, a CUDA device (or Triton's
     interpreter).
@@ -139,21 +139,21 @@ class DecodeLayers(nn.Module):
 
 
 def _triton_kernels(layers: DecodeLayers, device: torch.device):
-    """``pure_lite.triton_kernels``, once the model is one its kernels fit (else a ValueError saying why)."""
+    """``fused_kernels``, once the model is one its kernels fit (else a ValueError saying why)."""
     try:
-        from . import triton_kernels
+        from . import fused_kernels
     except ImportError as exc:
         raise MissingDependencyError("kernels='triton' needs Triton (installed with torch's CUDA builds)") from exc
     problems = [
         (layers.swin, "the swin norm layer order (its norms follow the sub-layers)"),
         (not all(layers.joined_qkv) or not all(layers.joined_gate_up), "projections fuse_projections has not joined"),
         (layers.head_dim & (layers.head_dim - 1) != 0, f"head width {layers.head_dim}, not a power of two"),
-        (not triton_kernels.available_on(device), f"device {device} (Triton compiles for CUDA)"),
+        (not fused_kernels.available_on(device), f"device {device} (Triton compiles for CUDA)"),
     ]
     found = [why for bad, why in problems if bad]
     if found:
         raise ValueError("kernels='triton' cannot run this model: " + "; ".join(found))
-    return triton_kernels
+    return fused_kernels
 
 
 def fuse_projections(lm) -> int:

@@ -1,4 +1,4 @@
-"""pure_lite.triton_kernels, on CPU through Triton's interpreter (tests/conftest.py sets it without a GPU).
+"""pure_lite.torch_backend.fused_kernels, on CPU through Triton's interpreter (tests/conftest.py sets it without a GPU).
 
 - each kernel against plain torch arithmetic written out here: float32 within 1e-5 of the largest value
   (the kernels differ only in rounding order), fp16 within its rounding (2e-3 of the largest); widths that
@@ -20,18 +20,19 @@ import torch.nn.functional as F
 
 pytest.importorskip("triton", reason="Triton is installed with the [test] extra on Linux x86_64")
 
-from pure_lite import triton_kernels as tk  # noqa: E402
+from conftest import TARGET, probe_logits  # noqa: E402
+
 from pure_lite.checkpoint import CheckpointFiles  # noqa: E402
-from pure_lite.decode_layers import DecodeLayers, fuse_projections  # noqa: E402
 from pure_lite.generate import generate_batch  # noqa: E402
-from pure_lite.lm import ImageHead, load_language_model  # noqa: E402
 from pure_lite.prompt import TextTokenizer, prompt_ids  # noqa: E402
 from pure_lite.sampling import SamplingConfig  # noqa: E402
 from pure_lite.testing import make_tiny_checkpoint  # noqa: E402
 from pure_lite.tokens import TokenLayout  # noqa: E402
-from pure_lite.torch_decoder import TorchDecoder, quantize_kv  # noqa: E402
-
-from conftest import TARGET, probe_logits  # noqa: E402
+from pure_lite.torch_backend import fused_kernels as tk  # noqa: E402
+from pure_lite.torch_backend.chameleon import ImageHead, load_language_model  # noqa: E402
+from pure_lite.torch_backend.decoder import TorchDecoder  # noqa: E402
+from pure_lite.torch_backend.kv_cache import quantize_kv  # noqa: E402
+from pure_lite.torch_backend.layers import DecodeLayers, fuse_projections  # noqa: E402
 
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3}
 _int8_attention = tk.int8_attention

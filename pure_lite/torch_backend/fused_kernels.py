@@ -1,7 +1,7 @@
 """Triton kernels for the torch backend's decode step: a layer's elementwise work in fewer launches, and
 attention straight from an int8 KV cache.
 
-Inside a CUDA graph a decode step of the 7B model is ~21 kernels per layer with ``pure_lite.decode_layers``'
+Inside a CUDA graph a decode step of the 7B model is ~21 kernels per layer with ``pure_lite.torch_backend.layers``'
 torch ops: 4 matmuls, 2 attention calls and ~15 small elementwise kernels that each read a few KB and cost
 a launch slot of a few microseconds. These kernels take three groups of them:
 
@@ -13,7 +13,7 @@ a launch slot of a few microseconds. These kernels take three groups of them:
 - ``swiglu``: ``silu(gate) * up`` (2 -> 1).
 
 A layer is then 11 kernels. Each computes in float32 and rounds once at its output, where the torch ops
-round after every op, so the two differ in the last bits (``tests/test_triton_kernels.py`` bounds it).
+round after every op, so the two differ in the last bits (``tests/test_fused_kernels.py`` bounds it).
 
 ``int8_attention`` (two launches per cache group) reads an int8 cache's keys and values and their scales
 directly, where SDPA needs the span copied out in the model's dtype first (``GroupedKV.attend`` uses it for
@@ -135,7 +135,7 @@ def _qk_norm_rope_store_kernel(qkv_ptr, gain_ptr, bias_ptr, cos_ptr, sin_ptr, sl
     vector0 = ((which * rows0 + row) * kv_heads + h) * capacity0 + slot  # this head's slot, as (..., capacity)
     vector1 = ((which * rows1 + row - rows0) * kv_heads + h) * capacity1 + slot
     if INT8:
-        # as torch_decoder.quantize_kv: the value in the model's dtype, absmax / 127 per head vector as its scale,
+        # as kv_cache.quantize_kv: the value in the model's dtype, absmax / 127 per head vector as its scale,
         # rounded half to even
         x = x.to(scale0_ptr.dtype.element_ty).to(tl.float32)
         absmax = tl.maximum(tl.max(tl.abs(x), 1)[:, None], 1e-8)
