@@ -32,3 +32,6 @@ class Components:
     max_positions: int
     description: str
     image_size: int = PURE_IMAGE_SIZE  # the output side the model was trained for: restore()'s default target_size
+    # True when new_decoder hands every call the same decoder (the torch backend keeps its buffers and CUDA
+    # graphs): the Restorer then runs one restore() at a time. False: a fresh decoder per call, calls overlap.
+    shares_decoder: bool = False

@@ -16,6 +16,8 @@ from pathlib import Path
 
 from .atomic import publish_folder_modes
 from .errors import ManifestError, MissingDependencyError
+from .model_dims import check_heads, check_image_size, check_int
+from .model_files import MAX_MANIFEST_BYTES, allowed_roots, read_json, require_regular
 
 MANIFEST_FILE = "pure_lite_manifest.json"
 FORMAT_VERSION = 1
@@ -36,8 +38,9 @@ def file_entries(root: Path, names: list[str]) -> dict[str, dict]:
 
 def inside_path(root: Path, name, where: str) -> Path:
     """``root / name`` if ``name`` is a plain relative path that stays inside ``root`` after
-    resolving symlinks; otherwise ManifestError naming ``where``. Only the file system's
-    metadata is consulted (lstat/readlink): nothing is opened.
+    resolving symlinks (or, in a Hugging Face cache snapshot, inside its repository's blobs:
+    pure_lite.model_files.allowed_roots); otherwise ManifestError naming ``where``. Only the file
+    system's metadata is consulted (lstat/readlink): nothing is opened.
     """
     if not isinstance(name, str) or not name or "\0" in name:
         raise ManifestError(f"{where}: {name!r} is not a file name")
@@ -50,30 +53,81 @@ def inside_path(root: Path, name, where: str) -> Path:
             target = (root / name).resolve()
         except (OSError, RuntimeError) as exc:  # a symlink loop
             raise ManifestError(f"{where}: cannot resolve {name!r}: {exc}") from None
-        if root.resolve() in target.parents:
+        if any(r in target.parents for r in allowed_roots(root)):
             return root / name
         reason = f"it resolves to {target}, outside the folder (a symbolic link?)"
     raise ManifestError(f"{where}: refused {name!r}: {reason}; an export's files must lie inside {root}")
 
 
 def check_external_data(graph: Path, root: Path) -> list[str]:
-    """External-data files a graph refers to; raise ManifestError for any path outside ``root``."""
+    """The external-data files a graph refers to, as names relative to ``root``; ManifestError for any
+    that is not a plain relative path or that leaves ``root``.
+
+    A tensor's location is resolved against the graph file's own folder, as ONNX Runtime does, so a
+    graph in a subfolder names its data in that subfolder. Every tensor a graph can hold is checked:
+    initializers, the values and indices of sparse initializers, and the tensors of node attributes
+    (Constant's ``value``/``sparse_value`` and the like), in subgraphs and functions too.
+    """
     try:
         import onnx
     except ImportError as exc:
         raise MissingDependencyError("checking exported graphs needs the onnx package: pip install onnx") from exc
+    require_regular(graph, ManifestError)
     try:
         model = onnx.load(str(graph), load_external_data=False)
+    except RecursionError:
+        raise ManifestError(f"{graph} is not a readable ONNX graph: nested too deeply") from None
     except Exception as exc:  # protobuf DecodeError and friends
         raise ManifestError(f"{graph} is not a readable ONNX graph: {exc}") from exc
+    folder = graph.parent.relative_to(root)
     locations = set()
-    for tensor in onnx.external_data_helper._get_all_tensors(model):
-        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+    for tensor in _all_tensors(model, onnx):
+        if tensor.data_location == onnx.TensorProto.EXTERNAL or len(tensor.external_data):
             info = {e.key: e.value for e in tensor.external_data}
             location = info.get("location", "")
-            inside_path(root, location, f"{graph.name}: tensor {tensor.name!r}'s external data")
-            locations.add(location)
+            where = f"{graph.relative_to(root)}: tensor {tensor.name!r}'s external data"
+            if not isinstance(location, str) or not location or os.path.isabs(location) or Path(location).drive \
+                    or ".." in Path(location).parts:
+                raise ManifestError(f"{where}: refused {location!r}: an external-data location must be a plain "
+                                    "relative path beside its graph")
+            name = (folder / location).as_posix()
+            inside_path(root, name, where)
+            locations.add(name)
     return sorted(locations)
+
+
+def _all_tensors(model, onnx):
+    """Every TensorProto of a model: graph initializers, sparse initializers' values and indices, and node
+    attribute tensors (dense and sparse), through subgraphs and functions."""
+
+    def sparse(s):
+        yield s.values
+        yield s.indices
+
+    def of_nodes(nodes):
+        for node in nodes:
+            for attr in node.attribute:
+                if attr.HasField("t"):
+                    yield attr.t
+                yield from attr.tensors
+                if attr.HasField("sparse_tensor"):
+                    yield from sparse(attr.sparse_tensor)
+                for s in attr.sparse_tensors:
+                    yield from sparse(s)
+                if attr.HasField("g"):
+                    yield from of_graph(attr.g)
+                for g in attr.graphs:
+                    yield from of_graph(g)
+
+    def of_graph(graph):
+        yield from graph.initializer
+        for s in graph.sparse_initializer:
+            yield from sparse(s)
+        yield from of_nodes(graph.node)
+
+    yield from of_graph(model.graph)
+    for function in model.functions:
+        yield from of_nodes(function.node)
 
 
 def _require(container: dict, key: str, kind: type | tuple, where: str):
@@ -113,13 +167,30 @@ def check_structure(data: dict) -> None:
                 raise ManifestError(f"field 'graphs.{name}.{key}' must list names (strings)")
     model = _require(data, "model", dict, "")
     for key in _MODEL_INTS:
-        _require(model, key, int, "model")
+        check_int("field 'model'", key, _require(model, key, int, "model"), ManifestError)
     if "image_size" in model:
-        _require(model, "image_size", int, "model")
+        check_image_size("field 'model'", "image_size", _require(model, "image_size", int, "model"), ManifestError)
+    heads, kv_heads, head_dim = model.get("num_attention_heads"), model["num_key_value_heads"], model["head_dim"]
+    if heads is not None:
+        check_heads("field 'model'", check_int("field 'model'", "num_attention_heads", heads, ManifestError),
+                    kv_heads, ManifestError)
+    if (heads or kv_heads) * head_dim != model["hidden_size"]:
+        raise ManifestError(f"field 'model': {'num_attention_heads' if heads else 'num_key_value_heads'} x head_dim "
+                            f"is {(heads or kv_heads) * head_dim}, not hidden_size {model['hidden_size']}")
+    decoder = graphs.get("decoder")
+    if decoder is not None:  # past and new keys/values: one input and one output per layer and key/value
+        layers = model["num_hidden_layers"]
+        if len(decoder["inputs"]) != 3 + 2 * layers or len(decoder["outputs"]) != 1 + 2 * layers:
+            raise ManifestError(f"field 'model.num_hidden_layers' is {layers}, but graphs.decoder has "
+                                f"{len(decoder['inputs'])} inputs and {len(decoder['outputs'])} outputs")
     tokens = _require(data, "tokens", dict, "")
     _require(tokens, "tokenizer", str, "tokens")
     for key in _TOKEN_INTS:
         _require(tokens, key, int, "tokens")
+    check_int("field 'tokens'", "codebook_size", tokens["codebook_size"], ManifestError)
+    if tokens["vocab_size"] != model["vocab_size"] or tokens["codebook_size"] >= tokens["vocab_size"]:
+        raise ManifestError(f"field 'tokens': vocab_size {tokens['vocab_size']} and codebook_size "
+                            f"{tokens['codebook_size']} disagree with model.vocab_size {model['vocab_size']}")
     _require(_require(data, "quantization", dict, ""), "weights", (str, type(None)), "quantization")
 
 
@@ -164,10 +235,7 @@ class Manifest:
         if not path.is_file():
             raise ManifestError(f"{root} has no {MANIFEST_FILE}: not a pure-lite export")
         inside_path(root, MANIFEST_FILE, str(root))
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise ManifestError(f"cannot read {path}: {exc}") from exc
+        data = read_json(path, MAX_MANIFEST_BYTES, ManifestError)
         if not isinstance(data, dict):
             raise ManifestError(f"{path}: the manifest must be a JSON object, got {type(data).__name__}")
         version = data.get("format_version")
@@ -198,7 +266,8 @@ class Manifest:
         for graph in data["graphs"].values():
             for location in check_external_data(root / graph["file"], root):
                 if location not in files:
-                    raise ManifestError(f"{graph['file']}: external data {location!r} is not listed in the manifest")
+                    raise ManifestError(f"{graph['file']}: external data {location!r} is not listed in the manifest "
+                                        "(no checksum)")
         return cls(root=root, data=data)
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import CheckpointError
+from .model_files import MAX_TOKENIZER_BYTES, read_bytes
 from .tokens import TokenLayout
 
 INSTRUCTION = (
@@ -30,8 +31,9 @@ class TextTokenizer:
     def __init__(self, path: str | Path):
         from tokenizers import Tokenizer
 
+        text = read_bytes(Path(path), MAX_TOKENIZER_BYTES)  # bounded, a regular file (pure_lite.model_files)
         try:
-            self._tok = Tokenizer.from_file(str(path))
+            self._tok = Tokenizer.from_str(text.decode("utf-8"))
         except Exception as exc:  # the Rust side raises plain Exception subclasses
             raise CheckpointError(f"cannot load the text tokenizer {path}: {exc}") from exc
 

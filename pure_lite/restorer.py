@@ -10,7 +10,9 @@ Steps of one restoration:
 
 from __future__ import annotations
 
+import functools
 import math
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,11 +64,32 @@ class Restoration:
     tiles: tuple[Tile, ...] = ()
 
 
+def _one_at_a_time_if_shared(restore):
+    """Serialize ``restore`` per Restorer when its backend shares one decoder between calls."""
+
+    @functools.wraps(restore)
+    def serialized(self, *args, **kwargs):
+        if not self.components.shares_decoder:
+            return restore(self, *args, **kwargs)
+        with self._lock:
+            return restore(self, *args, **kwargs)
+
+    return serialized
+
+
 class Restorer:
-    """A loaded PURE model. Stateless between calls: each ``restore`` starts from a fresh KV cache."""
+    """A loaded PURE model. Stateless between calls: each ``restore`` starts from a fresh KV cache.
+
+    Safe to share between threads. The ONNX runtime gives each call a decoder of its own (ONNX Runtime's
+    sessions may be run from several threads), so calls overlap. The torch backend keeps one decoder (its
+    cache buffers and CUDA graphs carry over from call to call), so its calls run one at a time, in turn:
+    threads wait for each other instead of corrupting each other's cache. For parallel torch restorations,
+    load one Restorer per thread (or per GPU).
+    """
 
     def __init__(self, components: Components):
         self.components = components
+        self._lock = threading.Lock()
 
     @classmethod
     def from_pretrained(
@@ -119,6 +142,7 @@ class Restorer:
 
         return cls(load_components(path, device=device, dtype=dtype, quantization=quantization, kv_cache=kv_cache))
 
+    @_one_at_a_time_if_shared
     def restore(
         self,
         image: images.ImageInput,
@@ -142,6 +166,9 @@ class Restorer:
         stops it with GenerationCancelled.
         """
         c = self.components
+        if not isinstance(sampling, SamplingConfig):
+            raise TypeError(f"sampling must be a SamplingConfig, got {type(sampling).__name__}; "
+                            "for a dict d, pass SamplingConfig(**d)")
         if tile_batch < 1:
             raise ValueError(f"tile_batch must be at least 1, got {tile_batch}")
         width, height = images.image_size(image)

@@ -10,12 +10,14 @@ sampled. Functions here are pure: they never write into the arrays they are give
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
 
 ENTROPY_EPS = 1e-10
+MAX_CFG_SCALE = 100  # PURE uses 0.8; guidance beyond +-100 only amplifies float32 rounding, then overflows it
 
 
 @dataclass(frozen=True)
@@ -40,10 +42,18 @@ class SamplingConfig:
     jacobi_window: int = 0
 
     def __post_init__(self) -> None:
+        for name in ("temperature", "cfg_scale"):
+            if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), numbers.Real):
+                raise TypeError(f"{name} must be a number, got {type(getattr(self, name)).__name__}")
+        for name in ("text_top_k", "k_min", "k_max", "max_new_tokens", "max_text_tokens", "jacobi_window"):
+            if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), numbers.Integral):
+                raise TypeError(f"{name} must be an integer, got {type(getattr(self, name)).__name__}")
         if not (self.temperature >= 0 and math.isfinite(self.temperature)):
             raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature}")
-        if not math.isfinite(self.cfg_scale):
-            raise ValueError(f"cfg_scale must be finite, got {self.cfg_scale}")
+        # logits are float32: a guidance scale far past any useful one overflows them to inf and NaN
+        if not -MAX_CFG_SCALE <= self.cfg_scale <= MAX_CFG_SCALE:
+            raise ValueError(f"cfg_scale must be a number between -{MAX_CFG_SCALE} and {MAX_CFG_SCALE}, "
+                             f"got {self.cfg_scale}")
         if self.text_top_k < 1:
             raise ValueError(f"text_top_k must be >= 1, got {self.text_top_k}")
         if not 1 <= self.k_min <= self.k_max:

@@ -10,7 +10,6 @@ with h = H/8 and w = W/8 latent codes.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from .errors import CheckpointError, TokenFormatError
+from .model_files import MAX_TOKENIZER_BYTES, read_json
 
 BOS = "<s>"
 IMAGE_START = "<racm3:break>"
@@ -29,6 +29,7 @@ IMAGE_TOKEN_PREFIX = "IMGIMG"
 GRID_PIXELS = 32  # one grid token counts 32 pixels
 LATENT_STRIDE = 8  # the VQ-8 tokenizer: one code per 8x8 pixels
 CODES_PER_GRID = GRID_PIXELS // LATENT_STRIDE
+MAX_TOKEN_ID = 1 << 22  # vocabularies larger than 4M ids are refused (PURE's has 73728)
 MAX_GRID = 64  # grid tokens looked up: up to 64 x 32 = 2048 pixels per side
 
 
@@ -119,14 +120,7 @@ class TokenLayout:
     @classmethod
     def from_tokenizer_file(cls, path: str | Path, vocab_size: int | None = None) -> "TokenLayout":
         """Read the vocabulary (model vocab plus added tokens) from a Hugging Face ``tokenizer.json``."""
-        try:
-            data = json.loads(Path(path).read_text(encoding="utf-8"))
-            vocab = dict(data["model"]["vocab"])
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise CheckpointError(f"cannot read the tokenizer vocabulary from {path}: {exc}") from exc
-        for added in data.get("added_tokens", []):
-            vocab[added["content"]] = added["id"]
-        return cls.from_vocab(vocab, vocab_size)
+        return cls.from_vocab(read_tokenizer_vocab(path), vocab_size)
 
     @property
     def codebook_size(self) -> int:
@@ -241,3 +235,30 @@ class TokenLayout:
         ends = np.flatnonzero(ids[start:] == self.image_end)
         stop = start + int(ends[0]) + 1 if len(ends) else len(ids)
         return start, stop
+
+
+def read_tokenizer_vocab(path: str | Path) -> dict[str, int]:
+    """name -> id of a Hugging Face ``tokenizer.json``: the model's vocabulary plus its added tokens.
+
+    Bounded in size (pure_lite.model_files) and checked in shape: every id an integer in
+    0..MAX_TOKEN_ID, every added token an object with a string ``content`` and an integer ``id``.
+    """
+    path = Path(path)
+    data = read_json(path, MAX_TOKENIZER_BYTES)
+    model = data.get("model") if isinstance(data, dict) else None
+    vocab = model.get("vocab") if isinstance(model, dict) else None
+    if not isinstance(vocab, dict):
+        raise CheckpointError(f"{path}: no vocabulary: 'model.vocab' must be an object of token name -> id")
+    added = data.get("added_tokens", [])
+    if not isinstance(added, list):
+        raise CheckpointError(f"{path}: 'added_tokens' must be a list")
+    pairs = list(vocab.items())
+    for i, token in enumerate(added):
+        if not isinstance(token, dict) or not isinstance(token.get("content"), str) or "id" not in token:
+            raise CheckpointError(f"{path}: added_tokens[{i}] must be an object with a string 'content' and an 'id'")
+        pairs.append((token["content"], token["id"]))
+    for name, tid in pairs:
+        if isinstance(tid, bool) or not isinstance(tid, int) or not 0 <= tid < MAX_TOKEN_ID:
+            raise CheckpointError(f"{path}: token {name[:40]!r} has id {str(tid)[:40]}, not an integer in "
+                                  f"0..{MAX_TOKEN_ID - 1}")
+    return dict(pairs)

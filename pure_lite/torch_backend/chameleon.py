@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import json
 
 import numpy as np
 import torch
@@ -29,6 +28,7 @@ from torch import nn
 
 from ..checkpoint import CheckpointFiles
 from ..errors import CheckpointError, MissingDependencyError
+from ..tokens import read_tokenizer_vocab
 
 # Keys the checkpoint may lack: transformers builds Chameleon's own VQ-VAE inside the
 # model, which PURE never uses (it has the LlamaGen VQ-8 instead).
@@ -42,10 +42,7 @@ def chameleon_config(files: CheckpointFiles):
     config = ChameleonConfig.from_pretrained(files.root)
     if config.vocabulary_map is None:
         # Released PURE configs may omit it; transformers needs it, the tokenizer has it.
-        data = json.loads(files.tokenizer.read_text(encoding="utf-8"))
-        vocab = dict(data["model"]["vocab"])
-        vocab.update({t["content"]: t["id"] for t in data.get("added_tokens", [])})
-        config.vocabulary_map = vocab
+        config.vocabulary_map = read_tokenizer_vocab(files.tokenizer)
     return config
 
 
@@ -54,6 +51,7 @@ def load_language_model(files: CheckpointFiles, *, device: str = "cpu", dtype: t
     """Load the Chameleon checkpoint strictly: every used weight must be present with its shape."""
     from transformers import ChameleonForConditionalGeneration
 
+    files.check_language_model()  # config values and safetensors headers, before transformers allocates
     config = chameleon_config(files)
     if attn_implementation == SPLIT_ATTENTION:
         register_split_attention()
@@ -63,7 +61,7 @@ def load_language_model(files: CheckpointFiles, *, device: str = "cpu", dtype: t
     try:
         model, info = ChameleonForConditionalGeneration.from_pretrained(
             files.root, config=config, dtype=dtype or torch.float32, attn_implementation=attn_implementation,
-            output_loading_info=True, **kwargs,
+            output_loading_info=True, use_safetensors=True, **kwargs,
         )
     except (OSError, ValueError, RuntimeError) as exc:
         raise CheckpointError(f"cannot load the language model from {files.root}: {exc}") from exc

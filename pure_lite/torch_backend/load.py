@@ -80,4 +80,5 @@ def load_components(path, *, device: str = "cpu", dtype: torch.dtype | None = No
         max_positions=config["max_position_embeddings"],
         description=f"torch ({', '.join(details)})",
         image_size=trained_image_size(config),
+        shares_decoder=True,
     )
