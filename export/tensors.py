@@ -13,17 +13,14 @@ its dtype, shape and [begin, end) byte offsets, then the data, rows contiguous (
 
 from __future__ import annotations
 
-import json
 import math
-import struct
 from pathlib import Path
 from typing import Protocol
 
 from pure_lite.checkpoint import CheckpointFiles
 from pure_lite.errors import CheckpointError
-
-INDEX_FILE = "model.safetensors.index.json"
-_MAX_HEADER = 100 << 20
+from pure_lite.model_files import confined, require_regular
+from pure_lite.safetensors_header import read_header
 
 
 def _torch_dtypes() -> dict:
@@ -59,42 +56,22 @@ class SafetensorsTensors:
 
     @staticmethod
     def _read_header(path: Path, dtypes: dict) -> dict:
-        try:
-            with open(path, "rb") as f:
-                (size,) = struct.unpack("<Q", f.read(8))
-                if size > _MAX_HEADER:
-                    raise ValueError(f"header of {size} bytes")
-                header = json.loads(f.read(size))
-            end_of_file = path.stat().st_size
-            out = {}
-            for name, info in header.items():
-                if name == "__metadata__":
-                    continue
-                shape, dtype = tuple(int(d) for d in info["shape"]), dtypes[info["dtype"]]
-                begin, end = (8 + size + int(o) for o in info["data_offsets"])
-                if end - begin != math.prod(shape) * dtype.itemsize or end > end_of_file:
-                    raise ValueError(f"{name}: data offsets do not fit its shape {shape} and dtype {info['dtype']}")
-                out[name] = (shape, dtype, begin)
-            return out
-        except (OSError, ValueError, KeyError, TypeError, struct.error) as exc:
-            raise CheckpointError(f"cannot read {path} as safetensors: {exc}") from exc
+        """name -> (shape, torch dtype, file offset), from a header checked against the file (read_header)."""
+        out = {}
+        for name, entry in read_header(path).items():
+            if entry.dtype not in dtypes:
+                raise CheckpointError(f"{path}: tensor {name!r} has dtype {entry.dtype}, which export does not read")
+            out[name] = (entry.shape, dtypes[entry.dtype], entry.offset)
+        return out
 
     @classmethod
     def language_model(cls, files: CheckpointFiles) -> "SafetensorsTensors":
-        """The language model's shards: those the index names, or every non-VQ ``*.safetensors``."""
-        index = files.root / INDEX_FILE
-        if index.is_file():
-            try:
-                names = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
-            except (OSError, ValueError, KeyError, AttributeError) as exc:
-                raise CheckpointError(f"cannot read {index}: {exc}") from exc
-            root = files.root.resolve()
-            paths = [files.root / name for name in names]
-            for name, path in zip(names, paths):
-                if Path(name).is_absolute() or path.resolve().parent != root or not path.is_file():
-                    raise CheckpointError(f"{index} names a shard that is not a file in {files.root}: {name}")
-        else:
-            paths = sorted(p for p in files.root.glob("*.safetensors") if not p.name.startswith("vq_"))
+        """The language model's shards: those the index names, or ``model.safetensors`` (checked to be
+        regular files inside the folder, pure_lite.model_files)."""
+        paths = files.weight_files()
+        for path in paths:
+            confined(files.root, path)
+            require_regular(path)
         return cls(paths)
 
     def names(self) -> list[str]:

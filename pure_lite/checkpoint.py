@@ -57,6 +57,9 @@ class CheckpointFiles:
         if not root.is_dir():
             raise CheckpointError(f"model folder {root} does not exist or is not a folder")
         check_folder_entries(root)
+        for name in (CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE, WEIGHTS_INDEX_FILE, VQ_SAFETENSORS_FILE, VQ_PICKLE_FILE):
+            if (root / name).exists():
+                require_regular(root / name)  # a FIFO or a folder under a model file's name
         missing = [name for name in (CONFIG_FILE, TOKENIZER_FILE) if not (root / name).is_file()]
         if not (root / WEIGHTS_FILE).is_file() and not (root / WEIGHTS_INDEX_FILE).is_file():
             missing.append(f"{WEIGHTS_FILE} (or {WEIGHTS_INDEX_FILE} and its shards)")
@@ -120,7 +123,7 @@ class CheckpointFiles:
         for shard in self.weight_files():
             confined(self.root, shard)
             require_regular(shard)
-            shapes.update({name: shape for name, (_, shape) in read_header(shard).items()})
+            shapes.update({name: entry.shape for name, entry in read_header(shard).items()})
         hidden, vocab = config["hidden_size"], config["vocab_size"]
         heads = config["num_attention_heads"]
         head_dim, kv = hidden // heads, config.get("num_key_value_heads") or heads

@@ -16,6 +16,7 @@ import math
 import os
 import stat
 from pathlib import Path
+from typing import NamedTuple
 
 from .errors import CheckpointError
 
@@ -24,8 +25,14 @@ DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2
                "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
 
 
-def read_header(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
-    """``{tensor name: (dtype, shape)}`` of a safetensors file whose header checks out against its size.
+class Entry(NamedTuple):
+    dtype: str  # safetensors' name: "F32", "BF16", ...
+    shape: tuple[int, ...]
+    offset: int  # where the tensor's bytes start in the file
+
+
+def read_header(path: Path) -> dict[str, Entry]:
+    """``{tensor name: Entry}`` of a safetensors file whose header checks out against its size.
 
     Tensors must tile the data buffer exactly (sorted by offset: each starts where the previous one
     ends, the last ends at the end of the file), as the safetensors library itself requires.
@@ -61,10 +68,10 @@ def read_header(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
         raise CheckpointError(f"{path}: its header is not valid JSON: {exc}") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: its header is not a JSON object")
-    return _check_entries(path, header, info.st_size - 8 - n)
+    return _check_entries(path, header, 8 + n, info.st_size - 8 - n)
 
 
-def _check_entries(path: Path, header: dict, buffer_bytes: int) -> dict[str, tuple[str, tuple[int, ...]]]:
+def _check_entries(path: Path, header: dict, start: int, buffer_bytes: int) -> dict[str, Entry]:
     tensors, spans = {}, []
     for name, entry in header.items():
         if name == "__metadata__":
@@ -83,7 +90,7 @@ def _check_entries(path: Path, header: dict, buffer_bytes: int) -> dict[str, tup
         if (offsets[1] - offsets[0]) != math.prod(shape) * DTYPE_BYTES[dtype]:
             raise CheckpointError(f"{where}: shape {shape} of {dtype} needs {math.prod(shape) * DTYPE_BYTES[dtype]} "
                                   f"bytes, its data_offsets span {offsets[1] - offsets[0]}")
-        tensors[name] = (dtype, tuple(shape))
+        tensors[name] = Entry(dtype, tuple(shape), start + offsets[0])
         spans.append((offsets[0], offsets[1], name))
     end = 0
     for begin, stop, name in sorted(spans):

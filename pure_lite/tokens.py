@@ -259,6 +259,6 @@ def read_tokenizer_vocab(path: str | Path) -> dict[str, int]:
         pairs.append((token["content"], token["id"]))
     for name, tid in pairs:
         if isinstance(tid, bool) or not isinstance(tid, int) or not 0 <= tid < MAX_TOKEN_ID:
-            raise CheckpointError(f"{path}: token {name[:40]!r} has id {str(tid)[:40]}, not an integer in "
+            raise CheckpointError(f"{path}: token {name[:40]!r} has id {repr(tid)[:40]}, not an integer in "
                                   f"0..{MAX_TOKEN_ID - 1}")
     return dict(pairs)
