@@ -232,7 +232,7 @@ class Manifest:
         """
         root = Path(root)
         path = root / MANIFEST_FILE
-        if not path.is_file():
+        if not path.exists():
             raise ManifestError(f"{root} has no {MANIFEST_FILE}: not a pure-lite export")
         inside_path(root, MANIFEST_FILE, str(root))
         data = read_json(path, MAX_MANIFEST_BYTES, ManifestError)

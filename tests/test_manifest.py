@@ -298,3 +298,126 @@ def test_an_export_folder_gets_the_modes_of_a_plain_mkdir(tmp_path):
         os.umask(old)
     assert folder.stat().st_mode & 0o777 == 0o750
     assert {p.name: p.stat().st_mode & 0o777 for p in folder.iterdir()} == {"graph.onnx": 0o640, MANIFEST_FILE: 0o640}
+
+
+def _list(folder: Path, data: dict, name: str) -> None:
+    data["files"][name] = {"sha256": sha256_of(folder / name), "bytes": (folder / name).stat().st_size}
+
+
+def test_external_data_is_found_beside_its_graph(export, watch):
+    """ONNX Runtime reads a tensor's external data from the graph file's own folder. A graph moved into a
+    subfolder therefore reads the .data file there: refused unless that file is listed (with its checksum),
+    even when a listed file of the same name lies at the top of the folder."""
+    (export / "sub").mkdir()
+    shutil.move(export / "lm_head.onnx", export / "sub" / "lm_head.onnx")
+    weights = np.frombuffer((export / "lm_head.onnx.data").read_bytes(), np.uint8).copy()
+    weights[:4096] ^= 0x55  # what a swapped, unhashed file would feed the model
+    (export / "sub" / "lm_head.onnx.data").write_bytes(weights.tobytes())
+    data = _manifest(export)
+    del data["files"]["lm_head.onnx"]
+    data["graphs"]["lm_head"]["file"] = "sub/lm_head.onnx"
+    _list(export, data, "sub/lm_head.onnx")
+    _save(export, data)
+    with pytest.raises(ManifestError, match=r"external data 'sub/lm_head.onnx.data' is not listed"):
+        _load_everything(export)
+    _list(export, data, "sub/lm_head.onnx.data")  # listed with its checksum: it is the file ONNX Runtime reads
+    _save(export, data)
+    opened = watch(export.parent / "outside")
+    _load_everything(export)
+    assert opened == []
+
+
+def _graph_with_external(tensor_place: str, location: str):
+    """A one-node ONNX model whose only external tensor sits in ``tensor_place``: a sparse initializer's
+    values, or a Constant node's sparse value."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    values = TensorProto(name="values", data_type=TensorProto.FLOAT, dims=[1], data_location=TensorProto.EXTERNAL)
+    for key, value in (("location", location), ("offset", "0"), ("length", "4")):
+        entry = values.external_data.add()
+        entry.key, entry.value = key, value
+    sparse = helper.make_sparse_tensor(values, helper.make_tensor("indices", TensorProto.INT64, [1], [0]), [4])
+    x = helper.make_tensor_value_info("hidden", TensorProto.FLOAT, [4])
+    y = helper.make_tensor_value_info("logits", TensorProto.FLOAT, [4])
+    if tensor_place == "sparse initializer":
+        nodes, extra = [helper.make_node("Add", ["hidden", "values"], ["logits"])], {"sparse_initializer": [sparse]}
+    else:
+        nodes = [helper.make_node("Constant", [], ["c"], sparse_value=sparse),
+                 helper.make_node("Add", ["hidden", "c"], ["logits"])]
+        extra = {}
+    graph = helper.make_graph(nodes, "g", [x], [y], **extra)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+@pytest.mark.parametrize("place", ["sparse initializer", "sparse constant"])
+@pytest.mark.parametrize("location", ["../outside/lm_head.onnx.data", "/etc/hostname", "unlisted.data"])
+def test_sparse_tensors_external_data_is_checked(export, watch, place, location):
+    import onnx
+
+    shutil.copy(export / "lm_head.onnx.data", export / "unlisted.data")
+    onnx.save(_graph_with_external(place, location), export / "lm_head.onnx")
+    data = _manifest(export)
+    _list(export, data, "lm_head.onnx")
+    _save(export, data)
+    opened = watch(export.parent / "outside")
+    message = "is not listed" if location == "unlisted.data" else "must be a plain relative path"
+    with pytest.raises(ManifestError, match=message):
+        _load_everything(export)
+    assert opened == []
+
+
+# (field, value) -> the error names the field; each would allocate, divide by zero or misplace tiles later
+IMPLAUSIBLE = {
+    "image_size 0": (("model", "image_size"), 0), "image_size -128": (("model", "image_size"), -128),
+    "image_size 100": (("model", "image_size"), 100), "image_size 1e6": (("model", "image_size"), 10 ** 6),
+    "head_dim 1e12": (("model", "head_dim"), 10 ** 12), "layers 1e9": (("model", "num_hidden_layers"), 10 ** 9),
+    "layers 9": (("model", "num_hidden_layers"), 9), "vocab 1e30": (("model", "vocab_size"), 10 ** 30),
+    "heads 0": (("model", "num_attention_heads"), 0), "head_dim 32": (("model", "head_dim"), 32),
+    "codebook 0": (("tokens", "codebook_size"), 0), "token vocab": (("tokens", "vocab_size"), 1305),
+}
+
+
+@pytest.mark.parametrize("case", IMPLAUSIBLE, ids=list(IMPLAUSIBLE))
+def test_implausible_model_numbers_are_refused_at_load(export, case):
+    (section, key), value = IMPLAUSIBLE[case]
+    data = _manifest(export)
+    data[section][key] = value
+    _save(export, data)
+    with pytest.raises(ManifestError, match=rf"{MANIFEST_FILE}: .*{key}"):
+        Manifest.load(export, verify_checksums=False)
+
+
+def test_oversized_or_deeply_nested_manifests_are_refused_before_parsing(export):
+    with open(export / MANIFEST_FILE, "r+b") as f:
+        f.truncate(500 << 20)  # sparse: no disk, but 500 MB (and gigabytes of JSON objects) if it were read
+    with pytest.raises(ManifestError, match=r"is 524288000 bytes, more than the 16 MB"):
+        Manifest.load(export)
+    (export / MANIFEST_FILE).write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(ManifestError, match="nested too deeply"):
+        Manifest.load(export)
+    (export / MANIFEST_FILE).unlink()
+    os.mkfifo(export / MANIFEST_FILE)
+    with pytest.raises(ManifestError, match="not a regular file"):
+        Manifest.load(export)
+
+
+def test_an_export_in_a_hugging_face_cache_snapshot_loads(export, tmp_path):
+    """The hub layout: the snapshot's files are links into the repository's blobs/, which is allowed;
+    a link into another repository's blobs is not."""
+    repo = tmp_path / "hub" / "models--org--pure-tiny"
+    (repo / "blobs").mkdir(parents=True)
+    snapshot = repo / "snapshots" / "0123abcd"
+    snapshot.mkdir(parents=True)
+    for path in export.iterdir():
+        digest = sha256_of(path)
+        shutil.move(path, repo / "blobs" / digest)
+        (snapshot / path.name).symlink_to(Path("../../blobs") / digest)
+    _load_everything(snapshot)
+    elsewhere = tmp_path / "hub" / "models--other--repo" / "blobs"
+    elsewhere.mkdir(parents=True)
+    shutil.copy(snapshot / "tokenizer.json", elsewhere / "tok")
+    (snapshot / "tokenizer.json").unlink()
+    (snapshot / "tokenizer.json").symlink_to(Path("../../../models--other--repo/blobs/tok"))
+    with pytest.raises(ManifestError, match="symbolic link"):
+        Manifest.load(snapshot)

@@ -192,6 +192,11 @@ CASES = {
 }
 
 
+def _copy(source: Path, folder: Path) -> None:
+    """A copy whose large VQ file is a hard link (never written: the cases replace files, not rewrite them)."""
+    shutil.copytree(source, folder, copy_function=lambda a, b: os.link(a, b) if a.endswith(".pt") else shutil.copy2(a, b))
+
+
 @pytest.fixture
 def photo(tmp_path) -> Path:
     path = tmp_path / "photo.png"
@@ -206,7 +211,7 @@ def test_each_broken_checkpoint_is_one_error_line_exit_2(tiny_compact, tmp_path,
     cases, folders = [], []
     for i, (alter, _, _) in enumerate(CASES.values()):
         folder = tmp_path / f"case{i}"
-        shutil.copytree(tiny_compact, folder, symlinks=True)
+        _copy(tiny_compact, folder)
         alter(folder)
         folders.append(folder)
         cases.append(["restore", str(photo), "-o", str(tmp_path / f"out{i}.png"), "--model", str(folder), "-q"])
@@ -243,7 +248,7 @@ def test_a_pickle_beside_the_safetensors_is_never_opened(tiny_compact, tmp_path)
     from pure_lite.restorer import Restorer
 
     folder = tmp_path / "model"
-    shutil.copytree(tiny_compact, folder)
+    _copy(tiny_compact, folder)
     (folder / "pytorch_model.bin").write_bytes(b"would be unpickled")
     opened: list = []
     _WATCHED.append(((folder / "pytorch_model.bin").resolve(), opened))
@@ -256,7 +261,7 @@ def test_a_pickle_beside_the_safetensors_is_never_opened(tiny_compact, tmp_path)
 
 def test_the_config_is_checked_before_any_weight_is_read(tiny_compact, tmp_path):
     folder = tmp_path / "model"
-    shutil.copytree(tiny_compact, folder)
+    _copy(tiny_compact, folder)
     _set_config(num_hidden_layers=10 ** 9)(folder)
     with pytest.raises(CheckpointError, match=r"config.json: num_hidden_layers is 1000000000, outside"):
         CheckpointFiles.locate(folder).read_config()
