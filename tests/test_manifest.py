@@ -330,7 +330,6 @@ def test_external_data_is_found_beside_its_graph(export, watch):
 def _graph_with_external(tensor_place: str, location: str):
     """A one-node ONNX model whose only external tensor sits in ``tensor_place``: a sparse initializer's
     values, or a Constant node's sparse value."""
-    import onnx
     from onnx import TensorProto, helper
 
     values = TensorProto(name="values", data_type=TensorProto.FLOAT, dims=[1], data_location=TensorProto.EXTERNAL)
