@@ -16,6 +16,7 @@ from pathlib import Path
 
 from .atomic import publish_folder_modes
 from .errors import ManifestError, MissingDependencyError
+from .hf_cache import is_snapshot_blob
 
 MANIFEST_FILE = "pure_lite_manifest.json"
 FORMAT_VERSION = 1
@@ -36,8 +37,9 @@ def file_entries(root: Path, names: list[str]) -> dict[str, dict]:
 
 def inside_path(root: Path, name, where: str) -> Path:
     """``root / name`` if ``name`` is a plain relative path that stays inside ``root`` after
-    resolving symlinks; otherwise ManifestError naming ``where``. Only the file system's
-    metadata is consulted (lstat/readlink): nothing is opened.
+    resolving symlinks (or, when ``root`` is a snapshot in Hugging Face's cache, leads into its
+    repository's blobs: pure_lite.hf_cache); otherwise ManifestError naming ``where``. Only the file
+    system's metadata is consulted (lstat/readlink): nothing is opened.
     """
     if not isinstance(name, str) or not name or "\0" in name:
         raise ManifestError(f"{where}: {name!r} is not a file name")
@@ -50,7 +52,7 @@ def inside_path(root: Path, name, where: str) -> Path:
             target = (root / name).resolve()
         except (OSError, RuntimeError) as exc:  # a symlink loop
             raise ManifestError(f"{where}: cannot resolve {name!r}: {exc}") from None
-        if root.resolve() in target.parents:
+        if root.resolve() in target.parents or is_snapshot_blob(root, target):
             return root / name
         reason = f"it resolves to {target}, outside the folder (a symbolic link?)"
     raise ManifestError(f"{where}: refused {name!r}: {reason}; an export's files must lie inside {root}")
