@@ -84,6 +84,8 @@ def download(model: str, revision: str | None = None) -> dict:
 def _hub():
     try:
         import huggingface_hub
+        import huggingface_hub.constants
+        import huggingface_hub.errors  # submodules the package loads lazily
     except ImportError as exc:
         raise MissingDependencyError("a model named by its Hugging Face Hub id is fetched with huggingface_hub: "
                                      "pip install huggingface_hub (it comes with pure-lite's [torch], [runtime], "

@@ -34,7 +34,7 @@ from pure_lite.sampling import SamplingConfig  # noqa: E402
 from pure_lite.testing import write_hub_cache  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-GREEDY = SamplingConfig(temperature=0.0, cfg_scale=1.0, jacobi_window=0)
+GREEDY = SamplingConfig(temperature=0.0, cfg_scale=1.0, max_text_tokens=12)  # a short text: the tests are fast
 LLAMAGEN_COMMIT = "0123456789abcdef0123456789abcdef01234567"  # the stand-in's commit (the real pin is another)
 
 
@@ -196,7 +196,8 @@ def test_download_reports_the_folder_and_size(hub, llamagen, tiny_pure, capsys):
 
 
 def test_the_readme_command_for_the_real_model_runs_from_the_cache(hub, llamagen, tiny_pure, tmp_path, monkeypatch):
-    """README's one command, with the tiny checkpoint standing in for nonwhy/PURE (trained side 64, so one tile)."""
+    """README's one command, with the tiny checkpoint standing in for nonwhy/PURE (trained side 64, so one tile;
+    a 12-token text budget added, since a random model would write text up to the default limit)."""
     from pure_lite.cli import main
 
     readme = (ROOT / "README.md").read_text()
@@ -215,6 +216,7 @@ def test_the_readme_command_for_the_real_model_runs_from_the_cache(hub, llamagen
     Image.fromarray((np.random.default_rng(0).random((16, 16, 3)) * 255).astype(np.uint8)).save("photo.jpg")
     argv = shlex.split(commands[0])[1:]
     argv[argv.index("--device") + 1] = "cpu"  # the README's is cuda
+    argv += ["--max-text-tokens", "12", "--seed", "0", "-q"]  # a random model's text is cut short: seconds, not minutes
     assert main(argv) == 0
     output = argv[argv.index("-o") + 1]
     assert Image.open(output).size == (64, 64)
