@@ -95,8 +95,8 @@ def test_hub_ids_and_paths_are_told_apart(tmp_path, monkeypatch):
 def test_checkpoint_from_the_hub_restores_what_its_folder_restores(hub, llamagen, tiny_pure, rgb_image):
     snapshot = write_hub_cache(hub, "org/tiny", tiny_pure, files=_model_files(tiny_pure))
     before = _listing(hub)
-    from_hub = Restorer.from_pretrained("org/tiny").restore(rgb_image, sampling=GREEDY, target_size=64)
-    from_folder = Restorer.from_pretrained(tiny_pure).restore(rgb_image, sampling=GREEDY, target_size=64)
+    from_hub = Restorer.from_pretrained("org/tiny").restore(rgb_image, sampling=GREEDY, target_size=32)
+    from_folder = Restorer.from_pretrained(tiny_pure).restore(rgb_image, sampling=GREEDY, target_size=32)
     np.testing.assert_array_equal(from_hub.tokens, from_folder.tokens)
     np.testing.assert_array_equal(np.asarray(from_hub.image), np.asarray(from_folder.image))
     converted = vq_cache.converted_path(llamagen)
@@ -196,7 +196,7 @@ def test_download_reports_the_folder_and_size(hub, llamagen, tiny_pure, capsys):
 
 
 def test_the_readme_command_for_the_real_model_runs_from_the_cache(hub, llamagen, tiny_pure, tmp_path, monkeypatch):
-    """README's one command, with the tiny checkpoint standing in for nonwhy/PURE (trained side 64, so one tile;
+    """README's one command, with the tiny checkpoint standing in for nonwhy/PURE (trained side 32, so one tile;
     a 12-token text budget added, since a random model would write text up to the default limit)."""
     from pure_lite.cli import main
 
@@ -210,16 +210,29 @@ def test_the_readme_command_for_the_real_model_runs_from_the_cache(hub, llamagen
         (stand_in / name).symlink_to(tiny_pure / name)
     (stand_in / "config.json").unlink()
     config = json.loads((tiny_pure / "config.json").read_text())
-    (stand_in / "config.json").write_text(json.dumps({**config, IMAGE_SIZE_KEY: 64}))
+    (stand_in / "config.json").write_text(json.dumps({**config, IMAGE_SIZE_KEY: 32}))
     write_hub_cache(hub, "nonwhy/PURE", stand_in)
     monkeypatch.chdir(tmp_path)
-    Image.fromarray((np.random.default_rng(0).random((16, 16, 3)) * 255).astype(np.uint8)).save("photo.jpg")
+    Image.fromarray((np.random.default_rng(0).random((8, 8, 3)) * 255).astype(np.uint8)).save("photo.jpg")
     argv = shlex.split(commands[0])[1:]
     argv[argv.index("--device") + 1] = "cpu"  # the README's is cuda
     argv += ["--max-text-tokens", "12", "--seed", "0", "-q"]  # a random model's text is cut short: seconds, not minutes
     assert main(argv) == 0
     output = argv[argv.index("-o") + 1]
-    assert Image.open(output).size == (64, 64)
+    assert Image.open(output).size == (32, 32)
+
+
+@pytest.mark.parametrize("command", [["restore", "photo.png", "-o", "out.png"], ["restore-many", "in", "-o", "out"]])
+def test_cli_resolves_a_hub_id_before_checking_load_options(hub, command, tmp_path, monkeypatch, capsys):
+    """--quantize is refused for an export named by its Hub id: the id was resolved to the export's folder."""
+    from pure_lite.cli import main
+
+    write_hub_cache(hub, "org/pure-tiny", DEFAULT_MODEL)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "in").mkdir()
+    assert main([*command, "--model", "org/pure-tiny", "--quantize", "int8"]) == 2
+    assert "--quantize int8 applies to a checkpoint folder (the torch backend); org/pure-tiny is an export" \
+        in capsys.readouterr().err
 
 
 def _cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
