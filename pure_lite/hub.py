@@ -109,14 +109,16 @@ class _Fetch:
 
     def model(self) -> Path:
         folder = self.fetch([MANIFEST_FILE, CONFIG_FILE, INDEX_FILE])
+        commit = folder.name  # the rest comes from the same commit, even if the branch moves meanwhile
         if (folder / MANIFEST_FILE).is_file():
             names = self.manifest_files(folder)
-            return self.require(self.fetch([MANIFEST_FILE, *names]), names)
+            return self.require(self.fetch([MANIFEST_FILE, *names], revision=commit), names)
         if not (folder / CONFIG_FILE).is_file():
             self.not_in_layout(f"{CONFIG_FILE} (a PURE checkpoint) or {MANIFEST_FILE} (a pure-lite export)")
         weights = self.shards(folder) if (folder / INDEX_FILE).is_file() else [SINGLE_WEIGHTS_FILE]
         needed = [CONFIG_FILE, TOKENIZER_FILE, *weights]
-        folder = self.require(self.fetch([*needed, INDEX_FILE, VQ_SAFETENSORS_FILE, VQ_PICKLE_FILE]), needed)
+        folder = self.require(self.fetch([*needed, INDEX_FILE, VQ_SAFETENSORS_FILE, VQ_PICKLE_FILE], revision=commit),
+                              needed)
         if not (folder / VQ_SAFETENSORS_FILE).is_file():
             self.convert_vq(folder)
         return folder
@@ -126,7 +128,7 @@ class _Fetch:
         repo_id = repo_id or self.repo_id
         revision = revision or self.revision
         errors = self.hf.errors
-        spec = repo_id + (f"@{revision}" if revision else "")
+        spec = self.spec if repo_id == self.repo_id else f"{repo_id}@{revision}"
         try:
             return Path(self.hf.snapshot_download(repo_id, revision=revision, allow_patterns=names))
         except errors.GatedRepoError as exc:
@@ -137,7 +139,7 @@ class _Fetch:
                            "with access to it is set (HF_TOKEN or `hf auth login`)") from exc
         except errors.RevisionNotFoundError as exc:
             raise HubError(f"{repo_id} has no revision {revision!r} (a branch, tag or commit) on the Hugging Face "
-                           "Hub") from exc
+                           "Hub") from exc  # only the first fetch names a revision the user gave
         except getattr(errors, "IncompleteSnapshotError", ()) as exc:  # huggingface_hub >= 1.? keeps a file list
             raise HubError(f"{spec} is only partly in the Hugging Face cache and the Hub cannot be reached: run "
                            f"`pure-lite download {self.spec}` on a connected machine") from exc

@@ -96,6 +96,8 @@ class Restorer:
         from .manifest import MANIFEST_FILE
 
         if path is None:
+            if revision is not None:
+                raise ValueError(f"revision={revision!r} applies to a Hugging Face Hub id; no model was named")
             if not (DEFAULT_MODEL / MANIFEST_FILE).is_file():
                 raise CheckpointError(f"this installation has no default model at {DEFAULT_MODEL}; pass a model path")
             path = DEFAULT_MODEL
