@@ -24,6 +24,7 @@ import torch
 from PIL import Image
 
 huggingface_hub = pytest.importorskip("huggingface_hub")
+import huggingface_hub.constants  # noqa: E402  (a submodule the package loads lazily)
 
 from pure_lite import vq_cache  # noqa: E402
 from pure_lite.checkpoint import IMAGE_SIZE_KEY, VQ_PICKLE_FILE, CheckpointFiles  # noqa: E402
@@ -108,7 +109,7 @@ def test_export_from_the_hub_runs_on_the_runtime_like_its_folder(hub, rgb_image)
     pytest.importorskip("onnxruntime")
     write_hub_cache(hub, "org/pure-tiny", DEFAULT_MODEL, revision="v1")
     from_hub = Restorer.from_pretrained("org/pure-tiny@v1")
-    assert from_hub.components.description.startswith("onnx") or "torch" not in from_hub.components.description
+    assert from_hub.components.description.startswith("onnxruntime")
     a = from_hub.restore(rgb_image, sampling=GREEDY, target_size=32)
     b = Restorer.from_pretrained(DEFAULT_MODEL).restore(rgb_image, sampling=GREEDY, target_size=32)
     np.testing.assert_array_equal(a.tokens, b.tokens)
@@ -123,6 +124,19 @@ def test_export_files_are_checked_by_their_manifest(hub, tmp_path):
     write_hub_cache(hub, "org/changed", export)
     with pytest.raises(CheckpointError, match="does not match its sha256"):
         Restorer.from_pretrained("org/changed")
+
+
+def test_a_snapshot_link_leading_anywhere_but_its_blobs_is_refused(hub, tmp_path):
+    from pure_lite.errors import ManifestError
+    from pure_lite.manifest import Manifest
+
+    snapshot = write_hub_cache(hub, "org/linked", DEFAULT_MODEL)
+    outside = tmp_path / "tokenizer.json"
+    outside.write_bytes((DEFAULT_MODEL / "tokenizer.json").read_bytes())  # same bytes, same sha256
+    (snapshot / "tokenizer.json").unlink()
+    (snapshot / "tokenizer.json").symlink_to(outside)
+    with pytest.raises(ManifestError, match="outside the folder"):
+        Manifest.load(snapshot)
 
 
 def test_the_converted_vq_is_reused_and_redone_when_the_pickle_changes(hub, tiny_pure, tmp_path, monkeypatch):
