@@ -144,6 +144,7 @@ LOAD_OPTIONS = {"quantization": ("nf4", "int8", "int4"), "kv_cache": ("int8",)}
 def _check_load_options(model: str | os.PathLike | None, load_options: Mapping[str, Any]) -> None:
     """``Restorer.from_pretrained``'s torch-backend options: known names and values, and a checkpoint folder
     to apply them to (an export's weights were quantized when it was exported). Checked before Ray starts."""
+    from .hub import resolve_model
     from .manifest import MANIFEST_FILE
 
     for name, value in load_options.items():
@@ -151,7 +152,7 @@ def _check_load_options(model: str | os.PathLike | None, load_options: Mapping[s
             raise ValueError(f"unknown load option {name!r}; restore_many takes {', '.join(LOAD_OPTIONS)}")
         if value not in LOAD_OPTIONS[name]:
             raise ValueError(f"{name}={value!r}: choose {' or '.join(map(repr, LOAD_OPTIONS[name]))}")
-    if load_options and (model is None or (Path(model) / MANIFEST_FILE).is_file()):
+    if load_options and (model is None or (resolve_model(model) / MANIFEST_FILE).is_file()):
         raise PureLiteError(f"{', '.join(f'{k}={v}' for k, v in load_options.items())} applies to a checkpoint folder "
                             f"(the torch backend); {model or 'the default model'} is an export, its weights quantized "
                             "when it was exported")
@@ -377,8 +378,9 @@ def restore_many(
 ) -> BatchReport:
     """Restore every image under INPUT_DIR into OUTPUT_DIR (``sub/a.jpg`` -> ``sub/a_restored.png``) on Ray workers.
 
-    ``model`` is a checkpoint or export folder present at that path on every worker's node (None:
-    the shipped PURE-tiny). ``restore_options`` are passed to ``Restorer.restore`` for every image
+    ``model`` is a checkpoint or export folder present at that path on every worker's node, or a
+    Hugging Face Hub id that each worker resolves in its own node's cache (pure_lite.hub; None: the
+    shipped PURE-tiny). ``restore_options`` are passed to ``Restorer.restore`` for every image
     (e.g. ``{"target_size": 128, "sampling": SamplingConfig(...)}``); ``load_options`` to each worker's
     ``Restorer.from_pretrained`` (a checkpoint folder's ``quantization`` and ``kv_cache``, see
     ``LOAD_OPTIONS``); each image's seed is

@@ -65,7 +65,9 @@ class CheckpointFiles:
             missing.append(f"{WEIGHTS_FILE} (or {WEIGHTS_INDEX_FILE} and its shards)")
         vq = root / VQ_SAFETENSORS_FILE
         if not vq.is_file():
-            vq = root / VQ_PICKLE_FILE
+            from .vq_cache import vq_for_snapshot  # a model from the Hub: its VQ, converted in pure-lite's cache
+
+            vq = vq_for_snapshot(root) or root / VQ_PICKLE_FILE
             if not vq.is_file():
                 missing.append(VQ_PICKLE_FILE)
         if missing:

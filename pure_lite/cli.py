@@ -93,31 +93,34 @@ def _onnx_providers(device: str | None) -> list[str] | None:
     raise PureLiteError(f"--device {device}: an export runs on ONNX Runtime, which takes --device cpu or cuda")
 
 
-def _check_load_options(model: str | None, quantize: str | None, kv_cache: str | None) -> bool:
-    """Refuse --quantize / --kv-cache for an export (or the default model); returns whether ``model`` is one."""
+def _check_load_options(model: str | None, quantize: str | None, kv_cache: str | None) -> Path | None:
+    """Find --model's folder (a path, or a Hugging Face Hub id fetched into its cache: pure_lite.hub) and
+    refuse --quantize / --kv-cache for an export (or the default model); returns the folder (None: the default)."""
+    from .hub import resolve_model
     from .manifest import MANIFEST_FILE
 
-    is_export = model is None or (Path(model) / MANIFEST_FILE).is_file()
-    if (quantize or kv_cache) and is_export:
+    folder = None if model is None else resolve_model(model)
+    if (quantize or kv_cache) and (folder is None or (folder / MANIFEST_FILE).is_file()):
         option = f"--quantize {quantize}" if quantize else f"--kv-cache {kv_cache}"
         raise PureLiteError(f"{option} applies to a checkpoint folder (the torch backend); {model or 'the default model'} "
                             "is an export, served by ONNX Runtime, its weights quantized when exported (export --quant)")
-    return is_export
+    return folder
 
 
 def _load_restorer(model: str | None, device: str | None, *, quiet: bool = False,
                    quantize: str | None = None, kv_cache: str | None = None) -> "Restorer":
     """An export (or the shipped PURE-tiny) on ONNX Runtime, a checkpoint folder on torch."""
+    from .manifest import MANIFEST_FILE
     from .restorer import DEFAULT_MODEL_NOTICE, Restorer
 
-    is_export = _check_load_options(model, quantize, kv_cache)
-    if model is None:
+    folder = _check_load_options(model, quantize, kv_cache)
+    if folder is None:
         if not quiet:
             print(DEFAULT_MODEL_NOTICE, file=sys.stderr)
         return Restorer.from_pretrained(None, backend="onnx", providers=_onnx_providers(device))
-    if is_export:
-        return Restorer.from_pretrained(model, backend="onnx", providers=_onnx_providers(device))
-    return Restorer.from_pretrained(model, backend="torch", device=device or "cpu", quantization=quantize,
+    if (folder / MANIFEST_FILE).is_file():
+        return Restorer.from_pretrained(folder, backend="onnx", providers=_onnx_providers(device))
+    return Restorer.from_pretrained(folder, backend="torch", device=device or "cpu", quantization=quantize,
                                     kv_cache=kv_cache)
 
 
@@ -178,10 +181,12 @@ def _export(args: argparse.Namespace) -> int:
     from .export import build_tensorrt, export_onnx
     from .manifest import MANIFEST_FILE
 
+    from .hub import resolve_model
+
     quant = None if args.quant == "none" else args.quant
-    source, out = Path(args.model_dir), Path(args.output)
     if quant is not None and args.format == "tensorrt":
         raise PureLiteError("TensorRT engines are built from the float export: use --quant none with --format tensorrt")
+    source, out = resolve_model(args.model_dir), Path(args.output)
 
     def run(progress: Callable[[str], None]) -> Path:
         nonlocal source
@@ -201,6 +206,15 @@ def _export(args: argparse.Namespace) -> int:
         size = sum(p.stat().st_size for p in files) / 1e6
         print(f"exported {folder}: {len(files)} files, {size:.1f} MB, weights {quant or 'float'}, "
               f"in {time.perf_counter() - started:.0f} s")
+    return 0
+
+
+def _download(args: argparse.Namespace) -> int:
+    from .hub import download
+
+    got = download(args.model, args.revision)
+    vq = f"; its VQ: {got['vq']}" if got["vq"] is not None and got["vq"].parent != got["folder"] else ""
+    print(f"{args.model}: {got['folder']} ({got['files']} files, {got['bytes'] / 1e9:.2f} GB){vq}")
     return 0
 
 
@@ -381,7 +395,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "unless it is a folder or ends with '/'; for several, a folder that receives "
                         "NAME_restored.png for each (names made unique); never one of the inputs")
     r.add_argument("--overwrite", action="store_true", help="replace outputs that exist (default: refuse them)")
-    r.add_argument("--model", help="PURE checkpoint folder or pure-lite export (default: the shipped PURE-tiny demo)")
+    r.add_argument("--model", help="PURE checkpoint folder, pure-lite export, or a Hugging Face Hub id "
+                                   "org/name[@revision] such as nonwhy/PURE, fetched into Hugging Face's cache "
+                                   "(default: the shipped PURE-tiny demo)")
     r.add_argument("--device", default=None,
                    help="checkpoint folder: the torch device (default: cpu); export: cpu or cuda, "
                         "ONNX Runtime's CPU or CUDA provider (default: CUDA where onnxruntime-gpu has it, else CPU)")
@@ -420,7 +436,8 @@ def build_parser() -> argparse.ArgumentParser:
     rm.add_argument("-o", "--output", required=True, metavar="OUTPUT_DIR",
                     help="receives sub/name_restored.png per input, the journal and the report; "
                          "must not be INPUT_DIR or contain it")
-    rm.add_argument("--model", help="checkpoint or export folder, at this path on every node "
+    rm.add_argument("--model", help="checkpoint or export folder, at this path on every node, or a Hugging Face "
+                                    "Hub id org/name[@revision] that each node fetches into its own cache "
                                     "(default: the shipped PURE-tiny demo)")
     rm.add_argument("--workers", type=int, default=b.workers,
                     help="Ray workers, each holding one loaded model (default: one per GPU, or 1 without GPUs)")
@@ -453,7 +470,8 @@ def build_parser() -> argparse.ArgumentParser:
     rm.set_defaults(func=_restore_many)
 
     e = sub.add_parser("export", help="export a checkpoint to ONNX (float/int8/int4) or TensorRT engines")
-    e.add_argument("model_dir", metavar="MODEL_DIR", help="PURE checkpoint folder (or, for tensorrt, an ONNX export)")
+    e.add_argument("model_dir", metavar="MODEL", help="PURE checkpoint folder (or, for tensorrt, an ONNX export), "
+                                                     "or a Hugging Face Hub id org/name[@revision] such as nonwhy/PURE")
     e.add_argument("-o", "--output", required=True, help="output folder (created; must be empty)")
     e.add_argument("--quant", choices=["none", "int8", "int4"], default="none",
                    help="weight-only quantization of the decoder (default: none)")
@@ -468,6 +486,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print the exporting libraries' own messages instead of a progress bar")
     e.add_argument("-q", "--quiet", action="store_true", help="print only errors: no progress bar, no summary")
     e.set_defaults(func=_export)
+
+    dl = sub.add_parser("download", help="fetch a model from the Hugging Face Hub (and its VQ) for later offline use")
+    dl.add_argument("model", metavar="MODEL", help="Hub id org/name[@revision], such as nonwhy/PURE")
+    dl.add_argument("--revision", default=None, help="branch, tag or commit (default: the repository's main branch)")
+    dl.set_defaults(func=_download)
 
     from .train.degrade import DegradationConfig  # light: NumPy only at import
 
@@ -546,7 +569,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("eval", help="PSNR, SSIM and LPIPS of restorations beside bicubic upscaling, and how "
                                      "often the degradation text is right, on degraded HQ images")
-    ev.add_argument("--model", help="checkpoint or exported folder (default: the shipped PURE-tiny demo)")
+    ev.add_argument("--model", help="checkpoint or exported folder, or a Hugging Face Hub id org/name[@revision] "
+                                    "(default: the shipped PURE-tiny demo)")
     ev.add_argument("--images", help="folder of HQ images (default: scikit-image's chelsea and coffee photos, "
                                      "held out from PURE-tiny's training)")
     ev.add_argument("--size", type=int, default=None, help="HQ side in pixels (default: the model's own)")

@@ -31,6 +31,11 @@ class CheckpointError(PureLiteError, ValueError):
     """A model folder that is missing files, has wrong tensors, or refuses safe loading."""
 
 
+class HubError(CheckpointError):
+    """A model named by its Hugging Face Hub id that cannot be fetched: offline and not cached, no such
+    repository or revision, gated or private without a token, or a network failure."""
+
+
 class ManifestError(CheckpointError):
     """An exported folder whose manifest or files do not check out."""
 

@@ -25,6 +25,7 @@ import stat
 from pathlib import Path
 
 from .errors import CheckpointError
+from .hf_cache import snapshot_blobs
 
 MAX_CONFIG_BYTES = 4 << 20  # config.json, generation_config.json: a few KB in practice
 MAX_MANIFEST_BYTES = 16 << 20  # pure_lite_manifest.json: a few KB
@@ -34,14 +35,9 @@ MAX_TOKENIZER_BYTES = 256 << 20  # tokenizer.json: ~2-10 MB for real vocabularie
 
 def allowed_roots(root: Path) -> tuple[Path, ...]:
     """The folders a model folder's files may resolve into: the folder itself, and for a Hugging Face
-    cache snapshot (``models--*/snapshots/<revision>``) that repository's ``blobs`` folder."""
-    real = root.resolve()
-    roots = [real]
-    snapshots = real.parent
-    repo = snapshots.parent
-    if snapshots.name == "snapshots" and repo.name.startswith(("models--", "datasets--", "spaces--")):
-        roots.append(repo / "blobs")
-    return tuple(roots)
+    cache snapshot (``models--*/snapshots/<revision>``) that repository's ``blobs`` folder (pure_lite.hf_cache)."""
+    blobs = snapshot_blobs(root)
+    return (root.resolve(),) if blobs is None else (root.resolve(), blobs)
 
 
 def confined(root: Path, path: Path, error: type[CheckpointError] = CheckpointError) -> Path:

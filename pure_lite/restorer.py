@@ -102,8 +102,12 @@ class Restorer:
         quantization: Literal["nf4", "int8", "int4"] | None = None,
         kv_cache: Literal["int8"] | None = None,
         providers: Sequence[str] | None = None,
+        revision: str | None = None,
     ) -> "Restorer":
         """Load a PURE checkpoint folder (docs/pure-format.md §1) or a pure-lite export (None: the shipped PURE-tiny).
+
+        ``path`` may instead be a Hugging Face Hub id, ``"org/name"`` or ``"org/name@revision"`` (or
+        ``revision=``), when no such path exists: fetched into Hugging Face's cache (pure_lite.hub).
 
         ``backend="auto"`` serves a folder with ``pure_lite_manifest.json`` through the
         torch-free runtime (ONNX Runtime; ``providers`` overrides the CUDA-else-CPU choice)
@@ -115,9 +119,15 @@ class Restorer:
         from .manifest import MANIFEST_FILE
 
         if path is None:
+            if revision is not None:
+                raise ValueError(f"revision={revision!r} applies to a Hugging Face Hub id; no model was named")
             if not (DEFAULT_MODEL / MANIFEST_FILE).is_file():
                 raise CheckpointError(f"this installation has no default model at {DEFAULT_MODEL}; pass a model path")
             path = DEFAULT_MODEL
+        else:
+            from .hub import resolve_model
+
+            path = resolve_model(path, revision)
         if backend == "auto":
             backend = "onnx" if (Path(path) / MANIFEST_FILE).is_file() else "torch"
         if backend == "onnx":

@@ -138,3 +138,48 @@ def make_tiny_checkpoint(
     (out / "tiny_checkpoint.json").write_text(json.dumps(meta, indent=2))
     assert (out / CONFIG_FILE).is_file()
     return out
+
+
+def write_hub_cache(
+    cache: str | os.PathLike,
+    repo_id: str,
+    folder: str | os.PathLike,
+    *,
+    revision: str = "main",
+    commit: str | None = None,
+    files: list[str] | None = None,
+) -> Path:
+    """Put the files of ``folder`` into a Hugging Face hub cache as ``repo_id`` at ``revision``; returns
+    the snapshot folder.
+
+    The layout is the one huggingface_hub writes and reads offline (pure_lite.hf_cache): each file's bytes
+    in ``models--ORG--NAME/blobs/<sha256>``, ``refs/<revision>`` holding the commit, and
+    ``snapshots/<commit>/<name>`` a relative symbolic link to its blob. ``commit`` defaults to a hash of the
+    files' names and contents; ``files`` (names relative to ``folder``) defaults to every file in it.
+    """
+    import hashlib
+    import shutil
+
+    from .hf_cache import repo_folder_name
+
+    src = Path(folder)
+    names = sorted(files if files is not None else
+                   (p.relative_to(src).as_posix() for p in src.rglob("*") if p.is_file()))
+    digests = {name: hashlib.sha256((src / name).read_bytes()).hexdigest() for name in names}
+    if commit is None:
+        commit = hashlib.sha1(json.dumps(digests, sort_keys=True).encode()).hexdigest()
+    repo = Path(cache) / repo_folder_name(repo_id)
+    snapshot = repo / "snapshots" / commit
+    (repo / "blobs").mkdir(parents=True, exist_ok=True)
+    for name, digest in digests.items():
+        blob = repo / "blobs" / digest
+        if not blob.exists():
+            shutil.copyfile(src / name, blob)
+        link = snapshot / name
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.unlink(missing_ok=True)
+        link.symlink_to(os.path.relpath(blob, link.parent))
+    if revision != commit:
+        (repo / "refs").mkdir(exist_ok=True)
+        (repo / "refs" / revision).write_text(commit)
+    return snapshot

@@ -10,10 +10,11 @@ from PIL import Image
 from pure_lite.cli import main
 
 
-def test_import_does_not_import_torch():
-    code = "import sys, pure_lite, pure_lite.sampling, pure_lite.tokens, pure_lite.images; print('torch' in sys.modules)"
+def test_import_does_not_import_torch_or_the_hub_library():
+    code = ("import sys, pure_lite, pure_lite.sampling, pure_lite.tokens, pure_lite.images, pure_lite.hub; "
+            "print('torch' in sys.modules, 'huggingface_hub' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "False"
+    assert out.stdout.strip() == "False False"
 
 
 def test_cli_restores_good_inputs_and_reports_bad(tiny_compact, tmp_path, rgb_image, capsys):
