@@ -356,13 +356,16 @@ def _resolve_shape(ray, config: BatchConfig, local: bool) -> tuple[int, float]:
     return workers, gpus
 
 
-def _connect(ray, address: str | None) -> bool:
-    """Connect to Ray (step 2); True when this call connected, so the run must disconnect (and stop a Ray it started)."""
+def _connect(ray, address: str | None, quiet_ray: bool = False) -> bool:
+    """Connect to Ray (step 2); True when this call connected, so the run must disconnect (and stop a Ray it started).
+    ``quiet_ray``: Ray's warnings (token authentication, a worker's death) are not shown either, only its errors."""
     if ray.is_initialized():
         return False
     import logging
 
-    quiet = {"logging_level": logging.WARNING, "log_to_driver": False}  # errors come back as values, not as logs
+    level = logging.ERROR if quiet_ray else logging.WARNING
+    logging.getLogger("ray").setLevel(level)  # some warnings come from ray.init itself, before it applies the level
+    quiet = {"logging_level": level, "log_to_driver": False}  # errors come back as values, not as logs
     try:
         if address is None:
             ray.init(address="local", include_dashboard=False, **quiet)  # never join a cluster by accident
@@ -399,6 +402,7 @@ def restore_many(
     config: BatchConfig = BatchConfig(),
     progress: bool = True,
     on_dispatch: Callable[[str, WorkerInfo], None] | None = None,
+    quiet_ray: bool = False,
 ) -> BatchReport:
     """Restore every image under INPUT_DIR into OUTPUT_DIR (``sub/a.jpg`` -> ``sub/a_restored.png``) on Ray workers.
 
@@ -410,7 +414,8 @@ def restore_many(
     ``image_seed(seed, name)``. The model, seed and options are the run's settings: OUTPUT_DIR's
     journal refuses a run with other ones. Rerunning resumes: done inputs are skipped, failed ones
     are retried only with ``config.retry_failed``; Ray is started only when something is left to do.
-    ``on_dispatch(name, worker)`` is called as each image is sent to a worker (for monitoring).
+    ``on_dispatch(name, worker)`` is called as each image is sent to a worker (for monitoring);
+    ``quiet_ray`` keeps Ray's warnings off the terminal (the command's -q).
     Returns the report that is also written to OUTPUT_DIR/restore-many-report.json (written too
     when the run stops early, e.g. on Ctrl-C, whose KeyboardInterrupt propagates).
     """
@@ -437,6 +442,7 @@ def restore_many(
         entries = _plan(inputs, journal, output_dir, _settings_sha256(settings), config.retry_failed)
         run = _Run(journal, input_dir, {p.resolve() for _, p in inputs}, model, seed, restore_options, config,
                    progress, on_dispatch)
+        run.quiet_ray = quiet_ray
         stopped = True
         try:
             pending = [e for e in entries if e.status == "pending"]
@@ -471,7 +477,7 @@ class _Run:
         from tqdm.auto import tqdm
 
         ray = self.ray = _ray()
-        started_here = _connect(ray, self.config.address)
+        started_here = _connect(ray, self.config.address, self.quiet_ray)
         self.bar = tqdm(total=len(pending), unit="img", desc="restoring", disable=not self.progress,
                         bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}{postfix}]")
         self.t0 = time.perf_counter()

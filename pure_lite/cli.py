@@ -159,12 +159,15 @@ def _quiet_libraries() -> None:
     the terminal. Set here, by the command, never on import."""
     import logging
 
-    os.environ["TRANSFORMERS_VERBOSITY"] = "error"  # read when transformers is first imported, workers included
-    os.environ["RAY_BACKEND_LOG_LEVEL"] = "error"  # Ray's C++ core (raylet, workers)
+    # Read when transformers is first imported (restore-many's workers too): its log level and its
+    # "Loading weights" bar.
+    os.environ["TRANSFORMERS_VERBOSITY"] = "error"
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
     for name in ("transformers", "ray", "torch"):
         logging.getLogger(name).setLevel(logging.ERROR)
     if "transformers" in sys.modules:
         sys.modules["transformers"].logging.set_verbosity_error()
+        sys.modules["transformers"].logging.disable_progress_bar()
 
 
 def _one_line_warnings() -> None:
@@ -198,7 +201,8 @@ def _restore_many(args: argparse.Namespace) -> int:
     try:
         load = {k: v for k, v in (("quantization", args.quantize), ("kv_cache", args.kv_cache)) if v is not None}
         report = restore_many(args.input_dir, args.output, model=args.model, restore_options=options,
-                              load_options=load, seed=args.seed, config=config, progress=not args.quiet)
+                              load_options=load, seed=args.seed, config=config, progress=not args.quiet,
+                              quiet_ray=args.quiet)
     except InvalidImageError as exc:  # no image in INPUT_DIR: a bad input, not a bad model
         _report_error(None, exc)
         return 1

@@ -227,15 +227,6 @@ def test_ctrl_c_leaves_a_journal_from_which_the_rerun_resumes(local_ray, tmp_pat
     assert {n: (out / _output(n)).stat().st_mtime_ns for n in done_before} == mtimes
 
 
-def test_options_the_workers_reject_stop_the_run_with_a_clear_error(local_ray, tmp_path):
-    _write_photos(tmp_path / "in", ["a.png", "b.png"])
-    with pytest.raises(PureLiteError, match="restore options were rejected: ValueError: target_size"):
-        restore_many(tmp_path / "in", tmp_path / "out", restore_options={"target_size": 100},
-                     config=BatchConfig(workers=1), progress=False)
-    assert {e.status for e in read_journal(tmp_path / "out")[1].values()} == {"pending"}
-    assert json.loads((tmp_path / "out" / "restore-many-report.json").read_text())["summary"]["pending"] == 2
-
-
 def test_unknown_restore_options_and_overlapping_folders_are_refused_before_any_work(tmp_path):
     _write_photos(tmp_path / "in", ["a.png"])
     with pytest.raises(ValueError, match="unknown restore option"):
