@@ -39,7 +39,7 @@ from typing import Any, Callable, Mapping
 
 from .errors import InvalidImageError, MissingDependencyError, OutputError, PureLiteError
 from .journal import Entry, Journal, output_name
-from .regular_files import read_regular, regular_file_problem
+from .regular_files import open_regular, read_regular, regular_file_problem
 
 REPORT_FILE = "restore-many-report.json"
 BASE_SEED = 0  # default base seed: outputs are reproducible unless another one is asked for
@@ -122,8 +122,6 @@ def find_images(input_dir: Path, skip: Path | None = None) -> list[tuple[str, Pa
 
 
 def _sha256(path: Path) -> str:
-    from .regular_files import open_regular
-
     h = hashlib.sha256()
     with open_regular(path) as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -301,7 +299,7 @@ class RestoreWorker:
         try:
             result = self.restorer.restore(data, seed=seed, **options)
         except PureLiteError as exc:  # this image: unreadable, or decoding could not finish
-            message = str(exc).replace("image bytes", name)
+            message = str(exc).replace("image bytes", name)  # images.py labels what it decoded "image bytes"
             return {"status": "failed", "error": message if name in message else f"{name}: {message}"}
         except (TypeError, ValueError) as exc:  # the options, not this image: every image would fail alike
             return {"status": "rejected", "error": f"{type(exc).__name__}: {exc}"}
@@ -358,7 +356,7 @@ def _resolve_shape(ray, config: BatchConfig, local: bool) -> tuple[int, float]:
 
 def _connect(ray, address: str | None, quiet_ray: bool = False) -> bool:
     """Connect to Ray (step 2); True when this call connected, so the run must disconnect (and stop a Ray it started).
-    ``quiet_ray``: Ray's warnings (token authentication, a worker's death) are not shown either, only its errors."""
+    ``quiet_ray``: Ray's warnings (token authentication, say) are not shown either, only its errors."""
     if ray.is_initialized():
         return False
     import logging
@@ -441,8 +439,7 @@ def restore_many(
     with Journal(output_dir, settings) as journal:
         entries = _plan(inputs, journal, output_dir, _settings_sha256(settings), config.retry_failed)
         run = _Run(journal, input_dir, {p.resolve() for _, p in inputs}, model, seed, restore_options, config,
-                   progress, on_dispatch)
-        run.quiet_ray = quiet_ray
+                   progress, on_dispatch, quiet_ray)
         stopped = True
         try:
             pending = [e for e in entries if e.status == "pending"]
@@ -464,12 +461,12 @@ class _Run:
     """Steps 2 and 3: start the workers, keep each one busy, record each outcome as it arrives."""
 
     def __init__(self, journal: Journal, input_dir: Path, input_paths: set[Path], model, seed: int,
-                 restore_options: dict, config: BatchConfig, progress: bool, on_dispatch):
+                 restore_options: dict, config: BatchConfig, progress: bool, on_dispatch, quiet_ray: bool = False):
         self.journal, self.input_dir, self.input_paths = journal, input_dir, input_paths
         self.model = None if model is None else journal.settings["model"]  # resolved where it exists here
         self.seed, self.options, self.config = seed, restore_options, config
         self.settings_sha = _settings_sha256(journal.settings)
-        self.progress, self.on_dispatch = progress, on_dispatch
+        self.progress, self.on_dispatch, self.quiet_ray = progress, on_dispatch, quiet_ray
         self.restored = self.failed = 0
         self.deaths_in_a_row = 0
 
