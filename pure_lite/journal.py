@@ -84,26 +84,32 @@ def _is_relative_name(name: Any) -> bool:
             and all(part not in ("", ".", "..") for part in name.split("/")))
 
 
+def _shown(value: Any) -> str:
+    """A value from a journal line for an error message: its repr, cut short (a line may hold a megabyte)."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
 def _entry(record: Any) -> Entry:
     """One journal line as an Entry, or ValueError saying what about it is wrong."""
     if not isinstance(record, dict):
         raise ValueError(f"expected an object, got {type(record).__name__}")
     if not _REQUIRED <= set(record) <= _FIELDS:
-        raise ValueError(f"expected the fields {', '.join(sorted(_FIELDS))}, got {', '.join(sorted(record)) or 'none'}")
+        raise ValueError(f"expected the fields {', '.join(sorted(_FIELDS))}, got {_shown(sorted(record))}")
     entry = Entry(**record)
     if not _is_relative_name(entry.name):
-        raise ValueError(f"name {entry.name!r} is not a path inside the input folder")
+        raise ValueError(f"name {_shown(entry.name)} is not a path inside the input folder")
     if entry.status not in get_args(Status):
-        raise ValueError(f"status {entry.status!r} is not one of {', '.join(get_args(Status))}")
+        raise ValueError(f"status {_shown(entry.status)} is not one of {', '.join(get_args(Status))}")
     if entry.input_sha256 is not None and not (isinstance(entry.input_sha256, str)
                                                and re.fullmatch("[0-9a-f]{64}", entry.input_sha256)):
-        raise ValueError(f"input_sha256 {entry.input_sha256!r} is not a SHA-256 in hex")
+        raise ValueError(f"input_sha256 {_shown(entry.input_sha256)} is not a SHA-256 in hex")
     if not isinstance(entry.output, str) or not is_output_name(entry.name, entry.output):
-        raise ValueError(f"output {entry.output!r} is not the output name of {entry.name!r}")
+        raise ValueError(f"output {_shown(entry.output)} is not the output name of {_shown(entry.name)}")
     if type(entry.attempts) is not int or entry.attempts < 0:
-        raise ValueError(f"attempts {entry.attempts!r} is not a count")
+        raise ValueError(f"attempts {_shown(entry.attempts)} is not a count")
     if entry.seconds is not None and (type(entry.seconds) not in (int, float) or not entry.seconds >= 0):
-        raise ValueError(f"seconds {entry.seconds!r} is not a duration")
+        raise ValueError(f"seconds {_shown(entry.seconds)} is not a duration")
     for key in ("degradation", "error"):
         if getattr(entry, key) is not None and not isinstance(getattr(entry, key), str):
             raise ValueError(f"{key} is not text")
