@@ -77,6 +77,14 @@ def make_folder(path: Path) -> None:
         raise OutputError(f"cannot write {path}: cannot create {path.parent}: {exc.strerror or exc}") from exc
 
 
+def check_writable_folder(folder: Path) -> None:
+    """Create and remove a file in ``folder``: the OSError a write would meet (no permission, read-only
+    file system) is raised now, before hours of work whose result could not be saved."""
+    fd, name = tempfile.mkstemp(prefix=".pure-lite-write-check.", dir=folder)
+    os.close(fd)
+    os.unlink(name)
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike, *, overwrite: bool = True) -> Iterator[Path]:
     """Yield a temporary path to write ``path``'s content to; on success it becomes ``path``.
@@ -98,7 +106,9 @@ def atomic_path(path: str | os.PathLike, *, overwrite: bool = True) -> Iterator[
     except OutputError:
         raise
     except OSError as exc:
-        raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from exc
+        error = OutputError(f"cannot write {path}: {exc.strerror or exc}")
+        error.errno = exc.errno  # so that a caller can tell a full disk (ENOSPC) from one bad output
+        raise error from exc
     finally:
         if tmp is not None:
             tmp.unlink(missing_ok=True)

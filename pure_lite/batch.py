@@ -25,20 +25,21 @@ installed but no access to INPUT_DIR or OUTPUT_DIR. Nothing else in pure-lite im
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import inspect
 import io
-import itertools
 import json
 import os
 import time
 from collections import deque
 from dataclasses import dataclass, fields, is_dataclass, replace
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from .errors import MissingDependencyError, PureLiteError
-from .journal import Entry, Journal
+from .errors import InvalidImageError, MissingDependencyError, OutputError, PureLiteError
+from .journal import Entry, Journal, output_name
+from .regular_files import open_regular, read_regular, regular_file_problem
 
 REPORT_FILE = "restore-many-report.json"
 BASE_SEED = 0  # default base seed: outputs are reproducible unless another one is asked for
@@ -122,7 +123,7 @@ def find_images(input_dir: Path, skip: Path | None = None) -> list[tuple[str, Pa
 
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open_regular(path) as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
@@ -158,6 +159,32 @@ def _check_load_options(model: str | os.PathLike | None, load_options: Mapping[s
                             "when it was exported")
 
 
+def _check_restore_options(restore_options: Mapping[str, Any]) -> None:
+    """The values Restorer.restore would refuse for every image (``scale`` -2, ``target_size`` 7), refused here,
+    before the journal records them as the run's settings."""
+    from .restorer import check_restore_options
+
+    check_restore_options(**{k: restore_options[k] for k in ("scale", "target_size", "tile_batch")
+                             if k in restore_options})
+
+
+def _check_model(model: str | os.PathLike | None, local: bool) -> None:
+    """A model folder that cannot be loaded, found before Ray starts (CheckpointError). On a cluster the folder
+    must exist on the workers' nodes, not necessarily here: there it is checked only when present."""
+    from .checkpoint import CheckpointFiles
+    from .manifest import MANIFEST_FILE, Manifest
+
+    if model is None:
+        return  # the shipped PURE-tiny; a broken installation is reported by the first worker
+    path = Path(model)
+    if not path.exists() and not local:
+        return
+    if (path / MANIFEST_FILE).is_file():
+        Manifest.load(path, verify_checksums=False)  # each worker verifies the checksums when it loads
+    else:
+        CheckpointFiles.locate(path)
+
+
 def _settings(model: str | os.PathLike | None, seed: int, restore_options: Mapping[str, Any],
               load_options: Mapping[str, Any] | None = None) -> dict:
     """What decides the outputs, as JSON: the journal refuses to mix runs whose settings differ. Load options
@@ -184,13 +211,6 @@ def _settings_sha256(settings: dict) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
 
 
-def _output_name(name: str, taken: set[str]) -> str:
-    """``dir/stem_restored.png``; where two inputs share a stem (a.png, a.jpg) the later one gets its suffix in the name."""
-    p = PurePosixPath(name)
-    stems = itertools.chain([p.stem, f"{p.stem}_{p.suffix[1:]}"], (f"{p.stem}_{p.suffix[1:]}_{i}" for i in itertools.count(2)))
-    return next(str(c) for c in (p.with_name(f"{stem}_restored.png") for stem in stems) if str(c) not in taken)
-
-
 def _provenance(path: Path) -> dict | None:
     """The provenance record a restore-many worker wrote into an output PNG, or None."""
     from PIL import Image
@@ -208,13 +228,17 @@ def _plan(inputs: list[tuple[str, Path]], journal: Journal, output_dir: Path, se
     taken = {e.output for e in journal.entries.values()}
     planned = []
     for name, path in inputs:
-        try:
-            sha, unreadable = _sha256(path), None
-        except OSError as exc:
-            sha, unreadable = None, f"{name}: cannot read ({exc.strerror or exc})"
+        unreadable = regular_file_problem(path)  # a FIFO would block the read below
+        if unreadable is None:
+            try:
+                sha = _sha256(path)
+            except OSError as exc:
+                unreadable = exc.strerror or str(exc)
+        if unreadable is not None:
+            sha, unreadable = None, f"{name}: cannot read ({unreadable})"
         prev = journal.entries.get(name)
         if prev is None:
-            output = _output_name(name, taken)
+            output = output_name(name, taken)
             taken.add(output)
         else:
             output = prev.output
@@ -272,13 +296,12 @@ class RestoreWorker:
         """Restore one image's bytes. Every error comes back as a value, so only a dying process fails the call."""
         from PIL.PngImagePlugin import PngInfo
 
-        from .images import decode_image_bytes
-
         t0 = time.perf_counter()
         try:
-            result = self.restorer.restore(decode_image_bytes(data, name), seed=seed, **options)
+            result = self.restorer.restore(data, seed=seed, **options)
         except PureLiteError as exc:  # this image: unreadable, or decoding could not finish
-            return {"status": "failed", "error": str(exc)}
+            message = str(exc).replace("image bytes", name)  # images.py labels what it decoded "image bytes"
+            return {"status": "failed", "error": message if name in message else f"{name}: {message}"}
         except (TypeError, ValueError) as exc:  # the options, not this image: every image would fail alike
             return {"status": "rejected", "error": f"{type(exc).__name__}: {exc}"}
         except Exception as exc:  # anything else is recorded against this image; the run goes on
@@ -288,7 +311,7 @@ class RestoreWorker:
         info.add_text(PROVENANCE_KEY, json.dumps({**provenance, "seed": seed, "degradation": result.degradation,
                                                   "model": self.restorer.components.description}))
         png = io.BytesIO()
-        result.image.save(png, format="PNG", pnginfo=info)
+        result.image.save(png, format="PNG", pnginfo=info, icc_profile=result.image.info.get("icc_profile"))
         return {"status": "done", "png": png.getvalue(), "seconds": seconds, "degradation": result.degradation}
 
 
@@ -332,13 +355,16 @@ def _resolve_shape(ray, config: BatchConfig, local: bool) -> tuple[int, float]:
     return workers, gpus
 
 
-def _connect(ray, address: str | None) -> bool:
-    """Connect to Ray (step 2); True when this call connected, so the run must disconnect (and stop a Ray it started)."""
+def _connect(ray, address: str | None, quiet_ray: bool = False) -> bool:
+    """Connect to Ray (step 2); True when this call connected, so the run must disconnect (and stop a Ray it started).
+    ``quiet_ray``: Ray's warnings (token authentication, say) are not shown either, only its errors."""
     if ray.is_initialized():
         return False
     import logging
 
-    quiet = {"logging_level": logging.WARNING, "log_to_driver": False}  # errors come back as values, not as logs
+    level = logging.ERROR if quiet_ray else logging.WARNING
+    logging.getLogger("ray").setLevel(level)  # some warnings come from ray.init itself, before it applies the level
+    quiet = {"logging_level": level, "log_to_driver": False}  # errors come back as values, not as logs
     try:
         if address is None:
             ray.init(address="local", include_dashboard=False, **quiet)  # never join a cluster by accident
@@ -375,6 +401,7 @@ def restore_many(
     config: BatchConfig = BatchConfig(),
     progress: bool = True,
     on_dispatch: Callable[[str, WorkerInfo], None] | None = None,
+    quiet_ray: bool = False,
 ) -> BatchReport:
     """Restore every image under INPUT_DIR into OUTPUT_DIR (``sub/a.jpg`` -> ``sub/a_restored.png``) on Ray workers.
 
@@ -387,7 +414,8 @@ def restore_many(
     ``image_seed(seed, name)``. The model, seed and options are the run's settings: OUTPUT_DIR's
     journal refuses a run with other ones. Rerunning resumes: done inputs are skipped, failed ones
     are retried only with ``config.retry_failed``; Ray is started only when something is left to do.
-    ``on_dispatch(name, worker)`` is called as each image is sent to a worker (for monitoring).
+    ``on_dispatch(name, worker)`` is called as each image is sent to a worker (for monitoring);
+    ``quiet_ray`` keeps Ray's warnings off the terminal (the command's -q).
     Returns the report that is also written to OUTPUT_DIR/restore-many-report.json (written too
     when the run stops early, e.g. on Ctrl-C, whose KeyboardInterrupt propagates).
     """
@@ -401,20 +429,33 @@ def restore_many(
     restore_options, load_options = dict(restore_options or {}), dict(load_options or {})
     _check_load_options(model, load_options)
     settings = _settings(model, seed, restore_options, load_options)
+    _check_restore_options(restore_options)
+    _check_model(model, local=config.address is None)
     inputs = find_images(input_dir, skip=dst if dst.is_relative_to(src) else None)
+    if not inputs:
+        from .train.data import IMAGE_SUFFIXES
+
+        raise InvalidImageError(f"no image found under {input_dir}: restore-many looks for files ending in "
+                                f"{', '.join(sorted(IMAGE_SUFFIXES))} (hidden files and folders left out)")
 
     with Journal(output_dir, settings) as journal:
         entries = _plan(inputs, journal, output_dir, _settings_sha256(settings), config.retry_failed)
         run = _Run(journal, input_dir, {p.resolve() for _, p in inputs}, model, seed, restore_options, config,
-                   progress, on_dispatch)
+                   progress, on_dispatch, quiet_ray)
+        stopped = True
         try:
             pending = [e for e in entries if e.status == "pending"]
             if pending:
                 run.go(pending)
+            stopped = False
         finally:
             report = BatchReport([journal.entries[e.name] for e in entries], run.restored,
                                  time.perf_counter() - t_start, output_dir / REPORT_FILE)
-            _write_report(report.report_path, settings, report)
+            try:
+                _write_report(report.report_path, settings, report)
+            except OutputError:
+                if not stopped:  # else the error that stopped the run (a full disk, say) is the one to report
+                    raise
     return report
 
 
@@ -422,12 +463,12 @@ class _Run:
     """Steps 2 and 3: start the workers, keep each one busy, record each outcome as it arrives."""
 
     def __init__(self, journal: Journal, input_dir: Path, input_paths: set[Path], model, seed: int,
-                 restore_options: dict, config: BatchConfig, progress: bool, on_dispatch):
+                 restore_options: dict, config: BatchConfig, progress: bool, on_dispatch, quiet_ray: bool = False):
         self.journal, self.input_dir, self.input_paths = journal, input_dir, input_paths
         self.model = None if model is None else journal.settings["model"]  # resolved where it exists here
         self.seed, self.options, self.config = seed, restore_options, config
         self.settings_sha = _settings_sha256(journal.settings)
-        self.progress, self.on_dispatch = progress, on_dispatch
+        self.progress, self.on_dispatch, self.quiet_ray = progress, on_dispatch, quiet_ray
         self.restored = self.failed = 0
         self.deaths_in_a_row = 0
 
@@ -435,7 +476,7 @@ class _Run:
         from tqdm.auto import tqdm
 
         ray = self.ray = _ray()
-        started_here = _connect(ray, self.config.address)
+        started_here = _connect(ray, self.config.address, self.quiet_ray)
         self.bar = tqdm(total=len(pending), unit="img", desc="restoring", disable=not self.progress,
                         bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}{postfix}]")
         self.t0 = time.perf_counter()
@@ -464,13 +505,14 @@ class _Run:
 
     def _send(self, actor, entry: Entry) -> None:
         try:
-            data = (self.input_dir / entry.name).read_bytes()
+            data = read_regular(self.input_dir / entry.name)
         except OSError as exc:
             self._finish(entry, status="failed", error=f"{entry.name}: cannot read ({exc.strerror or exc})")
             self.idle.append(actor)
             return
         sha = hashlib.sha256(data).hexdigest()  # of the bytes sent, should the file have changed since step 1
         entry = replace(entry, input_sha256=sha, attempts=entry.attempts + 1)
+        self.journal.record(entry)  # the attempt counts from now: a kill of the whole run leaves it recorded
         provenance = {"input": entry.name, "input_sha256": sha, "settings_sha256": self.settings_sha}
         ref = actor.restore.remote(entry.name, data, image_seed(self.seed, entry.name), self.options, provenance)
         self.running[ref] = (actor, entry)
@@ -520,6 +562,10 @@ class _Run:
                 raise PureLiteError("it appeared during the run, and outputs are never overwritten")
             write_bytes_atomic(result["png"], out)
         except (OSError, PureLiteError) as exc:
+            if isinstance(exc, OSError) and exc.errno in _DISK_FULL:
+                # Every image after this one would fail alike: stop, with this one still pending for the rerun.
+                raise OutputError(f"{exc}; the run stopped, {self.journal.path} records what is done: free some "
+                                  "space and run the same command to resume") from exc
             self._finish(entry, status="failed", error=f"{entry.name}: cannot write {out}: {exc}")
             return
         self.restored += 1
@@ -540,6 +586,9 @@ class _Run:
         self.bar.update(1)
         minutes = (time.perf_counter() - self.t0) / 60
         self.bar.set_postfix_str(f"{self.failed} failed, {self.restored / minutes:.1f} img/min")
+
+
+_DISK_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
 
 
 def _worker_died(ray) -> tuple[type[Exception], ...]:

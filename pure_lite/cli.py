@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Callable
 
 from . import __version__
 from .components import PURE_IMAGE_SIZE
-from .errors import MissingDependencyError, OutputError, PureLiteError
+from .errors import InvalidImageError, MissingDependencyError, OutputError, PureLiteError
 from .export.quantize import QuantizationConfig
 from .lpips import SDIST as LPIPS_SDIST
 from .sampling import SamplingConfig
@@ -56,21 +56,30 @@ def _report_error(src: Path | None, exc: BaseException) -> None:
 
 
 def _restore_one(src: Path, dst: Path, restore: Callable[[Path], "Restoration"], *, overwrite: bool,
-                 inputs: set[Path], quiet: bool) -> bool:
+                 inputs: set[Path], quiet: bool, quality: int | None = None) -> bool:
     """Restore ``src`` into ``dst``. Any failure, reading or writing, is one ``error:`` line and
     False, so the caller goes on with the next input."""
     from . import images
-    from .atomic import make_folder
+    from .atomic import check_writable_folder, make_folder
 
     try:
+        if src.is_dir():
+            raise PureLiteError(f"{src} is a folder; restore-many restores a folder's images: "
+                                f"pure-lite restore-many {src} -o OUTPUT_DIR")
         if dst.resolve() in inputs:
             raise OutputError(f"output {dst} is one of the inputs; refusing to overwrite it")
         if not overwrite and os.path.lexists(dst):
             raise OutputError(f"output {dst} already exists; pass --overwrite to replace it")
-        images.image_format(dst)  # an unknown extension or an output folder that cannot be
-        make_folder(dst)  # made fails now, not after the restoration
+        # An unknown extension, a --quality a lossless format cannot use, or an output folder that cannot be
+        # made or written fails now, not after the restoration.
+        images.check_output(dst, quality)
+        make_folder(dst)
+        try:
+            check_writable_folder(dst.parent)
+        except OSError as exc:
+            raise OutputError(f"cannot write {dst}: {dst.parent} is not writable ({exc.strerror or exc})") from None
         result = restore(src)
-        images.save_image_atomic(result.image, dst, overwrite=overwrite)
+        images.save_image_atomic(result.image, dst, overwrite=overwrite, quality=quality)
     except Exception as exc:  # one input's failure, whatever it is, must not stop the others
         _report_error(src, exc)
         return False
@@ -132,6 +141,8 @@ def _restore(args: argparse.Namespace) -> int:
     )
     inputs = [Path(p) for p in args.inputs]
     outputs = _output_paths(inputs, args.output)
+    if args.quiet:
+        _quiet_libraries()
     restorer = _load_restorer(args.model, args.device, quiet=args.quiet, quantize=args.quantize,
                               kv_cache=args.kv_cache)
 
@@ -141,9 +152,35 @@ def _restore(args: argparse.Namespace) -> int:
                                 color_fix=not args.no_color_fix, progress=not args.quiet)
 
     input_set = {p.resolve() for p in inputs if p.exists()}
-    done = [_restore_one(src, dst, restore, overwrite=args.overwrite, inputs=input_set, quiet=args.quiet)
-            for src, dst in zip(inputs, outputs)]
+    done = [_restore_one(src, dst, restore, overwrite=args.overwrite, inputs=input_set, quiet=args.quiet,
+                         quality=args.quality) for src, dst in zip(inputs, outputs)]
     return 0 if all(done) else 1
+
+
+def _quiet_libraries() -> None:
+    """-q: the libraries' own notices (transformers' load report, Ray's warnings) are not errors; keep them off
+    the terminal. Set here, by the command, never on import."""
+    import logging
+
+    # Read when transformers is first imported (restore-many's workers too): its log level and its
+    # "Loading weights" bar.
+    os.environ["TRANSFORMERS_VERBOSITY"] = "error"
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    for name in ("transformers", "ray", "torch"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    if "transformers" in sys.modules:
+        sys.modules["transformers"].logging.set_verbosity_error()
+        sys.modules["transformers"].logging.disable_progress_bar()
+
+
+def _one_line_warnings() -> None:
+    """Python warnings as one ``warning:`` line each, without the source line a default warning quotes."""
+    import warnings
+
+    def one_line(message, category, filename, lineno, line=None):
+        return f"warning: {category.__name__}: {' '.join(str(message).split())}\n"
+
+    warnings.formatwarning = one_line
 
 
 def _restore_many(args: argparse.Namespace) -> int:
@@ -160,12 +197,18 @@ def _restore_many(args: argparse.Namespace) -> int:
     config = BatchConfig(workers=args.workers, gpus_per_worker=args.gpus_per_worker,
                          cpus_per_worker=args.cpus_per_worker, address=args.address, retry_failed=args.retry_failed)
     _check_load_options(args.model, args.quantize, args.kv_cache)
-    if args.model is None:
+    if args.quiet:
+        _quiet_libraries()
+    elif args.model is None:
         print(DEFAULT_MODEL_NOTICE, file=sys.stderr)
     try:
         load = {k: v for k, v in (("quantization", args.quantize), ("kv_cache", args.kv_cache)) if v is not None}
         report = restore_many(args.input_dir, args.output, model=args.model, restore_options=options,
-                              load_options=load, seed=args.seed, config=config, progress=not args.quiet)
+                              load_options=load, seed=args.seed, config=config, progress=not args.quiet,
+                              quiet_ray=args.quiet)
+    except InvalidImageError as exc:  # no image in INPUT_DIR: a bad input, not a bad model
+        _report_error(None, exc)
+        return 1
     except KeyboardInterrupt:
         print(f"interrupted: {Path(args.output) / JOURNAL_FILE} records what is done; run the same command to resume",
               file=sys.stderr)
@@ -373,6 +416,24 @@ def _convert_lpips(args: argparse.Namespace) -> int:
     return 0
 
 
+def _quality(text: str) -> int:
+    """argparse type for --quality: 1..100."""
+    value = int(text)
+    if not 1 <= value <= 100:
+        raise argparse.ArgumentTypeError(f"must lie in 1..100, got {value}")
+    return value
+
+
+def _positive_scale(text: str) -> float:
+    """argparse type for --scale: a positive, finite number."""
+    import math
+
+    value = float(text)
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
 def _image_side(text: str) -> int:
     """argparse type for --target-size: a positive multiple of the 32-pixel grid."""
     from .tokens import GRID_PIXELS
@@ -391,9 +452,13 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("restore", help="restore one or more images")
     r.add_argument("inputs", nargs="+", metavar="INPUT", help="image files")
     r.add_argument("-o", "--output", required=True,
-                   help="for one input the output file (PNG unless its extension names another format), "
-                        "unless it is a folder or ends with '/'; for several, a folder that receives "
-                        "NAME_restored.png for each (names made unique); never one of the inputs")
+                   help="for one input the output file, in the format its extension names (.png, .jpg, .webp, "
+                        ".tif, ...; PNG without one; an extension naming no format is an error), unless it is a "
+                        "folder or ends with '/'; for several, a folder that receives NAME_restored.png for each "
+                        "(names made unique); never one of the inputs. The output keeps the input's alpha, grey, "
+                        "16-bit grey and colour profile where its format can hold them")
+    r.add_argument("--quality", type=_quality, default=None,
+                   help="JPEG or WebP output: encoder quality 1-100 (default: Pillow's, 75 for JPEG, 80 for WebP)")
     r.add_argument("--overwrite", action="store_true", help="replace outputs that exist (default: refuse them)")
     r.add_argument("--model", help="PURE checkpoint folder, pure-lite export, or a Hugging Face Hub id "
                                    "org/name[@revision] such as nonwhy/PURE, fetched into Hugging Face's cache "
@@ -408,7 +473,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--cfg", type=float, default=_DEFAULTS.cfg_scale,
                    help="classifier-free guidance weight g: logits = uncond + g * (cond - uncond); "
                         f"g = 1 turns guidance off (default: {_DEFAULTS.cfg_scale}, PURE's)")
-    r.add_argument("--scale", type=float, default=4,
+    r.add_argument("--scale", type=_positive_scale, default=4,
                    help="output = scale x the input's width and height, any aspect ratio, restored in overlapping "
                         "tiles of the model's size (default: 4)")
     r.add_argument("--target-size", type=_image_side, default=None,
@@ -457,16 +522,17 @@ def build_parser() -> argparse.ArgumentParser:
                     help=f"sampling temperature, 0 = greedy (default: {_DEFAULTS.temperature})")
     rm.add_argument("--cfg", type=float, default=_DEFAULTS.cfg_scale,
                     help=f"classifier-free guidance scale, 1 = off (default: {_DEFAULTS.cfg_scale})")
-    rm.add_argument("--scale", type=float, default=4,
+    rm.add_argument("--scale", type=_positive_scale, default=4,
                     help="output = scale x each input's width and height, restored in tiles (default: 4)")
     rm.add_argument("--tile-batch", type=int, default=DEFAULT_TILE_BATCH,
                     help=f"tiles decoded together in one batch (default: {DEFAULT_TILE_BATCH})")
     rm.add_argument("--jacobi-window", type=int, default=_DEFAULTS.jacobi_window,
                     help=f"speculative Jacobi decoding: draft codes per call, 0 = off (default: {_DEFAULTS.jacobi_window})")
-    rm.add_argument("--target-size", type=int, default=None,
+    rm.add_argument("--target-size", type=_image_side, default=None,
                     help="instead of --scale: restore each input as one square of this side")
     rm.add_argument("--no-color-fix", action="store_true", help="skip the wavelet colour fix")
-    rm.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    rm.add_argument("-q", "--quiet", action="store_true",
+                    help="print only errors and the summary: no progress bar, no PURE-tiny notice, no Ray notices")
     rm.set_defaults(func=_restore_many)
 
     e = sub.add_parser("export", help="export a checkpoint to ONNX (float/int8/int4) or TensorRT engines")
@@ -594,7 +660,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import warnings
+
     args = build_parser().parse_args(argv)
+    formatwarning = warnings.formatwarning
+    _one_line_warnings()
     try:
         return args.func(args)
     except (PureLiteError, OSError, ValueError) as exc:
@@ -603,6 +673,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
+    finally:
+        warnings.formatwarning = formatwarning  # main() called from Python leaves the caller's setting as it was
 
 
 if __name__ == "__main__":

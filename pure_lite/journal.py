@@ -13,14 +13,18 @@ operating system drops it when the holder dies, so a killed run leaves no stale 
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
+import re
 import tempfile
-from dataclasses import asdict, dataclass
-from pathlib import Path
-from typing import Any, Iterable, Literal
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path, PurePosixPath
+from typing import Any, Iterable, Iterator, Literal, get_args
 
+from .atomic import check_writable_folder, plain_file_mode
 from .errors import PureLiteError
+from .regular_files import open_regular
 
 JOURNAL_FILE = "restore-many-journal.jsonl"
 LOCK_FILE = "restore-many.lock"
@@ -47,30 +51,117 @@ class Entry:
     error: str | None = None  # why it failed (or, while pending, why the last attempt did not finish)
 
 
+MAX_LINE_BYTES = 1 << 20  # a line holds one input's state: its name, hash, output and error message
+_FIELDS = {f.name for f in fields(Entry)}
+_REQUIRED = {"name", "status", "input_sha256", "output"}
+
+
 def _line(record: dict) -> str:
     return json.dumps(record, sort_keys=True, ensure_ascii=False) + "\n"
 
 
+def output_name(name: str, taken: set[str]) -> str:
+    """``dir/stem_restored.png``; where two inputs share a stem (a.png, a.jpg) the later one gets its suffix in the name."""
+    p = PurePosixPath(name)
+    stems = itertools.chain([p.stem, f"{p.stem}_{p.suffix[1:]}"], (f"{p.stem}_{p.suffix[1:]}_{i}" for i in itertools.count(2)))
+    return next(str(c) for c in (p.with_name(f"{stem}_restored.png") for stem in stems) if str(c) not in taken)
+
+
+def is_output_name(name: str, output: str) -> bool:
+    """Whether ``output_name`` could have given ``output`` to the input ``name``: beside it, named after it.
+
+    A journal is read back from a folder anyone may have edited; an output taken from it as given could
+    name ``../elsewhere`` or an absolute path, so only the names derived from the input are accepted.
+    """
+    p, o = PurePosixPath(name), PurePosixPath(output)
+    pattern = rf"{re.escape(p.stem)}(?:_{re.escape(p.suffix[1:])}(?:_[2-9]|_[1-9][0-9]+)?)?_restored\.png"
+    return o.parent == p.parent and re.fullmatch(pattern, o.name) is not None
+
+
+def _is_relative_name(name: Any) -> bool:
+    """A path below a folder in "/" form: no absolute path, no "..", ".", empty or NUL component."""
+    return (isinstance(name, str) and bool(name) and "\0" not in name
+            and all(part not in ("", ".", "..") for part in name.split("/")))
+
+
+def _shown(value: Any) -> str:
+    """A value from a journal line for an error message: its repr, cut short (a line may hold a megabyte)."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _entry(record: Any) -> Entry:
+    """One journal line as an Entry, or ValueError saying what about it is wrong."""
+    if not isinstance(record, dict):
+        raise ValueError(f"expected an object, got {type(record).__name__}")
+    if not _REQUIRED <= set(record) <= _FIELDS:
+        raise ValueError(f"expected the fields {', '.join(sorted(_FIELDS))}, got {_shown(sorted(record))}")
+    entry = Entry(**record)
+    if not _is_relative_name(entry.name):
+        raise ValueError(f"name {_shown(entry.name)} is not a path inside the input folder")
+    if entry.status not in get_args(Status):
+        raise ValueError(f"status {_shown(entry.status)} is not one of {', '.join(get_args(Status))}")
+    if entry.input_sha256 is not None and not (isinstance(entry.input_sha256, str)
+                                               and re.fullmatch("[0-9a-f]{64}", entry.input_sha256)):
+        raise ValueError(f"input_sha256 {_shown(entry.input_sha256)} is not a SHA-256 in hex")
+    if not isinstance(entry.output, str) or not is_output_name(entry.name, entry.output):
+        raise ValueError(f"output {_shown(entry.output)} is not the output name of {_shown(entry.name)}")
+    if type(entry.attempts) is not int or entry.attempts < 0:
+        raise ValueError(f"attempts {_shown(entry.attempts)} is not a count")
+    if entry.seconds is not None and (type(entry.seconds) not in (int, float) or not entry.seconds >= 0):
+        raise ValueError(f"seconds {_shown(entry.seconds)} is not a duration")
+    for key in ("degradation", "error"):
+        if getattr(entry, key) is not None and not isinstance(getattr(entry, key), str):
+            raise ValueError(f"{key} is not text")
+    return entry
+
+
+def _lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(number, text) of each complete line, none longer than MAX_LINE_BYTES; only regular files are opened."""
+    try:
+        f = open_regular(path)
+    except OSError as exc:
+        raise JournalError(f"cannot read the journal {path}: {exc.strerror or exc}") from exc
+    with f:
+        for number in itertools.count(1):
+            line = f.readline(MAX_LINE_BYTES + 1)
+            if len(line) > MAX_LINE_BYTES:
+                raise JournalError(f"{path}: line {number} is longer than {MAX_LINE_BYTES} bytes; it was not "
+                                   "written by pure-lite")
+            # What follows the last newline is empty, or a line that a kill cut short: never a complete record.
+            if not line.endswith(b"\n"):
+                return
+            try:
+                yield number, line.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise JournalError(f"{path}: line {number} is not UTF-8 text; it was not written by pure-lite") from exc
+
+
 def _read(path: Path) -> tuple[dict, dict[str, Entry]]:
-    text = path.read_text(encoding="utf-8")
-    # What follows the last newline is empty, or a line that a kill cut short: never a complete record.
-    lines = text.split("\n")[:-1]
-    records = []
-    for number, line in enumerate(lines, 1):
+    header, entries = None, {}
+    for number, line in _lines(path):
         try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError as exc:
-            raise JournalError(f"{path}: line {number} is not valid JSON ({exc}); it was not written by "
-                               "pure-lite or was edited by hand") from exc
-    if not records or records[0].get("journal") != "pure-lite restore-many":
-        raise JournalError(f"{path} is not a pure-lite restore-many journal")
-    header = records[0]
-    if header.get("version") != VERSION:
-        raise JournalError(f"{path} has journal version {header.get('version')}; this pure-lite reads {VERSION}")
-    entries = {}
-    for record in records[1:]:
-        entry = Entry(**record)
+            record = json.loads(line)
+        except (json.JSONDecodeError, RecursionError) as exc:
+            reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+            raise JournalError(f"{path}: line {number} is not valid JSON ({reason}); it was not written by "
+                               "pure-lite or was edited by hand") from None
+        if header is None:
+            if not (isinstance(record, dict) and record.get("journal") == "pure-lite restore-many"):
+                raise JournalError(f"{path} is not a pure-lite restore-many journal")
+            if record.get("version") != VERSION:
+                raise JournalError(f"{path} has journal version {record.get('version')!r}; this pure-lite reads {VERSION}")
+            if not isinstance(record.get("settings"), dict):
+                raise JournalError(f"{path}: line 1 has no settings object; it was edited by hand")
+            header = record
+            continue
+        try:
+            entry = _entry(record)
+        except (TypeError, ValueError) as exc:
+            raise JournalError(f"{path}: line {number} is not a journal entry ({exc}); it was edited by hand") from None
         entries[entry.name] = entry
+    if header is None:
+        raise JournalError(f"{path} is not a pure-lite restore-many journal")
     return header, entries
 
 
@@ -87,9 +178,14 @@ class Journal:
         self.dir = Path(output_dir)
         self.path = self.dir / JOURNAL_FILE
         self.settings = settings
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self._lock = _lock(self.dir / LOCK_FILE)
-        self._file = None
+        self._lock = self._file = None
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            self._lock = _lock(self.dir / LOCK_FILE)
+            check_writable_folder(self.dir)
+        except OSError as exc:  # before any input is read: an output folder that cannot be written stops the run now
+            self.close()
+            raise JournalError(f"cannot write into the output folder {self.dir}: {exc.strerror or exc}") from None
         try:
             self.entries: dict[str, Entry] = {}
             if self.path.exists():
@@ -114,6 +210,7 @@ class Journal:
                 f.writelines(_line(asdict(e)) for e in self.entries.values())
                 f.flush()
                 os.fsync(f.fileno())
+            os.chmod(tmp, plain_file_mode())  # mkstemp made it 0600; the outputs and report follow the umask
             os.replace(tmp, self.path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)

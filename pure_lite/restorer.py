@@ -53,7 +53,7 @@ class Tile:
 class Restoration:
     """The result of one restoration. Text fields and tokens are the first (top-left) tile's; ``tiles`` has all."""
 
-    image: Image.Image  # RGB, scale x the input (or target_size x target_size)
+    image: Image.Image  # scale x the input (or target_size x target_size); RGB, or what the input had (images.to_pil)
     text: str  # the raw generated text
     degradation: str | None  # the degradation statement, when the text has one
     description: str | None  # the content description, when present
@@ -173,24 +173,21 @@ class Restorer:
         so a tile's result does not depend on the batch it was in. ``target_size`` instead
         restores one target_size x target_size square of the whole input (PURE's own mode).
         ``progress`` shows a bar over tiles; ``cancel`` is polled during decoding and True
-        stops it with GenerationCancelled.
+        stops it with GenerationCancelled. The model restores colour; the output keeps what the input
+        had besides (alpha, grey, 16-bit grey, the colour profile; images.to_pil), and a file is read
+        upright as its EXIF orientation says.
         """
         c = self.components
         if not isinstance(sampling, SamplingConfig):
             raise TypeError(f"sampling must be a SamplingConfig, got {type(sampling).__name__}; "
                             "for a dict d, pass SamplingConfig(**d)")
-        if tile_batch < 1:
-            raise ValueError(f"tile_batch must be at least 1, got {tile_batch}")
+        check_restore_options(scale=scale, target_size=target_size, tile_batch=tile_batch)
         width, height = images.image_size(image)
         if target_size is not None:
-            if target_size <= 0 or target_size % GRID_PIXELS:
-                raise ValueError(f"target_size must be a positive multiple of {GRID_PIXELS}, got {target_size}")
             plan = TilePlan(output=(target_size, target_size), canvas=(target_size, target_size), tile=target_size,
                             boxes=((0, 0, target_size, target_size),))
             decode_at = (target_size, target_size)
         else:
-            if not (scale > 0 and math.isfinite(scale)):
-                raise ValueError(f"scale must be a positive number, got {scale}")
             out_w, out_h = max(1, round(width * scale)), max(1, round(height * scale))
             if out_w * out_h > MAX_OUTPUT_PIXELS:
                 raise InvalidImageError(
@@ -203,7 +200,7 @@ class Restorer:
 
         timings: dict[str, float] = {"tiles": len(plan.boxes)}
         t0 = time.perf_counter()
-        rgb = images.load_image(image, reduce_to=decode_at)
+        rgb, traits = images.load_photo(image, reduce_to=decode_at)
         lq_tiles = [input_region(rgb, plan, box) for box in plan.boxes]
         del rgb
         prompts = [tile_prompt(c, lq) for lq in lq_tiles]
@@ -253,7 +250,7 @@ class Restorer:
         pixels, entropy = canvas.result()
         first_tile = tiles[0]
         return Restoration(
-            image=images.to_pil(pixels),
+            image=images.to_pil(pixels, traits),
             text=first_tile.text,
             degradation=first_tile.degradation,
             description=first_tile.description,
@@ -263,6 +260,19 @@ class Restorer:
             timings=timings,
             tiles=tuple(tiles),
         )
+
+
+def check_restore_options(*, scale: float = 4, target_size: int | None = None,
+                          tile_batch: int = DEFAULT_TILE_BATCH) -> None:
+    """Refuse ``restore`` options no image can be restored with (ValueError), before any work (restore-many
+    checks them before its journal records them)."""
+    if not isinstance(tile_batch, (int, np.integer)) or tile_batch < 1:
+        raise ValueError(f"tile_batch must be at least 1, got {tile_batch}")
+    if target_size is not None:
+        if not isinstance(target_size, (int, np.integer)) or target_size <= 0 or target_size % GRID_PIXELS:
+            raise ValueError(f"target_size must be a positive multiple of {GRID_PIXELS}, got {target_size}")
+    elif not (isinstance(scale, (int, float)) and scale > 0 and math.isfinite(scale)):
+        raise ValueError(f"scale must be a positive number, got {scale}")
 
 
 def tile_prompt(components: Components, tile: np.ndarray) -> np.ndarray:

@@ -25,7 +25,7 @@ from PIL import Image
 from pure_lite import batch
 from pure_lite.batch import BatchConfig, image_seed, restore_many
 from pure_lite.cli import main
-from pure_lite.errors import PureLiteError
+from pure_lite.errors import OutputError, PureLiteError
 from pure_lite.journal import JOURNAL_FILE, Entry, Journal, JournalError, read_journal
 
 ray = pytest.importorskip("ray", reason="restore-many runs on Ray: install the [ray] extra")
@@ -227,15 +227,6 @@ def test_ctrl_c_leaves_a_journal_from_which_the_rerun_resumes(local_ray, tmp_pat
     assert {n: (out / _output(n)).stat().st_mtime_ns for n in done_before} == mtimes
 
 
-def test_options_the_workers_reject_stop_the_run_with_a_clear_error(local_ray, tmp_path):
-    _write_photos(tmp_path / "in", ["a.png", "b.png"])
-    with pytest.raises(PureLiteError, match="restore options were rejected: ValueError: target_size"):
-        restore_many(tmp_path / "in", tmp_path / "out", restore_options={"target_size": 100},
-                     config=BatchConfig(workers=1), progress=False)
-    assert {e.status for e in read_journal(tmp_path / "out")[1].values()} == {"pending"}
-    assert json.loads((tmp_path / "out" / "restore-many-report.json").read_text())["summary"]["pending"] == 2
-
-
 def test_unknown_restore_options_and_overlapping_folders_are_refused_before_any_work(tmp_path):
     _write_photos(tmp_path / "in", ["a.png"])
     with pytest.raises(ValueError, match="unknown restore option"):
@@ -335,3 +326,178 @@ def test_journal_lock_keeps_a_second_run_out(tmp_path):
 def test_importing_the_command_line_does_not_import_ray():
     code = "import sys, pure_lite.cli, pure_lite.batch; print('ray' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
+
+
+# Hardening (issue 34 groups 2, 4, 9) and a newcomer's rough edges (issue 38).
+
+def _journal_with(folder: Path, *lines: str) -> Path:
+    """A journal whose header is valid and whose entries are ``lines`` as given (what an editor could leave)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    header = json.dumps({"journal": "pure-lite restore-many", "version": 1, "settings": {}})
+    (folder / JOURNAL_FILE).write_text("\n".join([header, *lines]) + "\n")
+    return folder
+
+
+def _entry_line(**changes) -> str:
+    record = {"name": "a.png", "status": "pending", "input_sha256": "0" * 64, "output": "a_restored.png",
+              "attempts": 0, "seconds": None, "degradation": None, "error": None}
+    return json.dumps({**record, **changes})
+
+
+@pytest.mark.parametrize("line, reason", [
+    (_entry_line(output="../escape/a_restored.png"), "is not the output name of"),
+    (_entry_line(output="/tmp/escape/a_restored.png"), "is not the output name of"),
+    (_entry_line(output="sub/a_restored.png"), "is not the output name of"),
+    (_entry_line(output="b_restored.png"), "is not the output name of"),
+    (_entry_line(name="../a.png", output="../a_restored.png"), "not a path inside"),
+    (_entry_line(name="/etc/a.png", output="/etc/a_restored.png"), "not a path inside"),
+    (_entry_line(status="finished"), "status"),
+    (_entry_line(attempts="3"), "attempts"),
+    (_entry_line(input_sha256=7), "input_sha256"),
+    (json.dumps([1, 2, 3]), "expected an object"),
+    (json.dumps({"name": "a.png"}), "expected the fields"),
+    (json.dumps({**json.loads(_entry_line()), "extra": 1}), "expected the fields"),
+    ("[" * 100_000 + "]" * 100_000, "nested too deeply"),
+    ('"' + "x" * (2 << 20) + '"', "longer than"),
+])
+def test_journal_lines_of_the_wrong_shape_are_one_clear_error(tmp_path, line, reason):
+    _journal_with(tmp_path, _entry_line(status="done"), line)
+    with pytest.raises(JournalError, match="line 3") as caught:
+        read_journal(tmp_path)
+    assert reason in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_a_journal_output_outside_the_output_folder_is_refused_not_written(tmp_path, monkeypatch):
+    """The attack: a rerun whose journal names ../escape/... must write nothing there, nor start Ray."""
+    _write_photos(tmp_path / "in", ["a.png"])
+    out = _journal_with(tmp_path / "out", _entry_line(output="../escape/a_restored.png"))
+    monkeypatch.setattr(batch, "_ray", lambda: pytest.fail("a refused journal must not start Ray"))
+    rc, stdout, stderr = _run_cli(str(tmp_path / "in"), "-o", str(out))
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert rc == 2 and len(errors) == 1 and "line 2" in errors[0] and "Traceback" not in stderr, stderr
+    assert not (tmp_path / "escape").exists() and sorted(p.name for p in out.iterdir()) == [JOURNAL_FILE,
+                                                                                             "restore-many.lock"]
+    assert batch.output_name("sub/a.jpg", {"sub/a_restored.png"}) == "sub/a_jpg_restored.png"
+
+
+def test_the_journal_gets_the_mode_of_a_plain_write(tmp_path):
+    from pure_lite.atomic import plain_file_mode
+
+    with Journal(tmp_path, {"model": "m", "seed": 0, "restore_options": {}}) as journal:
+        journal.rewrite([Entry("a.png", "pending", "0" * 64, "a_restored.png")])
+    assert (tmp_path / JOURNAL_FILE).stat().st_mode & 0o777 == plain_file_mode()
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs on this system")
+def test_a_fifo_in_the_folder_is_recorded_failed_not_read(tmp_path, monkeypatch):
+    """Nothing else is pending, so the run never starts Ray: it must finish at once, the FIFO named."""
+    import threading
+
+    (tmp_path / "in").mkdir()
+    os.mkfifo(tmp_path / "in" / "pipe.png")
+    monkeypatch.setattr(batch, "_ray", lambda: pytest.fail("nothing here needs a worker"))
+    reports = []
+    thread = threading.Thread(target=lambda: reports.append(restore_many(tmp_path / "in", tmp_path / "out",
+                                                                         progress=False)), daemon=True)
+    thread.start()
+    thread.join(30)
+    assert reports, "restore-many blocked on a FIFO"
+    (entry,) = reports[0].entries
+    assert entry.status == "failed" and "FIFO" in entry.error and entry.input_sha256 is None
+    with pytest.raises(JournalError, match="FIFO"):  # a journal that is a FIFO is not read either
+        (tmp_path / "out2").mkdir()
+        os.mkfifo(tmp_path / "out2" / JOURNAL_FILE)
+        _finish_soon(lambda: read_journal(tmp_path / "out2"))
+
+
+def _finish_soon(fn, seconds: float = 10.0):
+    """fn() from a daemon thread; fails the test if it blocks, else returns its value or raises its error."""
+    import threading
+
+    outcome = []
+
+    def run():
+        try:
+            outcome.append((True, fn()))
+        except BaseException as exc:
+            outcome.append((False, exc))
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert outcome, f"blocked for {seconds} s"
+    ok, value = outcome[0]
+    if not ok:
+        raise value
+    return value
+
+
+def test_settings_rejected_at_start_leave_nothing_behind(tmp_path):
+    """--scale -2 or --target-size 7 are refused before the journal records them, so the corrected rerun runs."""
+    _write_photos(tmp_path / "in", ["a.png"])
+    for options, message in (({"scale": -2}, "scale must be a positive number"),
+                             ({"target_size": 7}, "target_size must be a positive multiple of 32"),
+                             ({"tile_batch": 0}, "tile_batch")):
+        with pytest.raises(ValueError, match=message):
+            restore_many(tmp_path / "in", tmp_path / "out", restore_options=options, progress=False)
+        assert not (tmp_path / "out").exists()
+    for args, message in ((["--scale", "-2"], "must be a positive number"),
+                          (["--target-size", "7"], "must be a positive multiple of 32")):
+        result = subprocess.run([sys.executable, "-m", "pure_lite.cli", "restore-many", str(tmp_path / "in"), "-o",
+                                 str(tmp_path / "out"), *args], capture_output=True, text=True, timeout=120)
+        assert result.returncode == 2 and message in result.stderr and not (tmp_path / "out").exists()
+
+
+def test_a_folder_without_images_is_an_error_naming_the_extensions(tmp_path, monkeypatch):
+    (tmp_path / "in" / "sub").mkdir(parents=True)
+    (tmp_path / "in" / "notes.txt").write_text("not an image")
+    (tmp_path / "in" / ".hidden.png").write_bytes(b"")
+    monkeypatch.setattr(batch, "_ray", lambda: pytest.fail("nothing to do"))
+    rc, stdout, stderr = _run_cli(str(tmp_path / "in"), "-o", str(tmp_path / "out"))
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert rc == 1 and len(errors) == 1 and "no image found" in errors[0] and ".png" in errors[0], stderr
+    assert ".jpg" in errors[0] and not (tmp_path / "out").exists() and stdout == ""
+
+
+def test_a_bad_model_or_an_unwritable_output_folder_stop_the_run_before_ray(tmp_path, monkeypatch):
+    _write_photos(tmp_path / "in", ["a.png"])
+    (tmp_path / "empty").mkdir()
+    monkeypatch.setattr(batch, "_ray", lambda: pytest.fail("Ray must not start"))
+    for model, message in ((tmp_path / "missing", "does not exist"), (tmp_path / "empty", "is not a PURE checkpoint")):
+        rc, _, stderr = _run_cli(str(tmp_path / "in"), "-o", str(tmp_path / "out"), "--model", str(model))
+        errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+        assert rc == 2 and len(errors) == 1 and message in errors[0], stderr
+        assert not (tmp_path / "out").exists()
+    if Path("/proc/self").is_dir():  # an existing folder nobody can create files in, root included
+        rc, _, stderr = _run_cli(str(tmp_path / "in"), "-o", "/proc")
+        errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+        assert rc == 2 and len(errors) == 1 and "cannot write into the output folder /proc" in errors[0], stderr
+
+
+def test_a_full_disk_stops_the_run_with_one_message_and_the_image_stays_pending(local_ray, tmp_path, monkeypatch):
+    """ENOSPC on the first output: not charged to every image, but one error; the rerun resumes. The image the
+    worker took has its attempt recorded the moment it was sent (it stayed 0 before)."""
+    import errno
+
+    from pure_lite import images
+    from pure_lite.atomic import atomic_path
+
+    def disk_full(data, path, *, overwrite=True):
+        with atomic_path(path, overwrite=overwrite):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    names = ["a.png", "b.png", "c.png"]
+    _write_photos(tmp_path / "in", names, seed=3)
+    monkeypatch.setattr(images, "write_bytes_atomic", disk_full)
+    seen = {}
+
+    def attempts_when_sent(name, worker):
+        seen[name] = read_journal(tmp_path / "out")[1][name].attempts
+
+    with pytest.raises(OutputError, match="No space left on device.*run the same command to resume"):
+        restore_many(tmp_path / "in", tmp_path / "out", config=BatchConfig(workers=1), progress=False,
+                     on_dispatch=attempts_when_sent)
+    entries = read_journal(tmp_path / "out")[1]
+    assert {e.status for e in entries.values()} == {"pending"}  # nothing charged as failed
+    assert set(seen.values()) == {1} and all(entries[n].attempts == 1 for n in seen)
+    assert not list((tmp_path / "out").glob("*_restored.png"))

@@ -29,6 +29,9 @@ def test_cli_restores_good_inputs_and_reports_bad(tiny_compact, tmp_path, rgb_im
     captured = capsys.readouterr()
     assert rc == 1
     assert "bad.png" in captured.err and captured.err.count("error:") == 1
+    # -q: nothing but the error, not transformers' "Loading weights" bar or load report (issue 34 group 9)
+    assert [line for line in captured.err.splitlines() if line.strip()] == [
+        line for line in captured.err.splitlines() if line.startswith("error:")], captured.err
     assert Image.open(out / "good_restored.png").size == (64, 64)
     assert not (out / "bad_restored.png").exists()
     assert good.read_bytes() == before

