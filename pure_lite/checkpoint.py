@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .atomic import atomic_path
-from .components import PURE_IMAGE_SIZE
+from .components import PURE_IMAGE_SIZE, PURE_SCALE
 from .errors import CheckpointError, MissingDependencyError
 from .tokens import GRID_PIXELS
 
@@ -31,6 +31,8 @@ VQ_SAFETENSORS_FILE = "vq_ds8_c2i.safetensors"
 # The output side the model was trained for, in config.json beside Chameleon's own keys (transformers keeps
 # an unknown key through loading and saving, so a fine-tuned copy inherits it). The released PURE has none.
 IMAGE_SIZE_KEY = "pure_lite_image_size"
+# The LQ -> HQ factor of the model's training pairs, beside it (absent: PURE's x4, components.PURE_SCALE).
+SCALE_KEY = "pure_lite_scale"
 
 
 @dataclass(frozen=True)
@@ -72,7 +74,15 @@ class CheckpointFiles:
         if not isinstance(size, int) or size <= 0 or size % GRID_PIXELS:
             raise CheckpointError(f"{self.config}: {IMAGE_SIZE_KEY} must be a positive multiple of {GRID_PIXELS}, "
                                   f"got {size!r}")
+        scale = config.get(SCALE_KEY, PURE_SCALE)
+        if not isinstance(scale, int) or isinstance(scale, bool) or scale < 1:
+            raise CheckpointError(f"{self.config}: {SCALE_KEY} must be a positive integer, got {scale!r}")
         return config
+
+
+def trained_scale(config: dict) -> int:
+    """The factor a checkpoint's model was trained for (``read_config`` checked it): restore warns below it."""
+    return config.get(SCALE_KEY, PURE_SCALE)
 
 
 def trained_image_size(config: dict) -> int:

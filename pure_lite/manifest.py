@@ -114,8 +114,9 @@ def check_structure(data: dict) -> None:
     model = _require(data, "model", dict, "")
     for key in _MODEL_INTS:
         _require(model, key, int, "model")
-    if "image_size" in model:
-        _require(model, "image_size", int, "model")
+    for key in ("image_size", "scale"):  # optional: absent in exports made before they were recorded
+        if key in model:
+            _require(model, key, int, "model")
     tokens = _require(data, "tokens", dict, "")
     _require(tokens, "tokenizer", str, "tokens")
     for key in _TOKEN_INTS:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Literal, Sequence
@@ -119,6 +120,35 @@ class Restorer:
 
         return cls(load_components(path, device=device, dtype=dtype, quantization=quantization, kv_cache=kv_cache))
 
+    def plan(self, image: images.ImageInput, *, scale: float = 4, target_size: int | None = None) -> TilePlan:
+        """Where the tiles of ``restore(image, scale=..., target_size=...)`` will lie, from the image's
+        size alone (nothing is decoded): its output size and number of tiles, what the work will cost.
+
+        ``target_size`` above the model's own side is refused: the model would write an image block
+        longer than any it was trained on (positions past its training, memory growing with the
+        square of the side) instead of tiling; ``scale`` covers any output with tiles of its side.
+        """
+        c = self.components
+        width, height = images.image_size(image)
+        if target_size is not None:
+            if target_size <= 0 or target_size % GRID_PIXELS:
+                raise ValueError(f"target_size must be a positive multiple of {GRID_PIXELS}, got {target_size}")
+            if target_size > c.image_size:
+                raise ValueError(f"target_size {target_size} is above the {c.image_size}x{c.image_size} squares this "
+                                 "model was trained to restore; use scale, which covers any output with tiles of "
+                                 "that size")
+            return TilePlan(output=(target_size, target_size), canvas=(target_size, target_size), tile=target_size,
+                            boxes=((0, 0, target_size, target_size),))
+        if not (scale > 0 and math.isfinite(scale)):
+            raise ValueError(f"scale must be a positive number, got {scale}")
+        out_w, out_h = max(1, round(width * scale)), max(1, round(height * scale))
+        if out_w * out_h > MAX_OUTPUT_PIXELS:
+            raise InvalidImageError(
+                f"a {width}x{height} input at scale {scale:g} would be {out_w}x{out_h} pixels, more than the "
+                f"{MAX_OUTPUT_PIXELS // 2**20} Mpx pixel limit; use a smaller scale or crop the photo"
+            )
+        return TilePlan.cover(out_w, out_h, c.image_size)
+
     def restore(
         self,
         image: images.ImageInput,
@@ -129,7 +159,7 @@ class Restorer:
         target_size: int | None = None,
         tile_batch: int = DEFAULT_TILE_BATCH,
         color_fix: bool = True,
-        progress: bool = False,
+        progress: bool | Callable[[int, int], None] = False,
         cancel: Callable[[], bool] | None = None,
     ) -> Restoration:
         """Restore ``image`` to ``scale`` times its width and height, any aspect ratio.
@@ -137,31 +167,23 @@ class Restorer:
         The output is covered by overlapping tiles of the model's own size, decoded
         ``tile_batch`` at a time; tile i samples with seed ``seed + i`` (None: fresh entropy),
         so a tile's result does not depend on the batch it was in. ``target_size`` instead
-        restores one target_size x target_size square of the whole input (PURE's own mode).
-        ``progress`` shows a bar over tiles; ``cancel`` is polled during decoding and True
-        stops it with GenerationCancelled.
+        restores one target_size x target_size square of the whole input (PURE's own mode), up
+        to the model's own side (``plan``). A ``scale`` below the factor the model was trained
+        for (``Components.trained_scale``: 4 for PURE and PURE-tiny) warns once: the model then
+        sees a sharper input than any it learnt from and smears it.
+
+        ``progress(tiles_done, tiles_total)`` is called with whole tiles: (0, total) once the
+        tiles are planned and encoded, before decoding, then after every batch of tiles
+        (``progress=True``: ``console.TileProgress`` on stderr). ``cancel`` is polled during
+        decoding and True stops it with GenerationCancelled.
         """
         c = self.components
         if tile_batch < 1:
             raise ValueError(f"tile_batch must be at least 1, got {tile_batch}")
-        width, height = images.image_size(image)
-        if target_size is not None:
-            if target_size <= 0 or target_size % GRID_PIXELS:
-                raise ValueError(f"target_size must be a positive multiple of {GRID_PIXELS}, got {target_size}")
-            plan = TilePlan(output=(target_size, target_size), canvas=(target_size, target_size), tile=target_size,
-                            boxes=((0, 0, target_size, target_size),))
-            decode_at = (target_size, target_size)
-        else:
-            if not (scale > 0 and math.isfinite(scale)):
-                raise ValueError(f"scale must be a positive number, got {scale}")
-            out_w, out_h = max(1, round(width * scale)), max(1, round(height * scale))
-            if out_w * out_h > MAX_OUTPUT_PIXELS:
-                raise InvalidImageError(
-                    f"a {width}x{height} input at scale {scale:g} would be {out_w}x{out_h} pixels, more than the "
-                    f"{MAX_OUTPUT_PIXELS // 2**20} Mpx pixel limit; use a smaller scale or crop the photo"
-                )
-            plan = TilePlan.cover(out_w, out_h, c.image_size)
-            decode_at = None
+        plan = self.plan(image, scale=scale, target_size=target_size)
+        decode_at = plan.output if target_size is not None else None
+        if target_size is None and scale < c.trained_scale:
+            warnings.warn(below_trained_scale(scale, c.trained_scale), UserWarning, stacklevel=2)
         c.layout.header(plan.tile, plan.tile)  # fails early if the vocabulary lacks this grid size
 
         timings: dict[str, float] = {"tiles": len(plan.boxes)}
@@ -174,23 +196,20 @@ class Restorer:
 
         canvas = Canvas(plan, LATENT_STRIDE)
         seeds = np.random.SeedSequence().spawn(len(plan.boxes)) if seed is None else [seed + i for i in range(len(plan.boxes))]
-        bar = None
-        if progress:
-            from tqdm.auto import tqdm
+        reporter = None
+        if progress is True:
+            from .console import TileProgress
 
-            bar = tqdm(total=len(plan.boxes), desc=f"restoring {len(plan.boxes)} tile(s)", unit="tile",
-                       bar_format="{l_bar}{bar}| {n:.1f}/{total} [{elapsed}<{remaining}]")
+            progress = reporter = TileProgress(f"restoring {len(plan.boxes)} tile(s)")
+        if progress:
+            progress(0, len(plan.boxes))
         tiles, tile_calls = [], 0
         try:
             for first in range(0, len(plan.boxes), tile_batch):
                 batch = range(first, min(first + tile_batch, len(plan.boxes)))
-                done_before = first
                 gens = generate_batch(
                     c.new_decoder(), [prompts[i] for i in batch], c.layout, plan.tile, sampling,
-                    [np.random.default_rng(seeds[i]) for i in batch], max_positions=c.max_positions,
-                    on_step=(lambda done, total: _advance_bar(bar, done_before + len(batch) * done / total))
-                    if bar is not None else None,
-                    cancel=cancel,
+                    [np.random.default_rng(seeds[i]) for i in batch], max_positions=c.max_positions, cancel=cancel,
                 )
                 t0 = time.perf_counter()
                 for i, gen in zip(batch, gens):
@@ -207,9 +226,11 @@ class Restorer:
                     timings[key] = timings.get(key, 0.0) + gens[0].timings[key]
                 timings["decoder_calls"] = timings.get("decoder_calls", 0) + gens[0].timings["batch_calls"]
                 tile_calls += sum(gen.timings["decoder_calls"] for gen in gens)
+                if progress:
+                    progress(batch.stop, len(plan.boxes))
         finally:
-            if bar is not None:
-                bar.close()
+            if reporter is not None:
+                reporter.close()
         codes = len(plan.boxes) * (plan.tile // LATENT_STRIDE) ** 2
         timings["image_steps_per_s"] = codes / max(timings["image_s"], 1e-9)
         timings["accepted_per_call"] = codes / max(tile_calls, 1)  # codes a tile commits per decoder call
@@ -235,5 +256,8 @@ def tile_prompt(components: Components, tile: np.ndarray) -> np.ndarray:
     return prompt_ids(c.tokenizer, c.layout, c.layout.encode_image(c.codec.encode(images.to_model_input(tile))))
 
 
-def _advance_bar(bar, position: float) -> None:
-    bar.update(position - bar.n)
+def below_trained_scale(scale: float, trained_scale: int) -> str:
+    """The warning for a ``scale`` below the model's own factor (shared by restore and the command line)."""
+    return (f"scale {scale:g} is below the x{trained_scale} this model was trained for: each tile's input is "
+            f"enlarged less than the model expects, and it comes back smeared, often worse than the photo "
+            f"given; restore at x{trained_scale} and downscale the result for a smaller output")
