@@ -7,13 +7,16 @@ scikit-image's "coffee" (resized to 640x480 first), each restored once at x4 wit
 (``tile_batch`` 4, seed 0) through ``Restorer.restore`` after a warm-up. The table's larger
 photos are extrapolated from the measured seconds per tile and their exact tile counts, and
 say so. The machine's load average is recorded beside the numbers: on a shared machine they
-move by tens of percent between runs.
+move a lot between runs, so the table also gives the rate of the same crop, model and tile batch
+measured on a quiet machine by benchmarks/tiles.py (benchmarks/results/tiles.json).
 
-    python benchmarks/time_per_megapixel.py
+    python benchmarks/time_per_megapixel.py [--from-json]   # --from-json: only rebuild the table
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
 import time
 import warnings
@@ -73,19 +76,34 @@ def _duration(seconds: float) -> str:
     return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min"
 
 
+def quiet_rate() -> dict:
+    """Seconds per tile of the same crop at tile_batch 4, from the tiles benchmark's last (quiet) run."""
+    tiles = json.loads((ROOT / "benchmarks" / "results" / "tiles.json").read_text())
+    return {"seconds_per_tile": 1 / tiles["pure_tiny"]["4"]["tiles_per_s"], "date": tiles["machine"]["date"],
+            "source": "benchmarks/results/tiles.json"}
+
+
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--from-json", action="store_true", help="rebuild the table from the saved results")
+    args = parser.parse_args()
     warnings.simplefilter("ignore", RuntimeWarning)
-    results = measure()
-    rows = ["| input (x4) | output | tiles | time | |", "| --- | --- | --- | --- | --- |"]
-    for r in results["measured"]:
+    saved = ROOT / "benchmarks" / "results" / "time_per_megapixel.json"
+    results = json.loads(saved.read_text()) if args.from_json else measure()
+    results.pop("machine", None)
+    results["quiet"] = quiet = quiet_rate()
+    loads = [r["load_average_1min"] for r in results["measured"]]
+    rows = [f"| input (x4) | output | tiles | quiet machine ({quiet['date']}) | this run (load {min(loads):.0f}-"
+            f"{max(loads):.0f} on {os.cpu_count()} cores) |", "| --- | --- | --- | --- | --- |"]
+    for r in results["measured"] + results["extrapolated"]:
+        measured = "seconds_per_tile" in r
         rows.append(f"| {r['input'][0]}x{r['input'][1]} | {r['output'][0]}x{r['output'][1]} | {r['tiles']} | "
-                    f"{_duration(r['seconds'])} | measured (load {r['load_average_1min']:.1f}) |")
-    for r in results["extrapolated"]:
-        rows.append(f"| {r['input'][0]}x{r['input'][1]} | {r['output'][0]}x{r['output'][1]} | {r['tiles']} | "
-                    f"~{_duration(r['seconds'])} | extrapolated |")
-    rows += ["", f"Rule of thumb: {results['seconds_per_tile']:.2f} s per tile, "
-                 f"{results['tiles_per_output_mpx']:.0f} tiles per output megapixel, so about "
-                 f"{results['seconds_per_tile'] * results['tiles_per_output_mpx'] / 60:.1f} min per output megapixel."]
+                    f"~{_duration(r['tiles'] * quiet['seconds_per_tile'])} | "
+                    f"{_duration(r['seconds'])}{'' if measured else ' (extrapolated)'} |")
+    per_mpx = results["tiles_per_output_mpx"]
+    rows += ["", f"Rule of thumb: {per_mpx:.0f} tiles per output megapixel; {quiet['seconds_per_tile']:.2f} s per "
+                 f"tile on a quiet machine (~{quiet['seconds_per_tile'] * per_mpx / 60:.0f} min per output "
+                 f"megapixel), {results['seconds_per_tile']:.1f} s per tile in this run."]
     report.write("time_per_megapixel", results, "\n".join(rows))
 
 

@@ -195,7 +195,19 @@ def _restore_many(args: argparse.Namespace) -> int:
     return 1 if report.count("failed") else 0
 
 
+EXPORT_NEEDS = ("torch", "transformers", "onnx", "onnxscript")  # what the [export] extra brings beyond [runtime]
+
+
 def _export(args: argparse.Namespace) -> int:
+    import importlib
+
+    for name in EXPORT_NEEDS:  # checked before any work, so a [runtime] install gets one line, not a traceback
+        try:
+            importlib.import_module(name)
+        except ImportError as exc:
+            raise MissingDependencyError(
+                f"export needs {name}, which is not installed: pip install torch==2.13.0 'pure-lite[export]' "
+                "(a [runtime] install serves exports but does not make them)") from exc
     from .export import build_tensorrt, export_onnx
     from .manifest import MANIFEST_FILE
 
@@ -354,7 +366,7 @@ def _eval(args: argparse.Namespace) -> int:
         raise PureLiteError(f"no LPIPS weights at {weights}")
     lpips = LPIPS(weights) if weights.is_file() else None
     restorer = _load_restorer(args.model, None)
-    report = evaluate(restorer, images, size=args.size, scale=args.scale, seed=args.seed, lpips=lpips,
+    report = evaluate(restorer, images, size=args.size, scale=args.scale, seed=args.seed, lpips=lpips, whole=args.whole,
                       progress=_tqdm(), model=args.model or "PURE-tiny (shipped with pure-lite)")
     json_path, md_path = write_report(report, args.output)
     print(report.markdown())
@@ -577,7 +589,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--model", help="checkpoint or exported folder (default: the shipped PURE-tiny demo)")
     ev.add_argument("--images", help="folder of HQ images (default: scikit-image's chelsea and coffee photos, "
                                      "held out from PURE-tiny's training)")
-    ev.add_argument("--size", type=int, default=None, help="HQ side in pixels (default: the model's own)")
+    ev.add_argument("--size", type=int, default=None,
+                    help="side of the square HQ crop each photo is cut to, degraded by --scale and restored back to "
+                         "it as `restore` does, in tiles of the model's own side (default: that side, one tile)")
+    ev.add_argument("--whole", action="store_true",
+                    help="restore each LQ crop as one --size square instead of tiles (PURE's own mode; --size at "
+                         "most the model's side)")
     ev.add_argument("--scale", type=int, default=4, help="degradation downscaling factor, HQ to LQ (default: 4)")
     ev.add_argument("--seed", type=int, default=0,
                     help="seed of degradation and sampling; image i uses seed + i (default: 0)")

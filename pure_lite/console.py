@@ -54,17 +54,25 @@ def captured_output(log: Path) -> Iterator[TextIO]:
 
 
 class StageBar:
-    """A progress callback for messages of the form "[k/N] what": a bar over the N stages that
-    shows the latest stage; any other message becomes the bar's postfix."""
+    """A progress callback for messages of the form "[k/N] what": on a terminal, a bar over the N
+    stages that shows the latest stage, any other message (the weights' "i/n tensors") becoming
+    its postfix; off a terminal, one line per stage and nothing else."""
 
     def __init__(self, stream: TextIO, *, disable: bool = False):
         from tqdm.auto import tqdm
 
-        self.bar = tqdm(total=1, file=stream, disable=disable, unit="stage", leave=False,
+        isatty = getattr(stream, "isatty", None)
+        self.stream = None if disable or (isatty and isatty()) else stream  # off a terminal: plain lines
+        self.bar = tqdm(total=1, file=stream, disable=disable or self.stream is not None, unit="stage", leave=False,
                         bar_format="{desc} |{bar:20}| {n_fmt}/{total_fmt} {postfix}")
 
     def __call__(self, message: str) -> None:
         stage = _STAGE.match(message)
+        if self.stream is not None:
+            if stage is not None:
+                self.stream.write(message.strip() + "\n")
+                self.stream.flush()
+            return
         if stage is None:
             self.bar.set_postfix_str(message.strip()[:60])
             return
