@@ -2,8 +2,8 @@
 
 ``TileProgress`` reports a restoration in whole tiles (or a restore-many run in tiles over all
 its workers) with a time left once some tiles have given a rate: redrawn in place on a terminal,
-and off a terminal (a log, a pipe) one line every ``LINE_STEP`` of the work, so a log gets a
-bounded number of lines however long the run.
+and off a terminal (a log, a pipe) one line per tenth of the work (``LINE_STEPS``), so a log gets
+at most 11 lines however long the run.
 
 Exporting runs torch.onnx, onnxscript, onnx_ir, transformers and ONNX Runtime's quantizer, which
 together print hundreds of lines (logging records, warnings, progress bars, C++ messages). The
@@ -91,7 +91,7 @@ class StageBar:
         self.close()
 
 
-LINE_STEP = 0.1  # off a terminal: a line each time another tenth of the tiles is done (at most 11 per run)
+LINE_STEPS = 10  # off a terminal: a line each time another tenth of the tiles is done (at most 11 per run)
 _REDRAW_S = 0.2  # on a terminal: redraw at most this often (and always at the end)
 
 
@@ -117,7 +117,7 @@ class TileProgress:
         self.terminal = bool(isatty and isatty())
         self.started: float | None = None
         self.done = self.total = 0
-        self.next_line = 0.0  # off a terminal: the fraction done at which the next line is written
+        self.next_step = 0  # off a terminal: the next line is written once done / total >= next_step / LINE_STEPS
         self.drawn = 0.0  # on a terminal: when the line was last redrawn
         self.width = 0
 
@@ -127,14 +127,13 @@ class TileProgress:
             self.started = now
         changed = (done, total) != (self.done, self.total)
         self.done, self.total = done, total
-        fraction = done / total if total else 1.0
         if self.terminal:
             if changed and (now - self.drawn >= _REDRAW_S or done >= total):
                 self._write("\r" + self._status(now), end="")
                 self.drawn = now
-        elif fraction >= self.next_line:
+        elif done * LINE_STEPS >= self.next_step * total:  # in integers: no rounding decides a line
             self._write(self._status(now))
-            self.next_line = (int(fraction / LINE_STEP + 1e-9) + 1) * LINE_STEP
+            self.next_step = (done * LINE_STEPS // total if total else LINE_STEPS) + 1
 
     def _status(self, now: float) -> str:
         elapsed = now - (self.started or now)

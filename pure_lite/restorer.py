@@ -64,10 +64,14 @@ class Restoration:
 
 
 class Restorer:
-    """A loaded PURE model. Stateless between calls: each ``restore`` starts from a fresh KV cache."""
+    """A loaded PURE model. Each ``restore`` starts from a fresh KV cache; the only state kept between calls
+    is which warnings were already given."""
 
     def __init__(self, components: Components):
         self.components = components
+        # scales below the model's factor already warned of: once per Restorer, not per image (Python's own
+        # once-per-location registry is reset whenever any code changes the warning filters)
+        self._warned_scales: set[float] = set()
 
     @classmethod
     def from_pretrained(
@@ -169,8 +173,8 @@ class Restorer:
         so a tile's result does not depend on the batch it was in. ``target_size`` instead
         restores one target_size x target_size square of the whole input (PURE's own mode), up
         to the model's own side (``plan``). A ``scale`` below the factor the model was trained
-        for (``Components.trained_scale``: 4 for PURE and PURE-tiny) warns once: the model then
-        sees a sharper input than any it learnt from and smears it.
+        for (``Components.trained_scale``: 4 for PURE and PURE-tiny) warns, once per Restorer: each
+        tile's input is then enlarged less than in the model's training, and it comes back smeared.
 
         ``progress(tiles_done, tiles_total)`` is called with whole tiles: (0, total) once the
         tiles are planned and encoded, before decoding, then after every batch of tiles
@@ -182,7 +186,8 @@ class Restorer:
             raise ValueError(f"tile_batch must be at least 1, got {tile_batch}")
         plan = self.plan(image, scale=scale, target_size=target_size)
         decode_at = plan.output if target_size is not None else None
-        if target_size is None and scale < c.trained_scale:
+        if target_size is None and scale < c.trained_scale and scale not in self._warned_scales:
+            self._warned_scales.add(scale)
             warnings.warn(below_trained_scale(scale, c.trained_scale), UserWarning, stacklevel=2)
         c.layout.header(plan.tile, plan.tile)  # fails early if the vocabulary lacks this grid size
 
