@@ -44,9 +44,9 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Callable, Literal
 
-from pure_lite.checkpoint import CheckpointFiles, load_vq_state_dict, trained_image_size
+from pure_lite.checkpoint import CheckpointFiles, load_vq_state_dict, trained_image_size, trained_scale
 from pure_lite.errors import PureLiteError
 from pure_lite.manifest import write_manifest
 from pure_lite.sampling import SamplingConfig
@@ -212,15 +212,16 @@ def export_onnx(
     image_size: int | None = None,
     opset: int = OPSET,
     overwrite: bool = False,
-    progress: bool = True,
+    progress: bool | Callable[[str], None] = True,
     streaming: bool = True,
 ) -> Path:
     """Export ``model_dir`` to ``out_dir``; the folder appears complete or not at all.
 
     ``image_size`` is the output side the model was trained for, recorded in the manifest as the
     runtime's default ``target_size``; None takes the checkpoint's own (a model trained by pure-lite
-    records it in config.json), else the released PURE's 512. ``progress`` prints the stages and a bar
-    over the weights.
+    records it in config.json), else the released PURE's 512. ``progress=True`` prints the stages
+    ("[k/4] what") and a bar over the weights; a callable receives each stage message instead, and
+    the weights' progress as "i/n tensors" messages (what the command line's stage bar shows).
 
     ``streaming`` (the default) traces weightless stand-ins and streams each weight from the
     checkpoint's shards into the graphs' data files: peak memory is about the largest single tensor
@@ -232,7 +233,7 @@ def export_onnx(
     if image_size is not None and (image_size <= 0 or image_size % GRID_PIXELS):
         raise ValueError(f"image_size must be a positive multiple of {GRID_PIXELS}, got {image_size}")
     qconfig = QuantizationConfig(weights=quantization, block_size=block_size)
-    say = print if progress else (lambda message: None)
+    say = progress if callable(progress) else print if progress else (lambda message: None)
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise PureLiteError(f"{out} exists and is not empty; pass overwrite=True (--overwrite) to replace it")
@@ -262,7 +263,7 @@ def export_onnx(
                 "num_hidden_layers": config["num_hidden_layers"], "num_attention_heads": config["num_attention_heads"],
                 "num_key_value_heads": heads, "head_dim": config["hidden_size"] // config["num_attention_heads"],
                 "max_position_embeddings": config["max_position_embeddings"], "kv_dtype": "float32",
-                "kv_contract": "split-cache-v1", "image_size": image_size,
+                "kv_contract": "split-cache-v1", "image_size": image_size, "scale": trained_scale(config),
             },
             "graphs": {
                 "decoder": {"file": DECODER_FILE, "positions": "all",
@@ -291,7 +292,7 @@ def export_onnx(
 
 
 def _stream_graphs(files: CheckpointFiles, work: Path, layout: TokenLayout, qconfig: QuantizationConfig, *,
-                   opset: int, say, progress: bool) -> None:
+                   opset: int, say, progress: bool | Callable[[str], None]) -> None:
     """Trace weightless stand-ins, then fill their weights tensor by tensor (``weight_stream``)."""
     from pure_lite.torch_backend.chameleon import UNUSED_WEIGHT_PREFIXES, TextHead
 
@@ -322,7 +323,7 @@ def _stream_graphs(files: CheckpointFiles, work: Path, layout: TokenLayout, qcon
     nbytes = sum(fill.source.nbytes(tensors) for _, _, fills, tensors in jobs for fill in fills)
     weights = "float32" if qconfig.weights is None else qconfig.weights
     say(f"[2/4] streaming {count} tensors ({nbytes / 1e9:.2f} GB) into the graphs' data files ({weights})")
-    bar = Progress(count, nbytes, progress)
+    bar = Progress(count, nbytes, progress is True, say=say if callable(progress) else None)
     try:
         for path, model, fills, tensors in jobs:
             write_graph(model, fills, tensors, path, bar)

@@ -238,17 +238,20 @@ def _chunks(fill: Fill, tensors: Tensors) -> list[tuple[int, int]]:
 
 
 class Progress:
-    """One bar over every graph of an export: checkpoint bytes read, with tensors done in the postfix."""
+    """One bar over every graph of an export: checkpoint bytes read, with tensors done in the postfix;
+    or, given ``say``, "i/n tensors" messages to a caller's own display (the command line's stage bar)."""
 
-    def __init__(self, tensors: int, nbytes: int, enabled: bool):
+    def __init__(self, tensors: int, nbytes: int, enabled: bool, say: Callable[[str], None] | None = None):
         from tqdm.auto import tqdm
 
-        self.tensors, self.done = tensors, 0
+        self.tensors, self.done, self.say = tensors, 0, say
         self.bar = tqdm(total=nbytes, unit="B", unit_scale=True, unit_divisor=1024, desc="weights",
                         disable=not enabled, dynamic_ncols=True)
 
     def update(self, nbytes: int, tensor_done: bool) -> None:
         self.done += tensor_done
+        if tensor_done and self.say is not None:
+            self.say(f"{self.done}/{self.tensors} tensors")
         self.bar.set_postfix_str(f"{self.done}/{self.tensors} tensors", refresh=False)
         self.bar.update(nbytes)
 

@@ -288,17 +288,22 @@ class RestoreWorker:
         except (PureLiteError, ValueError) as exc:  # ValueError: e.g. int4 asked of a CPU worker
             self.restorer, self.error = None, str(exc)
 
-    def ready(self) -> tuple[int, str, str | None]:
-        """(process id, node address, why the model did not load or None)."""
-        return os.getpid(), _ray().util.get_node_ip_address(), self.error
+    def ready(self) -> tuple[int, str, str | None, tuple[int, int] | None]:
+        """(process id, node address, why the model did not load or None, the model's (tile side, trained
+        scale) or None): the driver plans every image's tiles with them, for a progress in tiles."""
+        c = self.restorer.components if self.restorer is not None else None
+        return (os.getpid(), _ray().util.get_node_ip_address(), self.error,
+                None if c is None else (c.image_size, c.trained_scale))
 
-    def restore(self, name: str, data: bytes, seed: int, options: dict, provenance: dict) -> dict:
-        """Restore one image's bytes. Every error comes back as a value, so only a dying process fails the call."""
+    def restore(self, name: str, data: bytes, seed: int, options: dict, provenance: dict, tracker=None) -> dict:
+        """Restore one image's bytes. Every error comes back as a value, so only a dying process fails the call.
+        ``tracker`` (a ``TileTracker`` actor) hears of each batch of tiles done, without waiting for an answer."""
         from PIL.PngImagePlugin import PngInfo
 
+        progress = (lambda done, total: tracker.report.remote(name, done)) if tracker is not None else False
         t0 = time.perf_counter()
         try:
-            result = self.restorer.restore(data, seed=seed, **options)
+            result = self.restorer.restore(data, seed=seed, progress=progress, **options)
         except PureLiteError as exc:  # this image: unreadable, or decoding could not finish
             message = str(exc).replace("image bytes", name)  # images.py labels what it decoded "image bytes"
             return {"status": "failed", "error": message if name in message else f"{name}: {message}"}
@@ -313,6 +318,22 @@ class RestoreWorker:
         png = io.BytesIO()
         result.image.save(png, format="PNG", pnginfo=info, icc_profile=result.image.info.get("icc_profile"))
         return {"status": "done", "png": png.getvalue(), "seconds": seconds, "degradation": result.degradation}
+
+
+class TileTracker:
+    """A Ray actor (no CPU reserved) that collects the tiles each worker has done of the image it holds, so
+    the driver shows tiles done across all workers while images are still in progress."""
+
+    def __init__(self):
+        self.done: dict[str, int] = {}
+
+    def report(self, name: str, done: int) -> None:
+        self.done[name] = done
+
+    def take(self) -> dict[str, int]:
+        """The reports since the last call: image name -> tiles done."""
+        done, self.done = self.done, {}
+        return done
 
 
 class _Pool:
@@ -469,20 +490,24 @@ class _Run:
         self.seed, self.options, self.config = seed, restore_options, config
         self.settings_sha = _settings_sha256(journal.settings)
         self.progress, self.on_dispatch, self.quiet_ray = progress, on_dispatch, quiet_ray
-        self.restored = self.failed = 0
+        self.restored = self.failed = self.finished = 0
         self.deaths_in_a_row = 0
 
     def go(self, pending: list[Entry]) -> None:
-        from tqdm.auto import tqdm
+        from .console import TileProgress
 
         ray = self.ray = _ray()
         started_here = _connect(ray, self.config.address, self.quiet_ray)
-        self.bar = tqdm(total=len(pending), unit="img", desc="restoring", disable=not self.progress,
-                        bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}{postfix}]")
-        self.t0 = time.perf_counter()
+        self.pending = len(pending)
+        self.shown = TileProgress(self._label(), unit="tiles") if self.progress else None
+        self.tiles: dict[str, int] | None = None  # image -> its tiles, planned once a worker tells the tile side
+        self.tiles_done: dict[str, int] = {}
+        self.tracker = None
         self.pool = None
         try:
             count, gpus = _resolve_shape(ray, self.config, local=self.config.address is None)
+            if self.shown is not None:
+                self.tracker = ray.remote(TileTracker).options(num_cpus=0).remote()
             self.pool = _Pool(ray, self.model, count, gpus, self.config.cpus_per_worker,
                               self.journal.settings.get("load_options"))
             self.queue, self.idle = deque(pending), []
@@ -491,13 +516,18 @@ class _Run:
             while self.queue or self.running:
                 while self.idle and self.queue:
                     self._send(self.idle.pop(), self.queue.popleft())
-                ref = ray.wait(list(self.running) + list(self.pool.starting), num_returns=1)[0][0]
-                if ref in self.pool.starting:
-                    self._on_started(ref)
+                # with a progress display, wake up every second to show the tiles the workers report
+                ready = ray.wait(list(self.running) + list(self.pool.starting), num_returns=1,
+                                 timeout=None if self.tracker is None else 1.0)[0]
+                if not ready:
+                    self._show(ray.get(self.tracker.take.remote()))
+                elif ready[0] in self.pool.starting:
+                    self._on_started(ready[0])
                 else:
-                    self._on_result(ref)
+                    self._on_result(ready[0])
         finally:
-            self.bar.close()
+            if self.shown is not None:
+                self.shown.close()
             if self.pool is not None:
                 self.pool.stop()
             if started_here:
@@ -514,7 +544,8 @@ class _Run:
         entry = replace(entry, input_sha256=sha, attempts=entry.attempts + 1)
         self.journal.record(entry)  # the attempt counts from now: a kill of the whole run leaves it recorded
         provenance = {"input": entry.name, "input_sha256": sha, "settings_sha256": self.settings_sha}
-        ref = actor.restore.remote(entry.name, data, image_seed(self.seed, entry.name), self.options, provenance)
+        ref = actor.restore.remote(entry.name, data, image_seed(self.seed, entry.name), self.options, provenance,
+                                   self.tracker)
         self.running[ref] = (actor, entry)
         if self.on_dispatch is not None:
             self.on_dispatch(entry.name, self.workers[actor])
@@ -522,7 +553,7 @@ class _Run:
     def _on_started(self, ref) -> None:
         actor = self.pool.starting.pop(ref)
         try:
-            pid, node, error = self.ray.get(ref)
+            pid, node, error, model = self.ray.get(ref)
         except _worker_died(self.ray) as exc:
             self._on_death(exc)
             return
@@ -530,6 +561,8 @@ class _Run:
             raise PureLiteError(f"a worker could not load the model: {error}")
         self.workers[actor] = WorkerInfo(pid, node)
         self.idle.append(actor)
+        if self.tiles is None:
+            self._plan_tiles(*model)
 
     def _on_result(self, ref) -> None:
         actor, entry = self.running.pop(ref)
@@ -543,6 +576,7 @@ class _Run:
                 entry = replace(entry, error=why)
                 self.journal.record(entry)
                 self.queue.appendleft(entry)  # the next free worker takes it
+                self.tiles_done.pop(entry.name, None)  # its tiles start again
             self._on_death(exc)
             return
         self.deaths_in_a_row = 0
@@ -583,9 +617,46 @@ class _Run:
         entry = replace(entry, **changes)
         self.journal.record(entry)
         self.failed += entry.status == "failed"
-        self.bar.update(1)
-        minutes = (time.perf_counter() - self.t0) / 60
-        self.bar.set_postfix_str(f"{self.failed} failed, {self.restored / minutes:.1f} img/min")
+        self.finished += 1
+        if self.tiles is not None:  # a finished image's tiles are done, whether it was restored or failed
+            self.tiles_done[entry.name] = self.tiles.get(entry.name, 0)
+        self._show({})
+
+    def _plan_tiles(self, tile: int, trained_scale: int) -> None:
+        """Plan every pending image's tiles from its size (read from its header) and the model's tile side;
+        an image whose header cannot be read counts no tiles (it will fail). Warns of a scale below the
+        model's own factor here, in the driver, where it is seen once."""
+        import warnings
+
+        from .images import image_size
+        from .restorer import below_trained_scale
+        from .tiles import TilePlan
+
+        target, scale = self.options.get("target_size"), self.options.get("scale", 4)
+        if target is None and scale < trained_scale:
+            warnings.warn(below_trained_scale(scale, trained_scale), UserWarning, stacklevel=2)
+        self.tiles = {}
+        for entry in self.queue:
+            try:
+                w, h = image_size(self.input_dir / entry.name)
+            except Exception:  # unreadable now: its restoration will say why
+                self.tiles[entry.name] = 0
+                continue
+            self.tiles[entry.name] = 1 if target is not None else len(
+                TilePlan.cover(max(1, round(w * scale)), max(1, round(h * scale)), tile).boxes)
+        self._show({})
+
+    def _show(self, reports: dict[str, int]) -> None:
+        """Tiles done over all workers (``reports``: what the tracker heard since the last call)."""
+        running = {entry.name for _, entry in self.running.values()}
+        self.tiles_done.update({name: done for name, done in reports.items() if name in running})
+        if self.shown is None or self.tiles is None:
+            return
+        self.shown.label = self._label()
+        self.shown(sum(self.tiles_done.values()), sum(self.tiles.values()))
+
+    def _label(self) -> str:
+        return f"restore-many: {self.finished}/{self.pending} images ({self.failed} failed)"
 
 
 _DISK_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}

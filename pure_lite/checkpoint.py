@@ -20,9 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .atomic import atomic_path
-from .components import PURE_IMAGE_SIZE
+from .components import PURE_IMAGE_SIZE, PURE_SCALE
 from .errors import CheckpointError, MissingDependencyError
-from .model_dims import check_heads, check_image_size, check_int
+from .model_dims import check_heads, check_image_size, check_int, check_scale
 from .model_files import MAX_CONFIG_BYTES, MAX_INDEX_BYTES, check_folder_entries, confined, read_json, require_regular
 from .safetensors_header import read_header
 
@@ -35,6 +35,8 @@ WEIGHTS_INDEX_FILE = "model.safetensors.index.json"
 # The output side the model was trained for, in config.json beside Chameleon's own keys (transformers keeps
 # an unknown key through loading and saving, so a fine-tuned copy inherits it). The released PURE has none.
 IMAGE_SIZE_KEY = "pure_lite_image_size"
+# The LQ -> HQ factor of the model's training pairs, beside it (absent: PURE's x4, components.PURE_SCALE).
+SCALE_KEY = "pure_lite_scale"
 
 
 @dataclass(frozen=True)
@@ -95,6 +97,7 @@ class CheckpointFiles:
         check_int(str(self.config), "head_dim", config["hidden_size"] // heads)
         size = config.get(IMAGE_SIZE_KEY, PURE_IMAGE_SIZE)
         check_image_size(str(self.config), IMAGE_SIZE_KEY, size)
+        check_scale(str(self.config), SCALE_KEY, config.get(SCALE_KEY, PURE_SCALE))
         return config
 
     def weight_files(self) -> list[Path]:
@@ -142,6 +145,11 @@ class CheckpointFiles:
             raise CheckpointError(f"{self.config}: num_hidden_layers is {config['num_hidden_layers']}, the weights "
                                   f"hold {len(layers)} layers")
         return config
+
+
+def trained_scale(config: dict) -> int:
+    """The factor a checkpoint's model was trained for (``read_config`` checked it): restore warns below it."""
+    return config.get(SCALE_KEY, PURE_SCALE)
 
 
 def trained_image_size(config: dict) -> int:

@@ -145,11 +145,32 @@ def _restore(args: argparse.Namespace) -> int:
         _quiet_libraries()
     restorer = _load_restorer(args.model, args.device, quiet=args.quiet, quantize=args.quantize,
                               kv_cache=args.kv_cache)
+    side = restorer.components.image_size
+    if args.target_size is not None and args.target_size > side:
+        raise PureLiteError(f"--target-size {args.target_size} is above the {side}x{side} squares this model was "
+                            f"trained to restore (a longer image block than it ever wrote); use --scale, which "
+                            f"covers any output with {side}-px tiles")
 
     def restore(src: Path):
-        return restorer.restore(src, seed=args.seed, sampling=sampling, scale=args.scale,
-                                target_size=args.target_size, tile_batch=args.tile_batch,
-                                color_fix=not args.no_color_fix, progress=not args.quiet)
+        from .console import TileProgress
+        from .images import image_size
+
+        shown = None
+        if not args.quiet:  # what will happen, before anything is decoded
+            plan = restorer.plan(src, scale=args.scale, target_size=args.target_size)
+            (w, h), tiles = image_size(src), len(plan.boxes)
+            how = (f"one {plan.tile}x{plan.tile} square" if args.target_size is not None else
+                   f"x{args.scale:g} in {tiles} tile{'s' * (tiles > 1)} of {plan.tile} px, "
+                   f"{min(args.tile_batch, tiles)} at a time; the time left shows once the first are done")
+            print(f"{src}: {w}x{h} -> {plan.output[0]}x{plan.output[1]}, {how}", file=sys.stderr)
+            shown = TileProgress(src.name)
+        try:
+            return restorer.restore(src, seed=args.seed, sampling=sampling, scale=args.scale,
+                                    target_size=args.target_size, tile_batch=args.tile_batch,
+                                    color_fix=not args.no_color_fix, progress=shown or False)
+        finally:
+            if shown is not None:
+                shown.close()
 
     input_set = {p.resolve() for p in inputs if p.exists()}
     done = [_restore_one(src, dst, restore, overwrite=args.overwrite, inputs=input_set, quiet=args.quiet,
@@ -220,7 +241,19 @@ def _restore_many(args: argparse.Namespace) -> int:
     return 1 if report.count("failed") else 0
 
 
+EXPORT_NEEDS = ("torch", "transformers", "onnx", "onnxscript")  # what the [export] extra brings beyond [runtime]
+
+
 def _export(args: argparse.Namespace) -> int:
+    import importlib
+
+    for name in EXPORT_NEEDS:  # checked before any work, so a [runtime] install gets one line, not a traceback
+        try:
+            importlib.import_module(name)
+        except ImportError as exc:
+            raise MissingDependencyError(
+                f"export needs {name}, which is not installed: pip install torch==2.13.0 'pure-lite[export]' "
+                "(a [runtime] install serves exports but does not make them)") from exc
     from .export import build_tensorrt, export_onnx
     from .manifest import MANIFEST_FILE
 
@@ -390,7 +423,7 @@ def _eval(args: argparse.Namespace) -> int:
         raise PureLiteError(f"no LPIPS weights at {weights}")
     lpips = LPIPS(weights) if weights.is_file() else None
     restorer = _load_restorer(args.model, None)
-    report = evaluate(restorer, images, size=args.size, scale=args.scale, seed=args.seed, lpips=lpips,
+    report = evaluate(restorer, images, size=args.size, scale=args.scale, seed=args.seed, lpips=lpips, whole=args.whole,
                       progress=_tqdm(), model=args.model or "PURE-tiny (shipped with pure-lite)")
     json_path, md_path = write_report(report, args.output)
     print(report.markdown())
@@ -475,10 +508,13 @@ def build_parser() -> argparse.ArgumentParser:
                         f"g = 1 turns guidance off (default: {_DEFAULTS.cfg_scale}, PURE's)")
     r.add_argument("--scale", type=_positive_scale, default=4,
                    help="output = scale x the input's width and height, any aspect ratio, restored in overlapping "
-                        "tiles of the model's size (default: 4)")
+                        "tiles of the model's size (default: 4). Below the factor the model was trained for (x4 "
+                        "for PURE and PURE-tiny) it warns: each tile's input is enlarged less than the model "
+                        "expects and comes back smeared; restore at x4 and downscale instead")
     r.add_argument("--target-size", type=_image_side, default=None,
                    help="instead of --scale: restore the whole input as one square of this side, a multiple of 32, "
-                        "as PURE itself does (the model's own size is 512 for PURE, 128 for PURE-tiny)")
+                        "as PURE itself does, at most the model's own size (512 for PURE, 128 for PURE-tiny; "
+                        "larger is refused: use --scale)")
     r.add_argument("--tile-batch", type=int, default=DEFAULT_TILE_BATCH,
                    help=f"tiles decoded together in one batch (default: {DEFAULT_TILE_BATCH})")
     r.add_argument("--jacobi-window", type=int, default=_DEFAULTS.jacobi_window,
@@ -490,7 +526,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"limit on generated tokens (default: {_DEFAULTS.max_new_tokens})")
     r.add_argument("--no-color-fix", action="store_true", help="skip the wavelet colour fix")
     r.add_argument("-q", "--quiet", action="store_true",
-                   help="print only errors: no progress bar, no per-image lines, no PURE-tiny notice")
+                   help="print only errors: no plan, no progress, no per-image lines, no PURE-tiny notice "
+                        "(progress: whole tiles and a time left, redrawn on a terminal, a line every 10%% "
+                        "elsewhere)")
     r.set_defaults(func=_restore)
 
     from .batch import BASE_SEED, BatchConfig  # light: Ray is imported only when a run starts
@@ -523,13 +561,15 @@ def build_parser() -> argparse.ArgumentParser:
     rm.add_argument("--cfg", type=float, default=_DEFAULTS.cfg_scale,
                     help=f"classifier-free guidance scale, 1 = off (default: {_DEFAULTS.cfg_scale})")
     rm.add_argument("--scale", type=_positive_scale, default=4,
-                    help="output = scale x each input's width and height, restored in tiles (default: 4)")
+                    help="output = scale x each input's width and height, restored in tiles (default: 4; below "
+                         "the model's own factor, x4 for PURE and PURE-tiny, it warns, as restore does)")
     rm.add_argument("--tile-batch", type=int, default=DEFAULT_TILE_BATCH,
                     help=f"tiles decoded together in one batch (default: {DEFAULT_TILE_BATCH})")
     rm.add_argument("--jacobi-window", type=int, default=_DEFAULTS.jacobi_window,
                     help=f"speculative Jacobi decoding: draft codes per call, 0 = off (default: {_DEFAULTS.jacobi_window})")
     rm.add_argument("--target-size", type=_image_side, default=None,
-                    help="instead of --scale: restore each input as one square of this side")
+                    help="instead of --scale: restore each input as one square of this side, at most the "
+                         "model's own size")
     rm.add_argument("--no-color-fix", action="store_true", help="skip the wavelet colour fix")
     rm.add_argument("-q", "--quiet", action="store_true",
                     help="print only errors and the summary: no progress bar, no PURE-tiny notice, no Ray notices")
@@ -639,7 +679,12 @@ def build_parser() -> argparse.ArgumentParser:
                                     "(default: the shipped PURE-tiny demo)")
     ev.add_argument("--images", help="folder of HQ images (default: scikit-image's chelsea and coffee photos, "
                                      "held out from PURE-tiny's training)")
-    ev.add_argument("--size", type=int, default=None, help="HQ side in pixels (default: the model's own)")
+    ev.add_argument("--size", type=int, default=None,
+                    help="side of the square HQ crop each photo is cut to, degraded by --scale and restored back to "
+                         "it as `restore` does, in tiles of the model's own side (default: that side, one tile)")
+    ev.add_argument("--whole", action="store_true",
+                    help="restore each LQ crop as one --size square instead of tiles (PURE's own mode; --size at "
+                         "most the model's side)")
     ev.add_argument("--scale", type=int, default=4, help="degradation downscaling factor, HQ to LQ (default: 4)")
     ev.add_argument("--seed", type=int, default=0,
                     help="seed of degradation and sampling; image i uses seed + i (default: 0)")

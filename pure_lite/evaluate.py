@@ -1,7 +1,8 @@
 """``pure-lite eval``: restoration quality against plain bicubic upscaling, on degraded HQ images.
 
 Each HQ image is cropped square to ``size``, degraded with the training pipeline at a fixed
-seed (image i uses seed + i), restored, and compared with the HQ image beside the bicubic
+seed (image i uses seed + i), restored as ``restore`` does (back to ``size`` in tiles of the
+model's own side; ``whole=True``: as one square, PURE's own mode, at most the model's side), and compared with the HQ image beside the bicubic
 upscale of the same LQ input. PSNR and SSIM are computed on RGB in [0, 1] (SSIM: 11x11
 Gaussian window, sigma 1.5, per channel, averaged). LPIPS (AlexNet, ``pure_lite.lpips``) is
 computed when its converted weights are present (``pure-lite convert-lpips``). A metric that
@@ -78,7 +79,8 @@ class EvalReport:
                                                        for k in keys) + " |")
         setup = self.setup
         lines = [f"Model: {setup.get('model')} ({setup.get('backend')}); HQ side {setup.get('size')} px, "
-                 f"degraded x{setup.get('scale')}, seed {setup.get('seed')} (image i: seed + i).", "",
+                 f"degraded x{setup.get('scale')}, restored {setup.get('restored_as', 'as one square')}, "
+                 f"seed {setup.get('seed')} (image i: seed + i).", "",
                  "PSNR/SSIM on RGB in [0, 1]; LPIPS: AlexNet, lower is better.", "", *rows, ""]
         lines += [f"- {k.upper()}: {v}" for k, v in self.unavailable.items()]
         lines += [f"- degradation level correct ({k}): {v:.0%}" for k, v in self.degradation_accuracy.items()]
@@ -88,25 +90,31 @@ class EvalReport:
 def evaluate(restorer, images: list[Path], *, size: int | None = None, scale: int = 4, seed: int = 0,
              lpips: Callable[[np.ndarray, np.ndarray], float] | None = None,
              progress: Callable | None = None, model: str | None = None,
-             sampling: SamplingConfig = SamplingConfig()) -> EvalReport:
+             sampling: SamplingConfig = SamplingConfig(), whole: bool = False) -> EvalReport:
     """Degrade, restore and score every image at ``size`` (default: the model's own); ``lpips``
     (e.g. ``pure_lite.lpips.LPIPS()``) adds LPIPS. ``model`` names the model in the report;
-    ``sampling`` defaults to the reference's."""
+    ``sampling`` defaults to the reference's. The LQ image is restored back to ``size`` the way
+    ``restore`` does it, in tiles of the model's side (one tile when ``size`` is that side), so a
+    larger ``size`` measures what a user's larger photo gets; ``whole=True`` restores it as one
+    ``size`` square instead (``target_size``: PURE's own mode, refused above the model's side)."""
     from .images import load_image, resize
     from .prompt import parse_degradation_levels
     from .train.data import square_crop
     from .train.degrade import DegradationConfig, degrade
 
-    size = size or restorer.components.image_size
+    tile = restorer.components.image_size
+    size = size or tile
     report = EvalReport(setup={"model": model or "unnamed", "backend": restorer.components.description,
-                               "size": size, "scale": scale, "seed": seed})
+                               "size": size, "scale": scale, "seed": seed,
+                               "restored_as": "as one square" if whole else f"in tiles of {tile} px"})
     if lpips is not None:
         del report.unavailable["lpips"]
     hits: dict[str, list[bool]] = {"noise": [], "blur": [], "jpeg": []}
     for i, path in enumerate(progress(images, desc="evaluating", unit="image") if progress else images):
         hq = square_crop(load_image(path), size)
         degraded = degrade(hq, np.random.default_rng(seed + i), DegradationConfig(scale=scale))
-        result = restorer.restore(degraded.lq, seed=seed + i, target_size=size, sampling=sampling)
+        how = {"target_size": size} if whole else {"scale": size / degraded.lq.shape[1]}  # back to size x size
+        result = restorer.restore(degraded.lq, seed=seed + i, sampling=sampling, **how)
         out = np.asarray(result.image, dtype=np.float32) / 255.0
         bicubic = resize(degraded.lq, size)
         said = parse_degradation_levels(result.degradation)

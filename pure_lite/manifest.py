@@ -16,7 +16,7 @@ from pathlib import Path
 
 from .atomic import publish_folder_modes
 from .errors import ManifestError, MissingDependencyError
-from .model_dims import check_heads, check_image_size, check_int
+from .model_dims import check_heads, check_image_size, check_int, check_scale
 from .model_files import MAX_MANIFEST_BYTES, allowed_roots, read_json, require_regular
 
 MANIFEST_FILE = "pure_lite_manifest.json"
@@ -170,6 +170,8 @@ def check_structure(data: dict) -> None:
         check_int("field 'model'", key, _require(model, key, int, "model"), ManifestError)
     if "image_size" in model:
         check_image_size("field 'model'", "image_size", _require(model, "image_size", int, "model"), ManifestError)
+    if "scale" in model:  # optional, as image_size: absent in exports made before they were recorded
+        check_scale("field 'model'", "scale", _require(model, "scale", int, "model"), ManifestError)
     heads, kv_heads, head_dim = model.get("num_attention_heads"), model["num_key_value_heads"], model["head_dim"]
     if heads is not None:
         check_heads("field 'model'", check_int("field 'model'", "num_attention_heads", heads, ManifestError),

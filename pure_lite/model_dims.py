@@ -26,6 +26,7 @@ BOUNDS = {
     "codebook_size": (1, 1 << 20),
 }
 MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = GRID_PIXELS, MAX_GRID * GRID_PIXELS  # the sides the vocabulary can state
+MAX_SCALE = MAX_IMAGE_SIZE // GRID_PIXELS  # an LQ tile of at least one code
 
 
 def check_int(where: str, key: str, value, error: type[CheckpointError] = CheckpointError) -> int:
@@ -44,6 +45,13 @@ def check_image_size(where: str, key: str, value, error: type[CheckpointError] =
             or value % GRID_PIXELS:
         raise error(f"{where}: {key} must be a multiple of {GRID_PIXELS} between {MIN_IMAGE_SIZE} and "
                     f"{MAX_IMAGE_SIZE}, got {_show(value)}")
+    return value
+
+
+def check_scale(where: str, key: str, value, error: type[CheckpointError] = CheckpointError) -> int:
+    """A training pairs' LQ -> HQ factor: a whole number from 1 to MAX_SCALE."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_SCALE:
+        raise error(f"{where}: {key} must be an integer from 1 to {MAX_SCALE}, got {_show(value)}")
     return value
 
 

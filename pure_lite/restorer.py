@@ -14,6 +14,7 @@ import functools
 import math
 import threading
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Literal, Sequence
@@ -78,7 +79,8 @@ def _one_at_a_time_if_shared(restore):
 
 
 class Restorer:
-    """A loaded PURE model. Stateless between calls: each ``restore`` starts from a fresh KV cache.
+    """A loaded PURE model. Each ``restore`` starts from a fresh KV cache; the only state kept between calls
+    is which warnings were already given.
 
     Safe to share between threads. The ONNX runtime gives each call a decoder of its own (ONNX Runtime's
     sessions may be run from several threads), so calls overlap. The torch backend keeps one decoder (its
@@ -90,6 +92,9 @@ class Restorer:
     def __init__(self, components: Components):
         self.components = components
         self._lock = threading.Lock()
+        # scales below the model's factor already warned of: once per Restorer, not per image (Python's own
+        # once-per-location registry is reset whenever any code changes the warning filters)
+        self._warned_scales: set[float] = set()
 
     @classmethod
     def from_pretrained(
@@ -152,6 +157,32 @@ class Restorer:
 
         return cls(load_components(path, device=device, dtype=dtype, quantization=quantization, kv_cache=kv_cache))
 
+    def plan(self, image: images.ImageInput, *, scale: float = 4, target_size: int | None = None) -> TilePlan:
+        """Where the tiles of ``restore(image, scale=..., target_size=...)`` will lie, from the image's
+        size alone (nothing is decoded): its output size and number of tiles, what the work will cost.
+
+        ``target_size`` above the model's own side is refused: the model would write an image block
+        longer than any it was trained on (positions past its training, memory growing with the
+        square of the side) instead of tiling; ``scale`` covers any output with tiles of its side.
+        """
+        c = self.components
+        check_restore_options(scale=scale, target_size=target_size)
+        width, height = images.image_size(image)
+        if target_size is not None:
+            if target_size > c.image_size:
+                raise ValueError(f"target_size {target_size} is above the {c.image_size}x{c.image_size} squares this "
+                                 "model was trained to restore; use scale, which covers any output with tiles of "
+                                 "that size")
+            return TilePlan(output=(target_size, target_size), canvas=(target_size, target_size), tile=target_size,
+                            boxes=((0, 0, target_size, target_size),))
+        out_w, out_h = max(1, round(width * scale)), max(1, round(height * scale))
+        if out_w * out_h > MAX_OUTPUT_PIXELS:
+            raise InvalidImageError(
+                f"a {width}x{height} input at scale {scale:g} would be {out_w}x{out_h} pixels, more than the "
+                f"{MAX_OUTPUT_PIXELS // 2**20} Mpx pixel limit; use a smaller scale or crop the photo"
+            )
+        return TilePlan.cover(out_w, out_h, c.image_size)
+
     @_one_at_a_time_if_shared
     def restore(
         self,
@@ -163,7 +194,7 @@ class Restorer:
         target_size: int | None = None,
         tile_batch: int = DEFAULT_TILE_BATCH,
         color_fix: bool = True,
-        progress: bool = False,
+        progress: bool | Callable[[int, int], None] = False,
         cancel: Callable[[], bool] | None = None,
     ) -> Restoration:
         """Restore ``image`` to ``scale`` times its width and height, any aspect ratio.
@@ -171,31 +202,28 @@ class Restorer:
         The output is covered by overlapping tiles of the model's own size, decoded
         ``tile_batch`` at a time; tile i samples with seed ``seed + i`` (None: fresh entropy),
         so a tile's result does not depend on the batch it was in. ``target_size`` instead
-        restores one target_size x target_size square of the whole input (PURE's own mode).
-        ``progress`` shows a bar over tiles; ``cancel`` is polled during decoding and True
-        stops it with GenerationCancelled. The model restores colour; the output keeps what the input
-        had besides (alpha, grey, 16-bit grey, the colour profile; images.to_pil), and a file is read
-        upright as its EXIF orientation says.
+        restores one target_size x target_size square of the whole input (PURE's own mode), up
+        to the model's own side (``plan``). A ``scale`` below the factor the model was trained
+        for (``Components.trained_scale``: 4 for PURE and PURE-tiny) warns, once per Restorer: each
+        tile's input is then enlarged less than in the model's training, and it comes back smeared.
+        The model restores colour; the output keeps what the input had besides (alpha, grey, 16-bit
+        grey, the colour profile; images.to_pil), and a file is read upright as its EXIF orientation says.
+
+        ``progress(tiles_done, tiles_total)`` is called with whole tiles: (0, total) once the
+        tiles are planned and encoded, before decoding, then after every batch of tiles
+        (``progress=True``: ``console.TileProgress`` on stderr). ``cancel`` is polled during
+        decoding and True stops it with GenerationCancelled.
         """
         c = self.components
         if not isinstance(sampling, SamplingConfig):
             raise TypeError(f"sampling must be a SamplingConfig, got {type(sampling).__name__}; "
                             "for a dict d, pass SamplingConfig(**d)")
         check_restore_options(scale=scale, target_size=target_size, tile_batch=tile_batch)
-        width, height = images.image_size(image)
-        if target_size is not None:
-            plan = TilePlan(output=(target_size, target_size), canvas=(target_size, target_size), tile=target_size,
-                            boxes=((0, 0, target_size, target_size),))
-            decode_at = (target_size, target_size)
-        else:
-            out_w, out_h = max(1, round(width * scale)), max(1, round(height * scale))
-            if out_w * out_h > MAX_OUTPUT_PIXELS:
-                raise InvalidImageError(
-                    f"a {width}x{height} input at scale {scale:g} would be {out_w}x{out_h} pixels, more than the "
-                    f"{MAX_OUTPUT_PIXELS // 2**20} Mpx pixel limit; use a smaller scale or crop the photo"
-                )
-            plan = TilePlan.cover(out_w, out_h, c.image_size)
-            decode_at = None
+        plan = self.plan(image, scale=scale, target_size=target_size)
+        decode_at = plan.output if target_size is not None else None
+        if target_size is None and scale < c.trained_scale and scale not in self._warned_scales:
+            self._warned_scales.add(scale)
+            warnings.warn(below_trained_scale(scale, c.trained_scale), UserWarning, stacklevel=2)
         c.layout.header(plan.tile, plan.tile)  # fails early if the vocabulary lacks this grid size
 
         timings: dict[str, float] = {"tiles": len(plan.boxes)}
@@ -208,23 +236,20 @@ class Restorer:
 
         canvas = Canvas(plan, LATENT_STRIDE)
         seeds = np.random.SeedSequence().spawn(len(plan.boxes)) if seed is None else [seed + i for i in range(len(plan.boxes))]
-        bar = None
-        if progress:
-            from tqdm.auto import tqdm
+        reporter = None
+        if progress is True:
+            from .console import TileProgress
 
-            bar = tqdm(total=len(plan.boxes), desc=f"restoring {len(plan.boxes)} tile(s)", unit="tile",
-                       bar_format="{l_bar}{bar}| {n:.1f}/{total} [{elapsed}<{remaining}]")
+            progress = reporter = TileProgress(f"restoring {len(plan.boxes)} tile(s)")
+        if progress:
+            progress(0, len(plan.boxes))
         tiles, tile_calls = [], 0
         try:
             for first in range(0, len(plan.boxes), tile_batch):
                 batch = range(first, min(first + tile_batch, len(plan.boxes)))
-                done_before = first
                 gens = generate_batch(
                     c.new_decoder(), [prompts[i] for i in batch], c.layout, plan.tile, sampling,
-                    [np.random.default_rng(seeds[i]) for i in batch], max_positions=c.max_positions,
-                    on_step=(lambda done, total: _advance_bar(bar, done_before + len(batch) * done / total))
-                    if bar is not None else None,
-                    cancel=cancel,
+                    [np.random.default_rng(seeds[i]) for i in batch], max_positions=c.max_positions, cancel=cancel,
                 )
                 t0 = time.perf_counter()
                 for i, gen in zip(batch, gens):
@@ -241,9 +266,11 @@ class Restorer:
                     timings[key] = timings.get(key, 0.0) + gens[0].timings[key]
                 timings["decoder_calls"] = timings.get("decoder_calls", 0) + gens[0].timings["batch_calls"]
                 tile_calls += sum(gen.timings["decoder_calls"] for gen in gens)
+                if progress:
+                    progress(batch.stop, len(plan.boxes))
         finally:
-            if bar is not None:
-                bar.close()
+            if reporter is not None:
+                reporter.close()
         codes = len(plan.boxes) * (plan.tile // LATENT_STRIDE) ** 2
         timings["image_steps_per_s"] = codes / max(timings["image_s"], 1e-9)
         timings["accepted_per_call"] = codes / max(tile_calls, 1)  # codes a tile commits per decoder call
@@ -282,5 +309,8 @@ def tile_prompt(components: Components, tile: np.ndarray) -> np.ndarray:
     return prompt_ids(c.tokenizer, c.layout, c.layout.encode_image(c.codec.encode(images.to_model_input(tile))))
 
 
-def _advance_bar(bar, position: float) -> None:
-    bar.update(position - bar.n)
+def below_trained_scale(scale: float, trained_scale: int) -> str:
+    """The warning for a ``scale`` below the model's own factor (shared by restore and the command line)."""
+    return (f"scale {scale:g} is below the x{trained_scale} this model was trained for: each tile's input is "
+            f"enlarged less than the model expects, and it comes back smeared, often worse than the photo "
+            f"given; restore at x{trained_scale} and downscale the result for a smaller output")

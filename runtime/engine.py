@@ -17,7 +17,7 @@ from typing import Sequence
 
 import numpy as np
 
-from pure_lite.components import PURE_IMAGE_SIZE, Components
+from pure_lite.components import PURE_IMAGE_SIZE, PURE_SCALE, Components
 from pure_lite.errors import GenerationError, ManifestError, MissingDependencyError
 from pure_lite.manifest import Manifest
 from pure_lite.prompt import TextTokenizer
@@ -266,5 +266,6 @@ def load_components(export_dir: str | Path, *, providers: Sequence[str] | None =
         new_decoder=lambda: OnnxDecoder(lm_sessions, manifest, device),
         max_positions=manifest.model["max_position_embeddings"],
         image_size=manifest.model.get("image_size", PURE_IMAGE_SIZE),
+        trained_scale=manifest.model.get("scale", PURE_SCALE),
         description=f"onnxruntime ({', '.join(chosen)}; weights {manifest.quantization})",
     )

@@ -181,8 +181,12 @@ def test_export_shows_a_bar_and_a_summary_not_the_libraries_logs(cli_export_comp
     result, out = cli_export_compact_int8  # `pure-lite export COPY -o OUT --quant int8 --block-size 32`
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith(f"exported {out}: ") and len(result.stdout.splitlines()) == 1
-    for noise in ("onnx_ir", "Warning", "torchvision", "Loading weights", "[torch.onnx]", "[1/4]"):
+    for noise in ("onnx_ir", "Warning", "torchvision", "Loading weights", "[torch.onnx]"):
         assert noise not in result.stderr + result.stdout, noise
+    # off a terminal the stage bar is one line per stage, named, in order (on one, a bar: test_progress.py)
+    stages = result.stderr.splitlines()
+    assert [line[:5] for line in stages] == ["[1/4]", "[2/4]", "[3/4]", "[4/4]"], result.stderr
+    assert "streaming" in stages[1] and "manifest" in stages[3]
     assert Manifest.load(out).quantization == "int8"
     assert Manifest.load(out).model["image_size"] == 64  # what the checkpoint records, with no --image-size
     # readable by others as a plain mkdir/open would make it (0755/0644 under umask 022), not 0700/0600
@@ -258,3 +262,11 @@ def test_python_warnings_are_one_line():
             "cli._restore = restore\nsys.exit(cli.main(['restore', 'x.png', '-o', 'y.png']))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and result.stderr == "warning: RuntimeWarning: overflow encountered in exp\n"
+
+
+def test_export_without_torch_names_the_export_extra_in_one_line(tmp_path):
+    result = _run("export", tmp_path, "-o", tmp_path / "out", without="torch")  # as in a [runtime] install
+    errors = _errors(result)
+    assert result.returncode == 2 and len(errors) == 1 and result.stderr.strip() == errors[0]
+    assert "export needs torch" in errors[0] and "pure-lite[export]" in errors[0]
+    assert not (tmp_path / "out").exists()

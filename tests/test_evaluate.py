@@ -31,7 +31,9 @@ def test_eval_reports_unavailable_metrics_as_unavailable(tiny_compact, tmp_path)
     a, _ = _pair()
     path = tmp_path / "card.png"
     Image.fromarray((a * 255).astype(np.uint8)).save(path)
-    report = evaluate(Restorer.from_pretrained(tiny_compact), [path], size=64, scale=2, seed=3, model="tiny-model")
+    # whole: one 64 square (this checkpoint records no side, so its tiles would be PURE's 512)
+    report = evaluate(Restorer.from_pretrained(tiny_compact), [path], size=64, scale=2, seed=3, model="tiny-model",
+                      whole=True)
     assert report.unavailable == UNAVAILABLE
     assert "lpips" not in report.mean and np.isfinite(report.mean["bicubic_psnr"])
     assert set(report.degradation_accuracy) == {"noise", "blur", "jpeg"}
@@ -44,7 +46,7 @@ def test_eval_reports_unavailable_metrics_as_unavailable(tiny_compact, tmp_path)
     assert {k: saved[k] for k in ("model", "size", "scale", "seed")} == {"model": "tiny-model", "size": 64,
                                                                          "scale": 2, "seed": 3}
     assert saved["backend"].startswith("torch (cpu")
-    assert md_path.read_text().startswith("Model: tiny-model (torch (cpu, float32)); HQ side 64 px, degraded x2, seed 3")
+    assert md_path.read_text().startswith("Model: tiny-model (torch (cpu, float32)); HQ side 64 px, degraded x2, restored as one square, seed 3")
 
 
 def test_eval_reports_lpips_when_a_metric_is_given(tiny_compact, tmp_path):
@@ -61,9 +63,36 @@ def test_eval_reports_lpips_when_a_metric_is_given(tiny_compact, tmp_path):
         calls.append(x.shape)
         return float(np.abs(x - y).mean())
 
-    report = evaluate(Restorer.from_pretrained(tiny_compact), [path], size=64, scale=2, seed=0, lpips=fake_lpips)
+    report = evaluate(Restorer.from_pretrained(tiny_compact), [path], size=64, scale=2, seed=0, lpips=fake_lpips,
+                      whole=True)
     assert calls == [(64, 64, 3), (64, 64, 3)]  # the restoration and the bicubic upscale
     assert "lpips" not in report.unavailable and "niqe" in report.unavailable
     assert report.mean["lpips"] == pytest.approx(report.images[0]["lpips"])
     assert report.images[0]["bicubic_lpips"] != report.images[0]["lpips"]
     assert "LPIPS" in report.markdown()
+
+
+def test_eval_restores_in_tiles_of_the_models_side_as_restore_does(tiny_compact, tmp_path):
+    """A crop larger than the model's side is restored in tiles, as `restore` would do it, not as one square
+    beyond the side the model was trained at (which is refused when asked for with whole=True)."""
+    import dataclasses
+
+    from PIL import Image
+
+    from pure_lite import Restorer, SamplingConfig
+
+    a, _ = _pair()
+    path = tmp_path / "card.png"
+    Image.fromarray((a * 255).astype(np.uint8)).save(path)
+    loaded = Restorer.from_pretrained(tiny_compact)
+    # the same weights, taken to be trained at 32 px and x2: tiles of 4 x 4 codes keep this cheap
+    restorer = Restorer(dataclasses.replace(loaded.components, image_size=32, trained_scale=2))
+    results = []
+    restore = restorer.restore
+    restorer.restore = lambda *args, **kwargs: results.append(restore(*args, **kwargs)) or results[-1]
+    fast = SamplingConfig(max_text_tokens=2)
+    report = evaluate(restorer, [path], size=64, scale=2, seed=0, sampling=fast)
+    assert results[0].image.size == (64, 64) and len(results[0].tiles) == 9  # 3 x 3 tiles of 32 px over 64 px
+    assert report.setup["restored_as"] == "in tiles of 32 px" and "restored in tiles of 32 px" in report.markdown()
+    with pytest.raises(ValueError, match="target_size 64 is above the 32x32 squares"):
+        evaluate(restorer, [path], size=64, scale=2, seed=0, sampling=fast, whole=True)

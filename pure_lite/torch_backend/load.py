@@ -7,7 +7,7 @@ from typing import Literal, get_args
 import numpy as np
 import torch
 
-from ..checkpoint import CheckpointFiles, load_vq_state_dict, trained_image_size
+from ..checkpoint import CheckpointFiles, load_vq_state_dict, trained_image_size, trained_scale
 from ..components import Components
 from ..errors import CheckpointError
 from ..prompt import TextTokenizer
@@ -80,5 +80,6 @@ def load_components(path, *, device: str = "cpu", dtype: torch.dtype | None = No
         max_positions=config["max_position_embeddings"],
         description=f"torch ({', '.join(details)})",
         image_size=trained_image_size(config),
+        trained_scale=trained_scale(config),
         shares_decoder=True,
     )
