@@ -143,6 +143,14 @@ def _restore(args: argparse.Namespace) -> int:
     return 0 if all(done) else 1
 
 
+def _demo(args: argparse.Namespace) -> int:
+    from .demo import serve
+
+    serve(lambda: _load_restorer(args.model, args.device), args.model, host=args.host, port=args.port,
+          share=args.share)
+    return 0
+
+
 def _restore_many(args: argparse.Namespace) -> int:
     from .batch import BatchConfig, restore_many
     from .journal import JOURNAL_FILE
@@ -411,6 +419,15 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("-q", "--quiet", action="store_true",
                    help="print only errors: no progress bar, no per-image lines, no PURE-tiny notice")
     r.set_defaults(func=_restore)
+
+    dm = sub.add_parser("demo", help="serve a web page to restore photos and see what the model wrote (needs [demo])")
+    dm.add_argument("--model", help="PURE checkpoint folder or pure-lite export (default: the shipped PURE-tiny demo)")
+    dm.add_argument("--host", default="127.0.0.1",
+                    help="address to listen on (default: 127.0.0.1, this machine only; 0.0.0.0: every network)")
+    dm.add_argument("--port", type=int, default=7860, help="port to listen on (default: 7860)")
+    dm.add_argument("--device", default=None, help="as for restore: the torch device, or cpu/cuda for an export")
+    dm.add_argument("--share", action="store_true", help="also open a public gradio.live link (default: none)")
+    dm.set_defaults(func=_demo)
 
     from .batch import BASE_SEED, BatchConfig  # light: Ray is imported only when a run starts
 

@@ -131,6 +131,7 @@ class Restorer:
         color_fix: bool = True,
         progress: bool = False,
         cancel: Callable[[], bool] | None = None,
+        on_progress: Callable[[float, int], None] | None = None,
     ) -> Restoration:
         """Restore ``image`` to ``scale`` times its width and height, any aspect ratio.
 
@@ -138,8 +139,10 @@ class Restorer:
         ``tile_batch`` at a time; tile i samples with seed ``seed + i`` (None: fresh entropy),
         so a tile's result does not depend on the batch it was in. ``target_size`` instead
         restores one target_size x target_size square of the whole input (PURE's own mode).
-        ``progress`` shows a bar over tiles; ``cancel`` is polled during decoding and True
-        stops it with GenerationCancelled.
+        ``progress`` shows a bar over tiles; ``on_progress(tiles_done, tiles)`` is called as the
+        image codes are decoded, ``tiles_done`` a fraction of the tiles (a batch advances its tiles
+        together), so a caller can draw its own bar and estimate the time left before the first
+        tile is finished. ``cancel`` is polled during decoding and True stops it with GenerationCancelled.
         """
         c = self.components
         if tile_batch < 1:
@@ -181,6 +184,13 @@ class Restorer:
             bar = tqdm(total=len(plan.boxes), desc=f"restoring {len(plan.boxes)} tile(s)", unit="tile",
                        bar_format="{l_bar}{bar}| {n:.1f}/{total} [{elapsed}<{remaining}]")
         tiles, tile_calls = [], 0
+
+        def report(position: float) -> None:
+            if bar is not None:
+                _advance_bar(bar, position)
+            if on_progress is not None:
+                on_progress(position, len(plan.boxes))
+
         try:
             for first in range(0, len(plan.boxes), tile_batch):
                 batch = range(first, min(first + tile_batch, len(plan.boxes)))
@@ -188,8 +198,8 @@ class Restorer:
                 gens = generate_batch(
                     c.new_decoder(), [prompts[i] for i in batch], c.layout, plan.tile, sampling,
                     [np.random.default_rng(seeds[i]) for i in batch], max_positions=c.max_positions,
-                    on_step=(lambda done, total: _advance_bar(bar, done_before + len(batch) * done / total))
-                    if bar is not None else None,
+                    on_step=(lambda done, total: report(done_before + len(batch) * done / total))
+                    if bar is not None or on_progress is not None else None,
                     cancel=cancel,
                 )
                 t0 = time.perf_counter()
