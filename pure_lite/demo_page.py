@@ -140,17 +140,17 @@ class DemoServer:
         self._lock = threading.Lock()  # the Restorer holds one decoder: never two restorations at once
         self._running: dict[str, threading.Event] = {}  # session -> its restoration's cancel flag
 
-    def check(self, photo: str | None) -> tuple[str | None, str]:
+    def check(self, photo: str | None) -> str:
         """On upload: the photo's size, or why it cannot be restored (read from the header; nothing decoded)."""
         if photo is None:
-            return None, ""
+            return ""
         path = Path(photo)
         try:
             _check_not_empty(path)
             width, height = images.image_size(path)  # a non-image fails here, from its header
         except (PureLiteError, OSError) as exc:
-            return None, f"**error:** {_escape(_message(exc, path))}"
-        return str(path), f"{_escape(path.name)}: {width}×{height} pixels"
+            return f"**error:** {_escape(_message(exc, path))}"
+        return f"{_escape(path.name)}: {width}×{height} pixels"
 
     def restore(self, photo: str | None, mode: str, scale: float, target_size: float, seed: float,
                 temperature: float, cfg: float, jacobi_window: float, tile_batch: float,
@@ -236,7 +236,7 @@ def build_page(server: DemoServer) -> gr.Blocks:
                     gr.Examples([[str(EXAMPLE)]], inputs=[photo], label="Example (96×64)")
                 status = gr.Markdown(elem_id="status")
                 mode = gr.Radio(MODES, value="scale", label="Output size")
-                scale = gr.Slider(1, 8, value=4, step=0.5, label="Scale")
+                scale = gr.Slider(1, 8, value=4, step=0.5, label="Scale", elem_id="scale")
                 target_size = gr.Number(c.image_size, precision=0, step=32, minimum=32,
                                         label="Target size (a multiple of 32)")
                 with gr.Row():
@@ -258,11 +258,11 @@ def build_page(server: DemoServer) -> gr.Blocks:
                     download = gr.File(label="Restored PNG (full resolution)", elem_id="download")
                 text = gr.Markdown(elem_id="model-text")
                 timings = gr.Markdown(elem_id="timings")
-        photo.change(server.check, inputs=[photo], outputs=[photo, status], api_visibility="private")
+        photo.change(server.check, inputs=[photo], outputs=[status], api_visibility="private")
         event = restore_button.click(
             server.restore, inputs=[photo, mode, scale, target_size, seed, temperature, cfg, jacobi, tile_batch],
             outputs=[comparison, download, entropy, text, timings, status], api_name="restore",
-            concurrency_limit=1, concurrency_id="model")
+            concurrency_limit=1, concurrency_id="model", show_progress_on=[comparison])
         cancel_button.click(server.cancel, outputs=[status], cancels=[event], queue=False, api_visibility="private")
     return page
 
