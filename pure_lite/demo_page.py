@@ -35,6 +35,7 @@ from .tiles import DEFAULT_TILE_BATCH
 # the README's example photo; present in a checkout (an editable install), not in a wheel
 EXAMPLE = Path(__file__).parents[1] / "examples" / "images" / "photo.png"
 MAX_UPLOAD = "50mb"  # Gradio refuses larger uploads before they reach the model
+CANCEL_WAIT_S = 30  # a decoding step polls the cancel flag; the text stage every 16 tokens
 OUTPUT_MAX_AGE_S = 3600  # restored PNGs older than this are deleted (a long-running server does not fill its disk)
 MODES = [("scale × the photo", "scale"), ("one square of target size (PURE's own mode)", "target_size")]
 _DEFAULTS = SamplingConfig()
@@ -102,7 +103,8 @@ def timing_text(result: Restoration, waited_s: float, total_s: float) -> str:
         ("VQ decode", "decode_image_s")) if key in t)
     return (f"### Timings\n\n{int(t['tiles'])} tile(s) in {total_s:.1f} s (waited {waited_s:.1f} s for the model): "
             f"{stages}  \n{t['image_steps_per_s']:.1f} image codes per second, {int(t['decoder_calls'])} decoder "
-            f"calls, {t['accepted_per_call']:.2f} codes per call per tile")
+            f"calls, {t['accepted_per_call']:.2f} codes per call per tile  \nsampler entropy "
+            f"{result.entropy.min():.1f} (dark) to {result.entropy.max():.1f} (bright) nats per code")
 
 
 def _eta(seconds: float) -> str:
@@ -194,12 +196,17 @@ class DemoServer:
                 timing_text(result, started - queued, total), status)
 
     def cancel(self, request: gr.Request) -> str:
-        """Stop this browser's restoration at its next decoding step (a queued one Gradio drops itself)."""
-        flag = self._running.get(request.session_hash or "")
+        """Stop this browser's restoration at its next decoding step and wait for it to stop (a queued one
+        Gradio drops itself)."""
+        session = request.session_hash or ""
+        flag = self._running.get(session)
         if flag is None:
             return "Nothing to cancel."
         flag.set()
-        return "Cancelling..."
+        deadline = time.monotonic() + CANCEL_WAIT_S
+        while self._running.get(session) is flag and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return "Cancelled." if self._running.get(session) is not flag else "Cancelling..."
 
     def _write(self, image: Image.Image, source: Path) -> Path:
         """The full-resolution PNG in a folder of its own (names never collide); old ones are deleted."""

@@ -1,8 +1,8 @@
 """``pure-lite demo``: the page driven by a real browser (Debian's chromium through Selenium) and through
 Gradio's API, against one server started as a user starts it, with the shipped PURE-tiny.
 
-Budget: one server and one browser for the module; three restorations on the server (the example at
-scale 2, two tiles in one batch; twice a 32x32 crop, one tile) and one in this process.
+Budget: one server and one browser for the module; on the server, the example at scale 2 (two tiles in one
+batch), a 32x32 crop (one tile) twice and once cancelled after a few steps; the crop once in this process.
 """
 
 from __future__ import annotations
@@ -230,7 +230,7 @@ def test_browser_restores_the_example_and_shows_what_the_model_wrote(server, bro
     assert Image.open(tmp_path / "demo.png").size[0] > 0
 
 
-def test_browser_reports_a_non_image_and_the_next_restoration_works(server, browser, tmp_path):
+def test_browser_reports_a_non_image_and_after_it_and_a_cancel_the_next_restoration_works(server, browser, tmp_path):
     _open_page(browser, server)
     fake = tmp_path / "notes.png"
     fake.write_text("this is a text file with an image's name\n")
@@ -246,6 +246,12 @@ def test_browser_reports_a_non_image_and_the_next_restoration_works(server, brow
 
     crop = _crop(tmp_path)
     assert "32×32 pixels" in _upload(browser, crop)
+    browser.find_element(By.ID, "restore").click()  # cancelled once its tile is being decoded
+    _wait(lambda: "tile 1 of 1" in _page_text(browser), RESTORE_TIMEOUT_S, "the progress bar")
+    browser.find_element(By.ID, "cancel").click()
+    _wait(lambda: _text(browser, "status") == "Cancelled.", 60, "the cancellation")
+    assert not browser.find_elements(By.CSS_SELECTOR, "#download a[download]")
+
     _restore(browser, "corner_restored.png")
     assert _download(browser, "corner_restored.png").size == (128, 128)
 
