@@ -300,7 +300,7 @@ class RestoreWorker:
         ``tracker`` (a ``TileTracker`` actor) hears of each batch of tiles done, without waiting for an answer."""
         from PIL.PngImagePlugin import PngInfo
 
-        progress = (lambda done, total: tracker.report.remote(name, done)) if tracker is not None else False
+        progress = _whole_tiles(lambda done: tracker.report.remote(name, done)) if tracker is not None else False
         t0 = time.perf_counter()
         try:
             result = self.restorer.restore(data, seed=seed, progress=progress, **options)
@@ -657,6 +657,19 @@ class _Run:
 
     def _label(self) -> str:
         return f"restore-many: {self.finished}/{self.pending} images ({self.failed} failed)"
+
+
+def _whole_tiles(report: Callable[[int], object]) -> Callable[[float, int], None]:
+    """``restore``'s progress (fractions of tiles) as calls of ``report`` only when a whole tile more is done:
+    one message to the tracker per tile, not per decoding step."""
+    last = [0]
+
+    def progress(done: float, total: int) -> None:
+        if int(done) > last[0]:
+            last[0] = int(done)
+            report(last[0])
+
+    return progress
 
 
 _DISK_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}

@@ -204,6 +204,14 @@ def _one_line_warnings() -> None:
     warnings.formatwarning = one_line
 
 
+def _demo(args: argparse.Namespace) -> int:
+    from .demo import serve
+
+    serve(lambda: _load_restorer(args.model, args.device), args.model, host=args.host, port=args.port,
+          share=args.share)
+    return 0
+
+
 def _restore_many(args: argparse.Namespace) -> int:
     from .batch import BatchConfig, restore_many
     from .journal import JOURNAL_FILE
@@ -530,6 +538,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "(progress: whole tiles and a time left, redrawn on a terminal, a line every 10%% "
                         "elsewhere)")
     r.set_defaults(func=_restore)
+
+    dm = sub.add_parser("demo", help="serve a web page to restore photos and see what the model wrote (needs [demo])")
+    dm.add_argument("--model", help="PURE checkpoint folder or pure-lite export, or a Hugging Face Hub id "
+                                    "org/name[@revision] (default: the shipped PURE-tiny demo)")
+    dm.add_argument("--host", default="127.0.0.1",
+                    help="address to listen on (default: 127.0.0.1, this machine only; 0.0.0.0: every network)")
+    dm.add_argument("--port", type=int, default=7860, help="port to listen on (default: 7860)")
+    dm.add_argument("--device", default=None, help="as for restore: the torch device, or cpu/cuda for an export")
+    dm.add_argument("--share", action="store_true", help="also open a public gradio.live link (default: none)")
+    dm.set_defaults(func=_demo)
 
     from .batch import BASE_SEED, BatchConfig  # light: Ray is imported only when a run starts
 

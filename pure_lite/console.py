@@ -107,8 +107,11 @@ def duration(seconds: float) -> str:
 
 class TileProgress:
     """A ``progress(tiles_done, tiles_total)`` callback that shows whole tiles done, the time spent
-    and, once some tiles are done, the time left at the rate so far (started at the first call,
-    so a model's loading does not count). Repeated calls with the same count cost nothing."""
+    and, once some work is done, the time left at the rate so far (started at the first call,
+    so a model's loading does not count). ``tiles_done`` may be fractional (``Restorer.restore``
+    reports a batch's tiles advancing together): the count shown is whole, the estimate uses the
+    fraction, so it appears before the first tile is finished. Calls between redraws or lines cost
+    nothing but a comparison."""
 
     def __init__(self, label: str, stream: TextIO | None = None, *, unit: str = "tiles"):
         self.label, self.unit = label, unit
@@ -121,7 +124,7 @@ class TileProgress:
         self.drawn = 0.0  # on a terminal: when the line was last redrawn
         self.width = 0
 
-    def __call__(self, done: int, total: int) -> None:
+    def __call__(self, done: float, total: int) -> None:
         now = time.perf_counter()
         if self.started is None:
             self.started = now
@@ -133,13 +136,13 @@ class TileProgress:
                 self.drawn = now
         elif done * LINE_STEPS >= self.next_step * total:  # in integers: no rounding decides a line
             self._write(self._status(now))
-            self.next_step = (done * LINE_STEPS // total if total else LINE_STEPS) + 1
+            self.next_step = (int(done * LINE_STEPS // total) if total else LINE_STEPS) + 1
 
     def _status(self, now: float) -> str:
         elapsed = now - (self.started or now)
-        line = f"{self.label}: {self.done}/{self.total} {self.unit}"
+        line = f"{self.label}: {int(self.done)}/{self.total} {self.unit}"
         if self.total:
-            line += f" ({100 * self.done // self.total}%)"
+            line += f" ({int(100 * self.done // self.total)}%)"
         line += f", {duration(elapsed)}"
         if 0 < self.done < self.total:
             line += f", about {duration(elapsed / self.done * (self.total - self.done))} left"

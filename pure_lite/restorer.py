@@ -194,7 +194,7 @@ class Restorer:
         target_size: int | None = None,
         tile_batch: int = DEFAULT_TILE_BATCH,
         color_fix: bool = True,
-        progress: bool | Callable[[int, int], None] = False,
+        progress: bool | Callable[[float, int], None] = False,
         cancel: Callable[[], bool] | None = None,
     ) -> Restoration:
         """Restore ``image`` to ``scale`` times its width and height, any aspect ratio.
@@ -209,10 +209,12 @@ class Restorer:
         The model restores colour; the output keeps what the input had besides (alpha, grey, 16-bit
         grey, the colour profile; images.to_pil), and a file is read upright as its EXIF orientation says.
 
-        ``progress(tiles_done, tiles_total)`` is called with whole tiles: (0, total) once the
-        tiles are planned and encoded, before decoding, then after every batch of tiles
-        (``progress=True``: ``console.TileProgress`` on stderr). ``cancel`` is polled during
-        decoding and True stops it with GenerationCancelled.
+        ``progress(tiles_done, tiles_total)`` is called with (0, total) once the tiles are planned
+        and encoded, before decoding; then as the image codes are decoded, ``tiles_done`` a fraction
+        (the tiles of a batch advance together), so a caller can estimate the time left before the
+        first tile is finished; and with the whole count after every batch (``progress=True``:
+        ``console.TileProgress`` on stderr). ``cancel`` is polled during decoding and True stops it
+        with GenerationCancelled.
         """
         c = self.components
         if not isinstance(sampling, SamplingConfig):
@@ -244,12 +246,15 @@ class Restorer:
         if progress:
             progress(0, len(plan.boxes))
         tiles, tile_calls = [], 0
+
         try:
             for first in range(0, len(plan.boxes), tile_batch):
                 batch = range(first, min(first + tile_batch, len(plan.boxes)))
                 gens = generate_batch(
                     c.new_decoder(), [prompts[i] for i in batch], c.layout, plan.tile, sampling,
-                    [np.random.default_rng(seeds[i]) for i in batch], max_positions=c.max_positions, cancel=cancel,
+                    [np.random.default_rng(seeds[i]) for i in batch], max_positions=c.max_positions,
+                    on_step=_tile_fractions(progress, first, len(batch), len(plan.boxes)) if progress else None,
+                    cancel=cancel,
                 )
                 t0 = time.perf_counter()
                 for i, gen in zip(batch, gens):
@@ -287,6 +292,12 @@ class Restorer:
             timings=timings,
             tiles=tuple(tiles),
         )
+
+
+def _tile_fractions(progress: Callable[[float, int], None], first: int, batch: int, tiles: int):
+    """The decode loop's ``on_step(codes done, codes)`` over a batch as ``progress`` in tiles: the batch's
+    tiles advance together from ``first``."""
+    return lambda done, total: progress(first + batch * done / total, tiles)
 
 
 def check_restore_options(*, scale: float = 4, target_size: int | None = None,

@@ -91,6 +91,25 @@ def test_cancel_stops_with_a_clear_error(export_compact_float, rgb_image):
         r.restore(rgb_image, seed=0, sampling=SamplingConfig(max_text_tokens=3), target_size=TARGET, cancel=cancel)
 
 
+def test_progress_counts_tiles_in_fractions_before_the_first_is_done(export_compact_float, rgb_image):
+    """The callback a page or a bar draws from: (tiles done, tiles), fractional within a batch, ending at all."""
+    import dataclasses
+
+    loaded = Restorer.from_pretrained(export_compact_float)
+    r = Restorer(dataclasses.replace(loaded.components, image_size=TARGET))  # 64-pixel tiles: several of them
+    seen = []
+    sampling = SamplingConfig(max_text_tokens=3)
+    res = r.restore(rgb_image, seed=0, sampling=sampling, scale=2, tile_batch=2,
+                    progress=lambda done, tiles: seen.append((done, tiles)))
+    tiles = len(res.tiles)
+    assert tiles >= 3 and {t for _, t in seen} == {tiles}
+    done = [d for d, _ in seen]
+    assert done == sorted(done) and done[-1] == pytest.approx(tiles)
+    assert done[0] == 0 and 0 < done[1] < 1  # (0, tiles) before decoding, then long before the first batch is done
+    quiet = r.restore(rgb_image, seed=0, sampling=sampling, scale=2, tile_batch=2)
+    np.testing.assert_array_equal(np.asarray(quiet.image), np.asarray(res.image))  # watching changes nothing
+
+
 def test_runtime_never_imports_torch(export_compact_float, tmp_path):
     code = f"""
 import sys, numpy as np
