@@ -25,6 +25,12 @@ from pure_lite.tokens import TokenLayout
 
 from .providers import device_of, onnxruntime, select_providers
 
+# Every cache view's slot count is a multiple of this. The graph scores a row's past slots and then
+# its new keys in one softmax: with the view's width aligned, a new key always falls into the same
+# SIMD lane (AVX2 has 8 floats, AVX-512 16), so its row's sum adds the same terms in the same
+# order whatever the width is, whatever the other rows in the batch need (docs/decoding.md).
+SLOT_ALIGN = 64
+
 
 class KVBuffers:
     """The cache of a batch of restorations, plus scratch outputs for one call's new keys/values and
@@ -35,7 +41,8 @@ class KVBuffers:
     graph attends over every slot it is given, and reading the cache is most of a step's memory
     traffic at small and mid size (far more than the weights once several tiles decode
     together), so the view grows with the rows: ``reserve`` re-lays the rows out in place, a few
-    times per restoration, and nothing is ever reallocated.
+    times per restoration, and nothing is ever reallocated. Slot counts are multiples of
+    ``SLOT_ALIGN``, so a row's logits do not depend on how wide its batch's view is.
     """
 
     allocations = 0  # class-wide count, so tests can assert one allocation per restoration batch
@@ -53,6 +60,7 @@ class KVBuffers:
                     "serving on CUDA keeps the KV cache on the GPU with CuPy: pip install 'pure-lite[gpu]' (cupy-cuda12x)"
                 ) from exc
         self.xp, self.device = xp, device
+        capacity = -(-capacity // SLOT_ALIGN) * SLOT_ALIGN
         self.flat = [xp.zeros(rows * heads * capacity * head_dim, dtype=xp.float32) for _ in range(2 * layers)]
         self.scratch = [xp.zeros(rows * heads * max_new * head_dim, dtype=xp.float32) for _ in range(2 * layers)]
         self.hidden = np.zeros(rows * max_new * hidden_size, np.float32)
@@ -80,7 +88,8 @@ class KVBuffers:
         """
         if slots <= self.slots:
             return False
-        grown = min(self.capacity, max(slots, self.slots + self.slots // 8, 64))
+        grown = max(slots, self.slots + self.slots // 8, SLOT_ALIGN)
+        grown = min(self.capacity, -(-grown // SLOT_ALIGN) * SLOT_ALIGN)
         d = self.head_dim
         old, new = self.slots * d, grown * d
         moves = [(block, int(filled[block // self.heads]) * d) for block in range(self.rows * self.heads - 1, 0, -1)]
@@ -142,7 +151,7 @@ class OnnxDecoder:
         self.kv = KVBuffers(self.layers, 2 * batch, self.heads, capacity, self.head_dim, max_step,
                             self.hidden_size, self.device)
         self.lengths = np.zeros(2 * batch, np.int64)
-        self.slot_index = np.arange(capacity + max_step, dtype=np.int64)
+        self.slot_index = np.arange(self.kv.capacity + max_step, dtype=np.int64)
         self.batch, self.live = batch, batch
         self.bound_past = self.bound_new = None
         ids = np.zeros((batch, longest), np.int64)  # right-padded; the padding is rewound below

@@ -42,15 +42,18 @@ def restorer(request, tiny_compact, export_compact_float):
 
 @pytest.mark.parametrize("cfg_scale", [1.0, 0.8])
 def test_batch_equals_alone_greedy(restorer, cfg_scale):
-    prompts = _prompts(restorer, 4)
+    """Eight restorations alone, in two batches of four and in one of eight (the tile batches 1, 4, 8)."""
+    prompts = _prompts(restorer, 8)
     # max_text_tokens 6: the rows stop writing text at different steps, so padding and rewinds are exercised
     config = SamplingConfig(temperature=0, cfg_scale=cfg_scale, max_text_tokens=6)
-    batch = _decode(restorer, prompts, config, range(4))
-    for i, prompt in enumerate(prompts):
-        alone = _decode(restorer, [prompt], config, [i])[0]
-        np.testing.assert_array_equal(batch[i].tokens, alone.tokens)
-        np.testing.assert_allclose(batch[i].entropy, alone.entropy, atol=1e-4)
-    assert len({g.tokens.tobytes() for g in batch}) > 1  # the prompts really differ
+    alone = [_decode(restorer, [prompt], config, [i])[0] for i, prompt in enumerate(prompts)]
+    for batch in (4, 8):
+        batched = [g for first in range(0, 8, batch)
+                   for g in _decode(restorer, prompts[first:first + batch], config, range(first, first + batch))]
+        for a, b in zip(alone, batched):
+            np.testing.assert_array_equal(b.tokens, a.tokens)
+            np.testing.assert_allclose(b.entropy, a.entropy, atol=1e-4)
+    assert len({g.tokens.tobytes() for g in alone}) > 1  # the prompts really differ
 
 
 def test_batch_equals_alone_sampled_same_stream(restorer):
@@ -62,7 +65,7 @@ def test_batch_equals_alone_sampled_same_stream(restorer):
         np.testing.assert_array_equal(batch[i].tokens, _decode(restorer, [prompt], config, [7 + i])[0].tokens)
 
 
-@pytest.mark.parametrize("window", [3, 16])
+@pytest.mark.parametrize("window", [3, 4, 16])
 def test_jacobi_greedy_equals_plain(restorer, window):
     prompts = _prompts(restorer, 2)
     plain = _decode(restorer, prompts, SamplingConfig(temperature=0, max_text_tokens=4), [0, 1])

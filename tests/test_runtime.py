@@ -8,6 +8,7 @@ import pytest
 
 from pure_lite import GenerationCancelled, GenerationError, Restorer, SamplingConfig
 from pure_lite.runtime import KVBuffers
+from pure_lite.runtime.engine import SLOT_ALIGN
 
 from conftest import TARGET
 
@@ -138,12 +139,15 @@ def test_provider_override_must_exist(export_compact_float):
 def test_kv_reserve_keeps_every_rows_filled_slots():
     """Growing the cache view re-lays the rows out in place (blocks moved last first, each row's filled
     slots only): every filled slot of every row, head and layer keeps its keys/values, through growths
-    small and large, with rows filled unevenly (an empty row, a full one)."""
+    small and large, with rows filled unevenly (an empty row, a full one). Every view is a whole number of
+    SLOT_ALIGN slots, the capacity (700) rounded up to one too."""
     kv = KVBuffers(2, 6, 3, 700, 8, 4, 16, "cpu")
+    assert kv.capacity == 704
     rng = np.random.default_rng(0)
     filled = np.zeros(6, np.int64)
     for slots in (5, 64, 65, 80, 300, 700):
         kv.reserve(slots, filled)
+        assert kv.slots >= slots and kv.slots % SLOT_ALIGN == 0
         for view in kv.cache:
             assert view.shape == (6, 3, kv.slots, 8)
             view[...] = rng.normal(size=view.shape)
@@ -153,4 +157,4 @@ def test_kv_reserve_keeps_every_rows_filled_slots():
         for view, before in zip(kv.cache, expected):
             for r, n in enumerate(filled):
                 np.testing.assert_array_equal(view[r, :, :n], before[r])
-    assert kv.slots == 700
+    assert kv.slots == 704
