@@ -25,6 +25,7 @@ from .errors import CheckpointError, MissingDependencyError
 from .model_dims import check_heads, check_image_size, check_int, check_scale
 from .model_files import MAX_CONFIG_BYTES, MAX_INDEX_BYTES, check_folder_entries, confined, read_json, require_regular
 from .safetensors_header import read_header
+from .vq_cache import vq_for_snapshot
 
 CONFIG_FILE = "config.json"
 TOKENIZER_FILE = "tokenizer.json"
@@ -67,9 +68,7 @@ class CheckpointFiles:
             missing.append(f"{WEIGHTS_FILE} (or {WEIGHTS_INDEX_FILE} and its shards)")
         vq = root / VQ_SAFETENSORS_FILE
         if not vq.is_file():
-            from .vq_cache import vq_for_snapshot  # a model from the Hub: its VQ, converted in pure-lite's cache
-
-            vq = vq_for_snapshot(root) or root / VQ_PICKLE_FILE
+            vq = vq_for_snapshot(root / VQ_PICKLE_FILE) or root / VQ_PICKLE_FILE  # from the Hub: converted VQ
             if not vq.is_file():
                 missing.append(VQ_PICKLE_FILE)
         if missing:

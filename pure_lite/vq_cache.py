@@ -14,7 +14,6 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .checkpoint import VQ_PICKLE_FILE
 from .hf_cache import snapshot_blobs
 from .manifest import sha256_of
 
@@ -38,7 +37,7 @@ class PinnedFile:
 # naming both hashes (pure_lite.hub), it is never silently accepted.
 LLAMAGEN_VQ = PinnedFile(
     repo_id="FoundationVision/LlamaGen",
-    filename=VQ_PICKLE_FILE,
+    filename="vq_ds8_c2i.pt",
     revision="81e41139272c038412e4fe8f1c52a51ebbf95b8b",
     sha256="c70d2966ec012f378793214ff0755087e7c5fe6f035b469995143325dca4a4e3",
 )
@@ -68,15 +67,14 @@ def file_sha256(path: Path) -> str:
     return _sha256(str(real), stat.st_size, stat.st_mtime_ns)
 
 
-def vq_for_snapshot(folder: str | os.PathLike) -> Path | None:
-    """The converted VQ of a model in Hugging Face's cache, or None (not a snapshot, or not converted yet).
+def vq_for_snapshot(pickle: Path) -> Path | None:
+    """The converted VQ of a model in Hugging Face's cache whose VQ pickle would be ``pickle``, or None (not
+    in a snapshot, or not converted yet).
 
-    A snapshot holding ``vq_ds8_c2i.pt`` uses that pickle's conversion; one without uses LlamaGen's pinned
-    file's. pure_lite.hub converts when it resolves a model, so after ``pure-lite download`` this finds it.
+    A snapshot holding the pickle uses that pickle's conversion; one without uses LlamaGen's pinned file's.
+    pure_lite.hub converts when it resolves a model, so after ``pure-lite download`` this finds it.
     """
-    folder = Path(folder)
-    if snapshot_blobs(folder) is None:
+    if snapshot_blobs(pickle.parent) is None:
         return None
-    pickle = folder / VQ_PICKLE_FILE
     converted = converted_path(file_sha256(pickle) if pickle.is_file() else LLAMAGEN_VQ.sha256)
     return converted if converted.is_file() else None
