@@ -29,7 +29,8 @@ class SamplingConfig:
     spent without an image start, the image is started (a model that talks forever still
     restores). ``max_new_tokens`` bounds text plus image block. ``jacobi_window`` > 0 turns on
     speculative Jacobi decoding with that many draft codes per decoder call (docs/decoding.md):
-    the same distribution as plain decoding (greedy: the same tokens) in fewer, wider calls.
+    the same distribution as plain decoding (greedy: the same tokens, on int8 exports up to
+    near-ties: docs/decoding.md, "Determinism") in fewer, wider calls.
     """
 
     temperature: float = 0.9
