@@ -271,8 +271,16 @@ def test_cli_reports_a_malformed_or_hostile_export_in_one_line(export, tmp_path)
     hostile = _manifest(export)
     hostile["tokens"]["tokenizer"] = "../../../../../../etc/passwd"
     cases[json.dumps(hostile)] = "refused '../../../../../../etc/passwd'"
+    zero = _manifest(export)
+    zero["model"]["image_size"] = 0
+    cases[json.dumps(zero)] = "image_size must be a multiple of 32"
+    cases[500 << 20] = "is 524288000 bytes, more than the 16 MB"  # a sparse 500 MB manifest: refused unread
     for text, message in cases.items():
-        (export / MANIFEST_FILE).write_text(text)
+        if isinstance(text, int):
+            with open(export / MANIFEST_FILE, "r+b") as f:
+                f.truncate(text)
+        else:
+            (export / MANIFEST_FILE).write_text(text)
         out = tmp_path / "out.png"
         result = _cli("restore", str(photo), "-o", str(out), "--model", str(export), "-q")
         assert result.returncode == 2, result.stderr
