@@ -119,13 +119,13 @@ def progress_reporter(progress: Callable[..., object], every_s: float = 0.25) ->
 
     def report(done: float, total: int) -> None:
         now = time.perf_counter()
-        if not first:
+        if not first and done > 0:  # (0, total) comes before the text stage: the rate starts with the codes
             first[:] = [now, done]
         if now - last[0] < every_s and done < total:
             return
         last[0] = now
         desc = f"tile {min(int(done) + 1, total)} of {total}"
-        if done > first[1] and now > first[0]:
+        if first and done > first[1] and now > first[0]:
             desc += f", about {_eta((now - first[0]) / (done - first[1]) * (total - done))} left"
         progress(done / total, desc=desc)
 

@@ -26,6 +26,7 @@ from pathlib import Path
 
 from .errors import CheckpointError
 from .hf_cache import snapshot_blobs
+from .regular_files import NotRegularFileError, open_regular, regular_file_problem
 
 MAX_CONFIG_BYTES = 4 << 20  # config.json, generation_config.json: a few KB in practice
 MAX_MANIFEST_BYTES = 16 << 20  # pure_lite_manifest.json: a few KB
@@ -67,29 +68,19 @@ def check_folder_entries(root: Path, error: type[CheckpointError] = CheckpointEr
 def read_bytes(path: Path, limit: int, error: type[CheckpointError] = CheckpointError) -> bytes:
     """The contents of ``path``, a regular file of at most ``limit`` bytes; ``error`` otherwise.
 
-    Opened with O_NONBLOCK so that a FIFO cannot block the open; its type and size come from the
-    open descriptor (fstat), so what is checked is what is read.
+    Opened by ``regular_files.open_regular`` (a FIFO cannot block the open; the type is the open
+    descriptor's), and the size is the descriptor's too, so what is checked is what is read.
     """
     try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
-    except OSError as exc:
-        raise error(f"cannot read {path}: {exc.strerror or exc}") from None
-    try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise error(f"{path} is not a regular file")
-        if info.st_size > limit:
-            raise error(f"{path} is {info.st_size} bytes, more than the {limit >> 20} MB a file of its kind may be")
-        if hasattr(os, "set_blocking"):
-            os.set_blocking(fd, True)
-        with os.fdopen(fd, "rb", closefd=True) as f:
-            fd = -1
+        with open_regular(path) as f:
+            size = os.fstat(f.fileno()).st_size
+            if size > limit:
+                raise error(f"{path} is {size} bytes, more than the {limit >> 20} MB a file of its kind may be")
             data = f.read(limit + 1)
+    except NotRegularFileError as exc:
+        raise error(str(exc)) from None
     except OSError as exc:
         raise error(f"cannot read {path}: {exc.strerror or exc}") from None
-    finally:
-        if fd >= 0:
-            os.close(fd)
     if len(data) > limit:  # grew since fstat
         raise error(f"{path} is more than the {limit >> 20} MB a file of its kind may be")
     return data
@@ -109,10 +100,7 @@ def read_json(path: Path, limit: int, error: type[CheckpointError] = CheckpointE
 
 def require_regular(path: Path, error: type[CheckpointError] = CheckpointError) -> os.stat_result:
     """``path``'s stat (following links) if it is a regular file: checked before a library opens it by name."""
-    try:
-        info = path.stat()
-    except OSError as exc:
-        raise error(f"cannot read {path}: {exc.strerror or exc}") from None
-    if not stat.S_ISREG(info.st_mode):
-        raise error(f"{path} is not a regular file")
-    return info
+    problem = regular_file_problem(path)
+    if problem is not None:
+        raise error(f"{path}: {problem}")
+    return path.stat()
