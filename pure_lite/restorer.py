@@ -67,6 +67,7 @@ class Restorer:
 
     def __init__(self, components: Components):
         self.components = components
+        self.plan = None  # the memory plan the torch backend loaded by (torch_backend/memory.py), if any
 
     @classmethod
     def from_pretrained(
@@ -77,8 +78,9 @@ class Restorer:
         device: str = "cpu",
         dtype=None,
         quantization: Literal["nf4", "int8", "int4"] | None = None,
-        kv_cache: Literal["int8"] | None = None,
+        kv_cache: Literal["int8", "int4"] | None = None,
         providers: Sequence[str] | None = None,
+        max_memory: str | int | None = None,
     ) -> "Restorer":
         """Load a PURE checkpoint folder (docs/pure-format.md §1) or a pure-lite export (None: the shipped PURE-tiny).
 
@@ -87,7 +89,10 @@ class Restorer:
         and anything else through torch (``device``, ``dtype``; ``quantization`` loads the
         language model's decoder layers 4-bit nf4 or 8-bit through bitsandbytes, or int4 through
         torchao, CUDA and bfloat16 only: the fastest 4-bit decode measured, docs/gpu.md; ``kv_cache="int8"``
-        halves the KV cache's memory, the rest of a 512² restoration's peak at 4-bit).
+        halves the KV cache's memory, the rest of a 512² restoration's peak at 4-bit). ``max_memory`` ("8GB",
+        "7.5GiB", bytes; by default on CUDA the device's free memory) plans the load before any weight is read
+        (``torch_backend/memory.py``): the fastest weights, cache and tile batch whose predicted peak fits, or a
+        MemoryBudgetError naming the smallest budget that would; ``Restorer.plan`` says what was chosen.
         """
         from .manifest import MANIFEST_FILE
 
@@ -98,9 +103,9 @@ class Restorer:
         if backend == "auto":
             backend = "onnx" if (Path(path) / MANIFEST_FILE).is_file() else "torch"
         if backend == "onnx":
-            if quantization is not None or kv_cache is not None:
-                raise ValueError("quantization and kv_cache apply to the torch backend; exports are quantized "
-                                 "at export time")
+            if quantization is not None or kv_cache is not None or max_memory is not None:
+                raise ValueError("quantization, kv_cache and max_memory apply to the torch backend; exports are "
+                                 "quantized at export time")
             from .runtime import load_components as load_runtime
 
             return cls(load_runtime(path, providers=providers))
@@ -117,7 +122,16 @@ class Restorer:
                 "pip install torch==2.13.0 'pure-lite[torch]' (or serve an export of it with 'pure-lite[runtime]')"
             ) from exc
 
-        return cls(load_components(path, device=device, dtype=dtype, quantization=quantization, kv_cache=kv_cache))
+        plan = None
+        if max_memory is not None or str(device).startswith("cuda"):
+            from .torch_backend.memory import plan_load
+
+            plan = plan_load(path, device=device, dtype=dtype, quantization=quantization, kv_cache=kv_cache,
+                             max_memory=max_memory, tile_batch=DEFAULT_TILE_BATCH)
+            quantization, kv_cache = plan.chosen.setting.quantization, plan.chosen.setting.kv_cache
+        restorer = cls(load_components(path, device=device, dtype=dtype, quantization=quantization, kv_cache=kv_cache))
+        restorer.plan = plan
+        return restorer
 
     def restore(
         self,
@@ -144,6 +158,8 @@ class Restorer:
         c = self.components
         if tile_batch < 1:
             raise ValueError(f"tile_batch must be at least 1, got {tile_batch}")
+        if self.plan is not None:  # the memory plan's batch fits; a tile's result does not depend on its batch
+            tile_batch = min(tile_batch, self.plan.chosen.tile_batch)
         width, height = images.image_size(image)
         if target_size is not None:
             if target_size <= 0 or target_size % GRID_PIXELS:
