@@ -11,11 +11,11 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from pure_lite.generate import generate_batch  # noqa: E402
-from pure_lite.prompt import TextTokenizer, prompt_ids  # noqa: E402
-from pure_lite.sampling import SamplingConfig  # noqa: E402
-from pure_lite.torch_backend import memory  # noqa: E402
-from pure_lite.torch_backend.kv_cache import GroupedKV, kv_bytes  # noqa: E402
+from pure_lite.generate import generate_batch
+from pure_lite.prompt import TextTokenizer, prompt_ids
+from pure_lite.sampling import SamplingConfig
+from pure_lite.torch_backend import memory
+from pure_lite.torch_backend.kv_cache import GroupedKV, kv_bytes
 
 TILE = 64
 

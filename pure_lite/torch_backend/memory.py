@@ -181,11 +181,12 @@ def weight_bytes(shape: ModelShape, quantization: str | None) -> int:
     return total + head_dim * item
 
 
-def kv_groups(shape: ModelShape, tile_batch: int, sampling: SamplingConfig = SamplingConfig()) -> list[tuple[int, int]]:
-    """The (rows, capacity) of the two cache groups a batch of ``tile_batch`` tiles allocates (decoder.prefill)."""
+def kv_groups(shape: ModelShape, tile_batch: int, sampling: SamplingConfig | None = None) -> list[tuple[int, int]]:
+    """The (rows, capacity) of the two cache groups a batch of ``tile_batch`` tiles allocates (decoder.prefill),
+    for ``sampling`` (None: the default sampling, what restore plans for)."""
     with warnings.catch_warnings():  # a tile past the trained context: the restoration warns, not its plan
         warnings.simplefilter("ignore", RuntimeWarning)
-        sizes = cache_sizes(shape.prompt_length, shape.tile, sampling, shape.max_positions)
+        sizes = cache_sizes(shape.prompt_length, shape.tile, sampling or SamplingConfig(), shape.max_positions)
     return [(tile_batch, max(sizes.capacity, shape.prompt_length)), (tile_batch, sizes.unconditional_capacity)]
 
 
