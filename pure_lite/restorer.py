@@ -129,7 +129,9 @@ class Restorer:
             plan = plan_load(path, device=device, dtype=dtype, quantization=quantization, kv_cache=kv_cache,
                              max_memory=max_memory, tile_batch=DEFAULT_TILE_BATCH)
             quantization, kv_cache = plan.chosen.setting.quantization, plan.chosen.setting.kv_cache
-        restorer = cls(load_components(path, device=device, dtype=dtype, quantization=quantization, kv_cache=kv_cache))
+        text_device = "cpu" if plan is not None and plan.chosen.setting.text_rows_off_device else None
+        restorer = cls(load_components(path, device=device, dtype=dtype, quantization=quantization, kv_cache=kv_cache,
+                                       text_device=text_device))
         restorer.plan = plan
         return restorer
 

@@ -83,10 +83,12 @@ class Setting:
 
     quantization: Literal["nf4", "int8", "int4"] | None
     kv_cache: KVKind | None
+    text_rows_off_device: bool = False  # the embedding and lm_head on the CPU but the image phase's rows (vocab_rows.py)
 
     def describe(self) -> str:
         weights = {None: "unquantized", "int4": "int4 (torchao)", "nf4": "nf4", "int8": "int8 (bitsandbytes)"}
-        return f"{weights[self.quantization]} weights, {self.kv_cache or 'model-dtype'} KV cache"
+        text = ", vocabulary on the CPU but the image rows" if self.text_rows_off_device else ""
+        return f"{weights[self.quantization]} weights, {self.kv_cache or 'model-dtype'} KV cache{text}"
 
 
 @dataclass(frozen=True)
@@ -150,7 +152,7 @@ class ModelShape:
         self.max_positions = self.config_dict["max_position_embeddings"]
 
 
-def weight_bytes(shape: ModelShape, quantization: str | None) -> int:
+def weight_bytes(shape: ModelShape, quantization: str | None, text_rows_off_device: bool = False) -> int:
     """Bytes of the loaded model's parameters and buffers on the device, plus the decoder's own copies."""
     item = shape.dtype.itemsize
     if quantization in ("nf4", "int8"):
@@ -178,6 +180,10 @@ def weight_bytes(shape: ModelShape, quantization: str | None) -> int:
     total += shape.layout.codebook_size * shape.config.hidden_size * item  # ImageHead: lm_head's image rows, copied
     # DecodeLayers: each layer's joined q/k norm gains and biases, and the rotary sign
     total += shape.config.num_hidden_layers * 2 * (shape.config.num_attention_heads + heads) * head_dim * item
+    if text_rows_off_device:  # SplitVocabulary: the whole tables leave; the image phase's rows and an id table stay
+        vocab = shape.config_dict["vocab_size"]
+        total -= 2 * vocab * shape.config.hidden_size * item
+        total += len(shape.layout.image_phase_ids) * shape.config.hidden_size * item + vocab * 8
     return total + head_dim * item
 
 
@@ -209,25 +215,25 @@ def peak(shape: ModelShape, setting: Setting, tile_batch: int) -> Peak:
     heads, head_dim = kv_shape(shape.config)
     kv = kv_bytes(shape.config.num_hidden_layers, heads, head_dim, kv_groups(shape, tile_batch), shape.dtype,
                   setting.kv_cache)
-    return Peak(setting, tile_batch, shape.dtype, weight_bytes(shape, setting.quantization), kv,
+    return Peak(setting, tile_batch, shape.dtype, weight_bytes(shape, setting.quantization, setting.text_rows_off_device), kv,
                 workspace_bytes(shape, tile_batch, setting.kv_cache))
 
 
 def candidates(on_cuda: bool, quantization: str | None = None, kv_cache: KVKind | None = None,
                quantization_given: bool = False, kv_cache_given: bool = False) -> list[Setting]:
     """Settings in the order the plan tries them (the module docstring says why); a given option is fixed."""
-    order = [Setting(None, None)]
-    if on_cuda:
-        order += [Setting("int4", None), Setting("int4", "int8"), Setting("int4", "int4")]
-    else:  # torchao's int4 needs CUDA: on CPU only the cache can shrink
-        order += [Setting(None, "int8"), Setting(None, "int4")]
+    if on_cuda:  # each setting tried with the whole vocabulary on the device, then with it on the CPU
+        order = [Setting(None, None), Setting(None, None, True), Setting("int4", None), Setting("int4", None, True),
+                 Setting("int4", "int8", True), Setting("int4", "int4", True)]
+    else:  # torchao's int4 needs CUDA, and off CUDA the "off-device" copy would be on the same memory
+        order = [Setting(None, None), Setting(None, "int8"), Setting(None, "int4")]
     if quantization_given:
         order = [s for s in order if s.quantization == quantization] or [Setting(quantization, None)]
         if quantization in ("nf4", "int8"):  # bitsandbytes' formats: any cache beside them
-            order = [Setting(quantization, kv) for kv in (None, "int8", "int4")]
+            order = [Setting(quantization, kv, text) for kv in (None, "int8", "int4") for text in (False, True)
+                     if on_cuda or not text]
     if kv_cache_given:
-        order = [Setting(s.quantization, kv_cache) for s in order]
-        order = list(dict.fromkeys(order))
+        order = list(dict.fromkeys(Setting(s.quantization, kv_cache, s.text_rows_off_device) for s in order))
     return order
 
 
