@@ -178,7 +178,7 @@ def time_plan(budget: str, side: int = 64) -> dict:
     if setting.text_rows_off_device:
         kw.update(text_device="cpu", image_phase_ids=LAYOUT.image_phase_ids)
     dec, image_ids = decoder(model, device_loop=True, **kw)
-    shape = memory.ModelShape(PLAN_FOLDER, chosen.dtype)
+    shape = memory.model_shape(PLAN_FOLDER, chosen.dtype)
     (rows, capacity), (_, unconditional) = memory.kv_groups(shape, chosen.tile_batch)
     if DEVICE == "cuda":
         torch.cuda.reset_peak_memory_stats()

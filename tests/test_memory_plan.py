@@ -107,7 +107,7 @@ def test_7b_bytes_equal_a_meta_decoders(shape_7b):
     from pure_lite.torch_backend.decoder import TorchDecoder
     from pure_lite.torch_backend.layers import fuse_projections
 
-    shape = memory.ModelShape(shape_7b, torch.bfloat16)
+    shape = memory.model_shape(shape_7b, torch.bfloat16)
     with torch.device("meta"):
         lm = ChameleonForConditionalGeneration._from_config(shape.config, dtype=torch.bfloat16)
     fuse_projections(lm)
@@ -153,32 +153,34 @@ def test_7b_plans(shape_7b):
     assert nf4.setting.quantization == "nf4" and nf4.total <= 11e9
 
 
-def test_text_rows_off_the_device_decode_the_same_greedy_tokens(tiny_pure):
+def test_text_rows_off_the_device_decode_the_same_greedy_tokens(tiny_compact):
     """The vocabulary split (text embedded and scored on the "text device", the image phase's rows kept) against
     the whole tables on the device: the same greedy tokens through the host loop, the chained loop and SJD."""
     from pure_lite.torch_backend.decoder import TorchDecoder
     from pure_lite.torch_backend.load import load_components
 
-    whole, split = load_components(tiny_pure), load_components(tiny_pure, text_device="cpu")
+    whole, split = load_components(tiny_compact), load_components(tiny_compact, text_device="cpu")
     layout = whole.layout
     assert split.new_decoder().vocab is not None and whole.new_decoder().vocab is None
     rng = np.random.default_rng(3)
     prompts = [prompt_ids(whole.tokenizer, layout, layout.encode_image(rng.integers(0, layout.codebook_size, (8, 8))))
                for _ in range(2)]
 
-    def tokens(components, device_loop: bool, window: int = 0):
+    def tokens(components, device_loop: bool, window: int = 0, fixed_shape: bool = False):
         loaded = components.new_decoder()
         decoder = TorchDecoder(loaded.lm, loaded.image_head, "cpu", device_loop=device_loop,
                                text_device="cpu" if loaded.vocab is not None else None,
-                               image_phase_ids=layout.image_phase_ids)
+                               image_phase_ids=layout.image_phase_ids, attend_bucket=16 if fixed_shape else None)
+        decoder.graphs = fixed_shape  # off CUDA, _replay runs the would-be-captured body eagerly
         config = SamplingConfig(temperature=0, max_text_tokens=8, jacobi_window=window)
         gens = generate_batch(decoder, prompts, layout, TILE, config, [np.random.default_rng(i) for i in range(2)],
                               max_positions=components.max_positions)
         return [g.tokens for g in gens]
 
-    for device_loop, window in ((False, 0), (True, 0), (False, 3)):  # host loop, chained loop, SJD
-        expected = tokens(whole, device_loop, window)
-        assert all(np.array_equal(a, b) for a, b in zip(tokens(split, device_loop, window), expected))
+    # host loop, chained loop, SJD, then the fixed-shape steps CUDA graphs capture (text scored around them)
+    for args in ((False, 0), (True, 0), (False, 3), (True, 3, True)):
+        expected = tokens(whole, *args)
+        assert all(np.array_equal(a, b) for a, b in zip(tokens(split, *args), expected))
         assert all(len(t) > 76 for t in expected)  # some text, then the 76-token image block and end of turn
 
 

@@ -122,6 +122,7 @@ class TorchDecoder:
             self.shape, self.chain_cache = shape, None
             self.captured.clear()  # graphs hold the old batch's buffers
             self.step_inputs: dict[tuple[int, int], torch.Tensor] = {}
+            self.text_inputs: dict[tuple[int, int], torch.Tensor] = {}  # embeddings, with the vocabulary split
         self.lengths = np.zeros(2 * batch, np.int64)
         self.batch, self.live, self.max_step = batch, batch, max_step
         ids = np.zeros((batch, longest), np.int64)  # right-padded; the padding is rewound below
@@ -252,16 +253,17 @@ class TorchDecoder:
         padded = np.empty((rows, width), np.int64)
         padded[:, :t], padded[:, t:] = ids, ids[:, -1:]
         host_text = self.vocab is not None and not image  # embedded and scored off the device, around the graph
-        buffer = self.step_inputs.get((rows, width, host_text))
         if host_text:
             x = self._embed(padded, image=False)
+            buffer = self.text_inputs.get((rows, width))
             if buffer is None:
-                buffer = self.step_inputs[(rows, width, host_text)] = torch.zeros_like(x)
+                buffer = self.text_inputs[(rows, width)] = torch.zeros_like(x)
             buffer.copy_(x)
         else:
+            buffer = self.step_inputs.get((rows, width))
             if buffer is None:
-                buffer = self.step_inputs[(rows, width, host_text)] = torch.zeros((rows, width), dtype=torch.int64,
-                                                                              device=self.device)
+                buffer = self.step_inputs[(rows, width)] = torch.zeros((rows, width), dtype=torch.int64,
+                                                                       device=self.device)
             buffer.copy_(torch.from_numpy(padded))
         last = slice(None) if all_positions else slice(t - 1, t)
         key = ("step", rows, width, spans, image)

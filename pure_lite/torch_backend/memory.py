@@ -27,6 +27,7 @@ costs throughput on photos of several tiles, and a tile's result does not depend
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 import warnings
@@ -120,9 +121,11 @@ class Plan:
     passed_over: tuple[Peak, ...]  # faster configurations that did not fit
 
     def line(self) -> str:
-        over = self.passed_over
+        # the fastest configuration tried, and the closest faster setting (at the smallest batch)
+        over = [self.passed_over[0]] if self.passed_over else []
+        over += [p for p in self.passed_over if p.tile_batch == 1 and p.setting != self.chosen.setting][-1:]
         why = "the fastest configuration" if not over else "; ".join(
-            f"faster: {p.describe()} needs {gb(p.total)}" for p in dict.fromkeys((over[0], over[-1])))
+            f"faster: {p.describe()} needs {gb(p.total)}" for p in dict.fromkeys(over))
         return (f"memory plan: {self.chosen.describe()}; predicted peak {gb(self.chosen.total)} (weights "
                 f"{gb(self.chosen.weights)}, KV {gb(self.chosen.kv)}, workspace ~{gb(self.chosen.workspace)}) of "
                 f"{gb(self.budget)} ({self.budget_source}); {why}")
@@ -150,6 +153,17 @@ class ModelShape:
         lq_block = self.layout.encode_image(np.zeros((side, side), np.int64))
         self.prompt_length = len(prompt_ids(TextTokenizer(files.tokenizer), self.layout, lq_block))
         self.max_positions = self.config_dict["max_position_embeddings"]
+
+
+@functools.lru_cache(maxsize=8)
+def _model_shape(root: str, config_mtime: float, dtype: torch.dtype, tile: int | None) -> ModelShape:
+    return ModelShape(root, dtype, tile)
+
+
+def model_shape(path, dtype: torch.dtype, tile: int | None = None) -> ModelShape:
+    """``ModelShape``, built once per folder, config.json version, dtype and tile (the meta 7B takes seconds)."""
+    files = CheckpointFiles.locate(path)
+    return _model_shape(str(files.root.resolve()), files.config.stat().st_mtime, dtype, tile)
 
 
 def weight_bytes(shape: ModelShape, quantization: str | None, text_rows_off_device: bool = False) -> int:
@@ -252,11 +266,10 @@ def plan(path, *, budget: int, budget_source: str, device: str, dtype: torch.dty
     smallest budget that would hold one. Reads config.json and tokenizer.json only."""
     on_cuda = str(device).startswith("cuda")
     settings = candidates(on_cuda, quantization, kv_cache, quantization_given, kv_cache_given)
-    shapes: dict[torch.dtype, ModelShape] = {}
     tried: list[Peak] = []
     for setting in settings:
         load_dtype = _load_dtype(setting, device, dtype)
-        shape = shapes.get(load_dtype) or shapes.setdefault(load_dtype, ModelShape(path, load_dtype))
+        shape = model_shape(path, load_dtype)
         for batch in tile_batches(tile_batch):
             candidate = peak(shape, setting, batch)
             if candidate.total <= budget:
