@@ -44,6 +44,11 @@ leaves after the tests, and a cut-short run keeps what it finished. It leaves ou
 buckets and SDPA kernels, nf4, int8 weights, batched tiles, SJD, the attention timing and transformers'
 ``generate`` (all measured in runs A-C, docs/gpu.md).
 
+``plan-8GB-card`` / ``plan-12GB-card`` (also with ``--quick``): the memory plan (``pure_lite/torch_backend/memory.py``)
+for 7.5 GB and 11 GB (what such a card leaves beside the CUDA context), made from a config folder of this shape, then a full 512² restoration as it chose (weights,
+KV cache, the cache sized as the plan sizes it): peak allocated and reserved beside the plan's predicted peak,
+ms per step, seconds. A plan that refuses is recorded with its message (the smallest budget that would do).
+
 ``--smoke`` runs the variants' code on CPU with a 2-layer model of the same vocabulary (graph variants
 eagerly; no full run, no transformers baseline, no Triton variant: its interpreter would take hours over the
 4,200-token prompt): a check of the script, not a measurement.
@@ -133,14 +138,66 @@ def fuse_projections(model) -> None:
         torch.cuda.empty_cache()
 
 
+PLAN_FOLDER = None  # a folder with this shape's config.json and PURE's tokenizer: what the memory plan reads
+
+
 def pure_layout():
+    import json
     import tempfile
 
     from pure_lite.testing import make_tiny_checkpoint
     from pure_lite.tokens import TokenLayout
 
+    global PLAN_FOLDER
     folder = make_tiny_checkpoint(tempfile.mkdtemp(), layout="pure")
+    config = json.loads((folder / "config.json").read_text())
+    config.update(SHAPE, num_key_value_heads=SHAPE["num_attention_heads"], max_position_embeddings=4096)
+    config.pop("vq_config", None)  # transformers' default VQ-VAE, as build() makes it
+    (folder / "config.json").write_text(json.dumps(config))
+    PLAN_FOLDER = folder
     return TokenLayout.from_tokenizer_file(folder / "tokenizer.json", vocab_size=73728)
+
+
+def time_plan(budget: str, side: int = 64) -> dict:
+    """The memory plan for ``budget``, then a full restoration loaded and sized as it chose."""
+    import torch
+
+    from pure_lite.sampling import SamplingConfig
+    from pure_lite.torch_backend import memory
+
+    try:
+        chosen = memory.plan(PLAN_FOLDER, budget=memory.parse_bytes(budget), budget_source="benchmark",
+                             device=DEVICE).chosen
+    except memory.MemoryBudgetError as exc:
+        return {"error": str(exc)}
+    setting = chosen.setting
+    model = build({None: "fp16", "int4": "torchao-int4"}[setting.quantization])
+    kw = {} if setting.kv_cache is None else {"kv_int8": True} if setting.kv_cache == "int8" else {"kv_cache": "int4"}
+    if DEVICE != "cuda":
+        kw["graphs"] = False
+    if setting.text_rows_off_device:
+        kw.update(text_device="cpu", image_phase_ids=LAYOUT.image_phase_ids)
+    dec, image_ids = decoder(model, device_loop=True, **kw)
+    shape = memory.model_shape(PLAN_FOLDER, chosen.dtype)
+    (rows, capacity), (_, unconditional) = memory.kv_groups(shape, chosen.tile_batch)
+    if DEVICE == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    weights_gb = torch.cuda.memory_allocated() / 1e9 if DEVICE == "cuda" else float("nan")  # the model, the cache not yet
+    dec.prefill([p[:shape.prompt_length] for p in prompts(rows)], capacity, 4, unconditional_capacity=unconditional)
+    dec.begin_unconditional()
+    start = time.perf_counter()
+    dec.decode_plain_image(header(side), side, SamplingConfig(), list(range(rows)), image_ids, LAYOUT.row_end)
+    sync()
+    seconds = time.perf_counter() - start
+    out = {"chosen": chosen.describe(), "predicted_gb": chosen.total / 1e9,
+           "predicted_weights_gb": chosen.weights / 1e9, "weights_allocated_gb": weights_gb,
+           "seconds": seconds, "ms_per_step": 1000 * (seconds - dec.capture_s) / (side * side),
+           "capture_s": dec.capture_s, "peak_vram_gb": peak_gb(),
+           "peak_reserved_gb": torch.cuda.max_memory_reserved() / 1e9 if DEVICE == "cuda" else float("nan")}
+    del dec, model
+    if DEVICE == "cuda":
+        torch.cuda.empty_cache()
+    return out
 
 
 def decoder(model, **kw):
@@ -215,7 +272,8 @@ def _time_chained(model, side: int, batch: int, again: bool, **kw) -> dict:
     seconds = time.perf_counter() - start
     out = {"ms_per_step": 1000 * (seconds - dec.capture_s) / (side * side), "capture_s": dec.capture_s,
            "graphs": len(dec.captured), "seconds": seconds, "distinct_codes": int(len(np.unique(codes))),
-           "peak_vram_gb": max(prefill_peak, peak_gb()), "peak_decode_vram_gb": peak_gb()}
+           "peak_vram_gb": max(prefill_peak, peak_gb()), "peak_decode_vram_gb": peak_gb(),
+           "peak_reserved_gb": torch.cuda.max_memory_reserved() / 1e9 if DEVICE == "cuda" else float("nan")}
     if again:  # the next restoration of the same size on the same decoder: its graphs are reused
         captured, capture_s = len(dec.captured), dec.capture_s
         open_rows(dec, side, batch)
@@ -439,6 +497,16 @@ def main() -> None:
         if DEVICE == "cuda":
             torch.cuda.empty_cache()
 
+    # the memory plans for the cards people own, after every other model is freed (their peaks are their own)
+    for card, budget in (("8GB", "7.5GB"), ("12GB", "11GB")):  # what such a card has free beside the CUDA context
+        name = f"plan-{card}-card"
+        try:
+            results["full_512"][name] = time_plan(budget, 64 if DEVICE == "cuda" else side)
+        except Exception as exc:
+            results["full_512"][name] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
+        print("full 512", name, results["full_512"][name], flush=True)
+        save_partial()
+
     base = results["variants"].get("eager-host", {}).get("ms_per_step")
     lines = ["| variant | ms per image step | vs eager-host | graphs captured | capture s |", "| --- | --- | --- | --- | --- |"]
     for name, r in results["variants"].items():
@@ -454,8 +522,12 @@ def main() -> None:
     for quant, r in results["full_512"].items():
         if "seconds" in r:
             again = f"{r['seconds_again']:.1f} ({r['graphs_captured_again']})" if "seconds_again" in r else ""
-            lines.append(f"| {quant} | {r['seconds']:.1f} | {r['capture_s']:.1f} | {r['peak_vram_gb']:.1f} | "
-                         f"{r['peak_decode_vram_gb']:.1f} | {again} |")
+            if "predicted_gb" in r:  # a memory plan's row: what it chose, predicted beside measured
+                again = (f"plan: {r['chosen']}; predicted {r['predicted_gb']:.2f} GB (weights "
+                         f"{r['predicted_weights_gb']:.2f}, allocated before the prefill {r['weights_allocated_gb']:.2f})"
+                         f"; {r['ms_per_step']:.2f} ms per step")
+            lines.append(f"| {quant} | {r['seconds']:.1f} | {r['capture_s']:.1f} | {r['peak_vram_gb']:.1f} "
+                         f"(reserved {r['peak_reserved_gb']:.1f}) | {r.get('peak_decode_vram_gb', float('nan')):.1f} | {again} |")
         else:
             lines.append(f"| {quant} | {r.get('error', '')} | | | | |")
     attention = results.get("attention", {})  # not measured with --quick

@@ -139,7 +139,7 @@ def _canonical(name: str, value: Any) -> Any:
                     f"got {type(value).__name__}")
 
 
-LOAD_OPTIONS = {"quantization": ("nf4", "int8", "int4"), "kv_cache": ("int8",)}
+LOAD_OPTIONS = {"quantization": ("nf4", "int8", "int4"), "kv_cache": ("int8",), "max_memory": None}  # None: any
 
 
 def _check_load_options(model: str | os.PathLike | None, load_options: Mapping[str, Any]) -> None:
@@ -151,7 +151,7 @@ def _check_load_options(model: str | os.PathLike | None, load_options: Mapping[s
     for name, value in load_options.items():
         if name not in LOAD_OPTIONS:
             raise ValueError(f"unknown load option {name!r}; restore_many takes {', '.join(LOAD_OPTIONS)}")
-        if value not in LOAD_OPTIONS[name]:
+        if LOAD_OPTIONS[name] is not None and value not in LOAD_OPTIONS[name]:
             raise ValueError(f"{name}={value!r}: choose {' or '.join(map(repr, LOAD_OPTIONS[name]))}")
     if load_options and (model is None or (resolve_model(model) / MANIFEST_FILE).is_file()):
         raise PureLiteError(f"{', '.join(f'{k}={v}' for k, v in load_options.items())} applies to a checkpoint folder "
@@ -279,12 +279,20 @@ def _ray():
 class RestoreWorker:
     """One Ray actor: loads the model once, then restores image after image (made remote in ``_Pool``)."""
 
-    def __init__(self, model: str | None, device: str, load_options: Mapping[str, Any] | None = None):
+    def __init__(self, model: str | None, device: str, load_options: Mapping[str, Any] | None = None,
+                 gpu_share: float = 1.0):
+        from .manifest import MANIFEST_FILE
         from .restorer import Restorer
 
         self.error = None
+        load_options = dict(load_options or {})
         try:
-            self.restorer = Restorer.from_pretrained(model, device=device, **(load_options or {}))
+            if (device == "cuda" and gpu_share < 1 and "max_memory" not in load_options and model is not None
+                    and not (Path(model) / MANIFEST_FILE).is_file()):
+                from .torch_backend.memory import share_budget
+
+                load_options["max_memory"] = share_budget(gpu_share)  # the memory plan of its share of the GPU
+            self.restorer = Restorer.from_pretrained(model, device=device, **load_options)
         except (PureLiteError, ValueError) as exc:  # ValueError: e.g. int4 asked of a CPU worker
             self.restorer, self.error = None, str(exc)
 
@@ -344,6 +352,7 @@ class _Pool:
         self.ray = ray
         self.cls = ray.remote(RestoreWorker).options(num_gpus=gpus, num_cpus=cpus, max_restarts=0)
         self.model, self.device, self.load_options = model, "cuda" if gpus > 0 else "cpu", load_options
+        self.gpus = gpus
         self.count = count
         self.actors = []  # every actor started, the dead included
         self.starting = {}  # ready() ref -> actor
@@ -351,7 +360,7 @@ class _Pool:
             self.start()
 
     def start(self) -> None:
-        actor = self.cls.remote(self.model, self.device, self.load_options)
+        actor = self.cls.remote(self.model, self.device, self.load_options, min(self.gpus, 1.0) or 1.0)
         self.actors.append(actor)
         self.starting[actor.ready.remote()] = actor
 

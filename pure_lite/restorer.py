@@ -95,6 +95,7 @@ class Restorer:
         # scales below the model's factor already warned of: once per Restorer, not per image (Python's own
         # once-per-location registry is reset whenever any code changes the warning filters)
         self._warned_scales: set[float] = set()
+        self.memory_plan = None  # the memory plan the torch backend loaded by (torch_backend/memory.py), if any
 
     @classmethod
     def from_pretrained(
@@ -105,9 +106,10 @@ class Restorer:
         device: str = "cpu",
         dtype=None,
         quantization: Literal["nf4", "int8", "int4"] | None = None,
-        kv_cache: Literal["int8"] | None = None,
+        kv_cache: Literal["int8", "int4"] | None = None,
         providers: Sequence[str] | None = None,
         revision: str | None = None,
+        max_memory: str | int | None = None,
     ) -> "Restorer":
         """Load a PURE checkpoint folder (docs/pure-format.md §1) or a pure-lite export (None: the shipped PURE-tiny).
 
@@ -119,7 +121,10 @@ class Restorer:
         and anything else through torch (``device``, ``dtype``; ``quantization`` loads the
         language model's decoder layers 4-bit nf4 or 8-bit through bitsandbytes, or int4 through
         torchao, CUDA and bfloat16 only: the fastest 4-bit decode measured, docs/gpu.md; ``kv_cache="int8"``
-        halves the KV cache's memory, the rest of a 512² restoration's peak at 4-bit).
+        halves the KV cache's memory, the rest of a 512² restoration's peak at 4-bit). ``max_memory`` ("8GB",
+        "7.5GiB", bytes; by default on CUDA the device's free memory) plans the load before any weight is read
+        (``torch_backend/memory.py``): the fastest weights, cache and tile batch whose predicted peak fits, or a
+        MemoryBudgetError naming the smallest budget that would; ``Restorer.memory_plan`` says what was chosen.
         """
         from .manifest import MANIFEST_FILE
 
@@ -136,9 +141,9 @@ class Restorer:
         if backend == "auto":
             backend = "onnx" if (Path(path) / MANIFEST_FILE).is_file() else "torch"
         if backend == "onnx":
-            if quantization is not None or kv_cache is not None:
-                raise ValueError("quantization and kv_cache apply to the torch backend; exports are quantized "
-                                 "at export time")
+            if quantization is not None or kv_cache is not None or max_memory is not None:
+                raise ValueError("quantization, kv_cache and max_memory apply to the torch backend; exports are "
+                                 "quantized at export time")
             from .runtime import load_components as load_runtime
 
             return cls(load_runtime(path, providers=providers))
@@ -155,7 +160,18 @@ class Restorer:
                 "pip install torch==2.13.0 'pure-lite[torch]' (or serve an export of it with 'pure-lite[runtime]')"
             ) from exc
 
-        return cls(load_components(path, device=device, dtype=dtype, quantization=quantization, kv_cache=kv_cache))
+        plan = None
+        if max_memory is not None or str(device).startswith("cuda"):
+            from .torch_backend.memory import plan_load
+
+            plan = plan_load(path, device=device, dtype=dtype, quantization=quantization, kv_cache=kv_cache,
+                             max_memory=max_memory, tile_batch=DEFAULT_TILE_BATCH)
+            quantization, kv_cache = plan.chosen.setting.quantization, plan.chosen.setting.kv_cache
+        text_device = "cpu" if plan is not None and plan.chosen.setting.text_rows_off_device else None
+        restorer = cls(load_components(path, device=device, dtype=dtype, quantization=quantization, kv_cache=kv_cache,
+                                       text_device=text_device))
+        restorer.memory_plan = plan
+        return restorer
 
     def plan(self, image: images.ImageInput, *, scale: float = 4, target_size: int | None = None) -> TilePlan:
         """Where the tiles of ``restore(image, scale=..., target_size=...)`` will lie, from the image's
@@ -221,6 +237,8 @@ class Restorer:
             raise TypeError(f"sampling must be a SamplingConfig, got {type(sampling).__name__}; "
                             "for a dict d, pass SamplingConfig(**d)")
         check_restore_options(scale=scale, target_size=target_size, tile_batch=tile_batch)
+        if self.memory_plan is not None:  # the memory plan's batch fits; a tile's result does not depend on its batch
+            tile_batch = min(tile_batch, self.memory_plan.chosen.tile_batch)
         plan = self.plan(image, scale=scale, target_size=target_size)
         decode_at = plan.output if target_size is not None else None
         if target_size is None and scale < c.trained_scale and scale not in self._warned_scales:

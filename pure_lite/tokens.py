@@ -143,6 +143,13 @@ class TokenLayout:
             return logits[..., self.image_ids]
         return np.concatenate([logits[..., a:b] for a, b in runs], axis=-1)
 
+    @property
+    def image_phase_ids(self) -> np.ndarray:
+        """Every id decoding an image block feeds after the prompt, sorted: the header's image start and grid
+        sizes, the codes' ids, the row ends (the end of image is never fed)."""
+        return np.unique(np.concatenate([self.image_ids, [self.image_start, self.row_end],
+                                         np.fromiter(self.grid_ids.values(), np.int64)]))
+
     def grid_id(self, n: int) -> int:
         if n not in self.grid_ids:
             raise TokenFormatError(f"the vocabulary has no grid token for {n} x 32 pixels ({grid_token_name(n)})")

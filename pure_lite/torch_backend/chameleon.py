@@ -164,7 +164,10 @@ class ChameleonStep(nn.Module):
         5.0 and 5.17; under the wrong name it lands in ``**kwargs`` and is ignored (5.17: a shape
         error, 5.0: silently wrong logits), so the name is read from the installed layer's signature.
         """
-        hidden = self.model.embed_tokens(input_ids)
+        return self.run_embedded(self.model.embed_tokens(input_ids), mask, position_ids, cache, **layer_kwargs)
+
+    def run_embedded(self, hidden, mask, position_ids, cache, **layer_kwargs):
+        """``run`` from the input embeddings (B, T, hidden)."""
         rope = self.model.rotary_emb(hidden, position_ids)
         cache_arg = {_cache_keyword(type(self.model.layers[0])): cache}
         for layer in self.model.layers:

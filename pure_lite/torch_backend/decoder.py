@@ -41,6 +41,7 @@ from . import sampler
 from .chameleon import ChameleonStep, TextHead, kv_shape
 from .kv_cache import GroupedKV, use_grouped_attention
 from .layers import DecodeLayers
+from .vocab_rows import SplitVocabulary
 
 
 class TorchDecoder:
@@ -55,19 +56,30 @@ class TorchDecoder:
     the same with its elementwise work in ``fused_kernels.py`` (about half again), and an int8 cache
     read by its attention kernel (CUDA; not yet the default: docs/gpu.md); ``"transformers"`` runs
     transformers' own layer forward over the same cache (the reference it is tested and benchmarked against).
+    ``text_device`` (with ``image_phase_ids``, the ids an image block feeds): keep only those rows of the input
+    embedding on ``device`` and move the whole embedding and ``lm_head`` to ``text_device``, which then embeds
+    and scores the prefill and the text (``vocab_rows.py``; the memory plan's "vocabulary off the device").
     """
 
     def __init__(self, lm, image_head, device: str = "cpu", *, graphs: bool | None = None,
                  device_loop: bool | None = None, attend_bucket: int | None = None, kv_int8: bool = False,
-                 layers: Literal["fused", "triton", "transformers"] = "fused"):
+                 layers: Literal["fused", "triton", "transformers"] = "fused", text_device: str | None = None,
+                 image_phase_ids: np.ndarray | None = None):
+        self.vocab = None
+        if text_device is not None:
+            if image_phase_ids is None:
+                raise ValueError("text_device needs image_phase_ids: the embedding rows kept on the device")
+            self.vocab = SplitVocabulary(lm, image_phase_ids, device, text_device)
         if layers in ("fused", "triton"):
             self.layers_fn = DecodeLayers(lm, kernels="triton" if layers == "triton" else "torch").eval()
+            self.run_layers = self.layers_fn.run
         elif layers == "transformers":
             if hasattr(lm.model.layers[0].self_attn, "qkv_proj"):
                 raise ValueError("layers='transformers' needs the separate projections that fuse_projections joined")
             use_grouped_attention(lm)
             step = ChameleonStep(lm).eval()
             self.layers_fn = lambda ids, positions, kv: step.run(ids, None, positions, kv, grouped_cache=kv)
+            self.run_layers = lambda x, positions, kv: step.run_embedded(x, None, positions, kv, grouped_cache=kv)
         else:
             raise ValueError(f"layers must be 'fused', 'triton' or 'transformers', got {layers!r}")
         self.lm = lm
@@ -81,7 +93,7 @@ class TorchDecoder:
         self.bucket = attend_bucket or (512 if self.graphs else 1)
         if not (device_loop if device_loop is not None else on_cuda):
             self.decode_plain_image = None  # the decode loop samples on the host
-        self.dtype = lm.model.embed_tokens.weight.dtype
+        self.dtype = lm.model.norm.weight.dtype
         self.kv_int8 = kv_int8
         self.layers = lm.config.num_hidden_layers
         self.heads, self.head_dim = kv_shape(lm.config)
@@ -110,12 +122,13 @@ class TorchDecoder:
             self.shape, self.chain_cache = shape, None
             self.captured.clear()  # graphs hold the old batch's buffers
             self.step_inputs: dict[tuple[int, int], torch.Tensor] = {}
+            self.text_inputs: dict[tuple[int, int], torch.Tensor] = {}  # embeddings, with the vocabulary split
         self.lengths = np.zeros(2 * batch, np.int64)
         self.batch, self.live, self.max_step = batch, batch, max_step
         ids = np.zeros((batch, longest), np.int64)  # right-padded; the padding is rewound below
         for row, prompt in enumerate(prompts):
             ids[row, :len(prompt)] = prompt
-        hidden = self._forward(torch.as_tensor(ids, device=self.device))
+        hidden = self._forward(self._embed(ids, image=False))
         self.rewind(np.array([longest - len(p) for p in prompts]))
         last = torch.as_tensor([len(p) - 1 for p in prompts], device=self.device)
         return self._logits(hidden[torch.arange(batch, device=self.device), last], image=False)
@@ -132,7 +145,7 @@ class TorchDecoder:
             raise ValueError(f"step got {ids.shape[0]} rows, the decoder has {self.live} live rows")
         if self.graphs:
             return self._captured_step(ids, image, all_positions)
-        hidden = self._forward(torch.as_tensor(ids, device=self.device))
+        hidden = self._forward(self._embed(ids, image))
         return self._logits(hidden if all_positions else hidden[:, -1], image)
 
     def rewind(self, counts: np.ndarray) -> None:
@@ -153,8 +166,7 @@ class TorchDecoder:
         ``progress(codes done per restoration)`` is called after every image row, once the
         device has finished it.
         """
-        hidden = self._forward(torch.as_tensor(np.tile(np.asarray(header, np.int64), (self.live, 1)),
-                                               device=self.device))
+        hidden = self._forward(self._embed(np.tile(np.asarray(header, np.int64), (self.live, 1)), image=True))
         state = self.chain = self._chain_state(self.image_head(hidden[:, -1]), side * side, config, seeds,
                                                image_ids, row_end)
         total = side * side
@@ -218,7 +230,7 @@ class TorchDecoder:
         token = s.image_ids[code]
         ids = s.ids[t]
         ids[:, 0].copy_(torch.cat([token, token]) if s.cfg else token)
-        s.logits.copy_(self.image_head(self._append(ids, spans)[:, -1]))
+        s.logits.copy_(self.image_head(self._append(self._embed_on_device(ids, image=True), spans)[:, -1]))
 
     @torch.inference_mode()
     def _run_link(self, t: int) -> None:
@@ -238,24 +250,39 @@ class TorchDecoder:
         rows, t = ids.shape
         width = min(1 << (t - 1).bit_length(), max(self.max_step, t))
         spans = self._spans(width)
-        buffer = self.step_inputs.get((rows, width))
-        if buffer is None:
-            buffer = self.step_inputs[(rows, width)] = torch.zeros((rows, width), dtype=torch.int64,
-                                                                   device=self.device)
         padded = np.empty((rows, width), np.int64)
         padded[:, :t], padded[:, t:] = ids, ids[:, -1:]
-        buffer.copy_(torch.from_numpy(padded))
+        host_text = self.vocab is not None and not image  # embedded and scored off the device, around the graph
+        if host_text:
+            x = self._embed(padded, image=False)
+            buffer = self.text_inputs.get((rows, width))
+            if buffer is None:
+                buffer = self.text_inputs[(rows, width)] = torch.zeros_like(x)
+            buffer.copy_(x)
+        else:
+            buffer = self.step_inputs.get((rows, width))
+            if buffer is None:
+                buffer = self.step_inputs[(rows, width)] = torch.zeros((rows, width), dtype=torch.int64,
+                                                                       device=self.device)
+            buffer.copy_(torch.from_numpy(padded))
         last = slice(None) if all_positions else slice(t - 1, t)
         key = ("step", rows, width, spans, image)
         outputs = self._replay(key, lambda: self._graph_step(buffer, spans, image))
         self.lengths[:self.live] += width
-        logits = outputs[:, last].cpu().numpy()  # read before any other graph reuses the pool
+        outputs = outputs[:, last]
+        # read before any other graph reuses the pool
+        logits = (self.vocab.text_logits(outputs.to(self.vocab.text_device)) if host_text else outputs).cpu().numpy()
         self.rewind(np.full(self.live, width - t))
         return logits if all_positions else logits[:, 0]
 
-    def _graph_step(self, ids: torch.Tensor, spans: tuple[int, ...], image: bool) -> torch.Tensor:
-        """One decoder call on device buffers; returns every position's logits (capturable)."""
-        return (self.image_head if image else self.text_head)(self._append(ids, spans))
+    def _graph_step(self, inputs: torch.Tensor, spans: tuple[int, ...], image: bool) -> torch.Tensor:
+        """One decoder call on device buffers (ids, or embeddings for text embedded off the device); returns every
+        position's logits, or for text scored off the device its hidden states (capturable)."""
+        x = inputs if inputs.is_floating_point() else self._embed_on_device(inputs, image)
+        hidden = self._append(x, spans)
+        if image:
+            return self.image_head(hidden)
+        return hidden if self.vocab is not None else self.text_head(hidden)
 
     def _replay(self, key: tuple, body: Callable[[], object]):
         """Replay the graph captured for ``key`` (capturing it on first use); returns what ``body`` returned
@@ -319,23 +346,38 @@ class TorchDecoder:
         return tuple(spans)
 
     @torch.inference_mode()
-    def _forward(self, ids: torch.Tensor) -> torch.Tensor:
-        """Append ids (R, T) to the live rows, eagerly; returns their final-norm hidden states (R, T, hidden)."""
-        hidden = self._append(ids, self._spans(ids.shape[1]))
-        self.lengths[:self.live] += ids.shape[1]
+    def _embed(self, ids: np.ndarray, image: bool) -> torch.Tensor:
+        """Host ids (R, T) -> their input embeddings on the device."""
+        if self.vocab is not None and not image:
+            return self.vocab.embed_text(ids)
+        return self._embed_on_device(torch.as_tensor(ids, device=self.device), image)
+
+    def _embed_on_device(self, ids: torch.Tensor, image: bool) -> torch.Tensor:
+        """Device ids (R, T) -> embeddings (capturable); with the vocabulary split only image-phase ids."""
+        if self.vocab is not None:
+            return self.vocab.embed_image(ids)
+        return self.lm.model.embed_tokens(ids)
+
+    @torch.inference_mode()
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Append embeddings x (R, T, hidden) to the live rows, eagerly; returns their final-norm hidden states."""
+        hidden = self._append(x, self._spans(x.shape[1]))
+        self.lengths[:self.live] += x.shape[1]
         return hidden
 
-    def _append(self, ids: torch.Tensor, spans: tuple[int, ...]) -> torch.Tensor:
-        """The decoder call on the device: place ids (R, T) at the rows' device-side lengths, run the
-        layers over the grouped cache, move the lengths on. Host lengths are the caller's (capturable)."""
-        positions = self.kv.prepare(ids.shape[1], spans)
-        hidden = self.layers_fn(ids, positions, self.kv)
-        self.kv.advance(ids.shape[1])
+    def _append(self, x: torch.Tensor, spans: tuple[int, ...]) -> torch.Tensor:
+        """The decoder call on the device: place embeddings x (R, T, hidden) at the rows' device-side lengths, run
+        the layers over the grouped cache, move the lengths on. Host lengths are the caller's (capturable)."""
+        positions = self.kv.prepare(x.shape[1], spans)
+        hidden = self.run_layers(x, positions, self.kv)
+        self.kv.advance(x.shape[1])
         return hidden
 
     @torch.inference_mode()
     def _logits(self, hidden: torch.Tensor, image: bool) -> np.ndarray:
-        return (self.image_head if image else self.text_head)(hidden).cpu().numpy()
+        if image:
+            return self.image_head(hidden).cpu().numpy()
+        return (self.vocab.text_logits if self.vocab is not None else self.text_head)(hidden).cpu().numpy()
 
 
 @dataclass

@@ -11,7 +11,7 @@ Transformers' own layers reach the cache through an attention function registere
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable, Literal, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +41,31 @@ def use_grouped_attention(lm) -> None:
     AttentionInterface.register(GROUPED_ATTENTION, grouped_cache_attention)
     if lm.config._attn_implementation != GROUPED_ATTENTION:
         lm.set_attn_implementation(GROUPED_ATTENTION)
+
+
+KV_INT4_GROUP = 32  # an int4 cache's values per scale (the layout ``kv_bytes`` counts for kind="int4")
+
+
+def kv_bytes(layers: int, heads: int, head_dim: int, groups: Sequence[tuple[int, int]], dtype: torch.dtype,
+             kind: Literal["int8", "int4"] | None = None) -> int:
+    """Bytes a cache of ``groups`` [(rows, capacity), ...] allocates: what ``_Group`` holds, the one count the
+    memory plan (``memory.py``) and the caches agree on.
+
+    Per layer and group a (2, rows, heads, capacity, head_dim) tensor of keys and values: in ``dtype``
+    (kind None); int8 with one ``dtype`` scale per head vector; int4 packed two values per byte with one
+    ``dtype`` scale per ``KV_INT4_GROUP`` values of a head vector. Per group also its lengths and row
+    index (rows int64 each).
+    """
+    item = dtype.itemsize
+    if kind is None:
+        per_vector = head_dim * item
+    elif kind == "int8":
+        per_vector = head_dim + item
+    elif kind == "int4":
+        per_vector = -(-head_dim // 2) + -(-head_dim // KV_INT4_GROUP) * item
+    else:
+        raise ValueError(f"kind must be None, 'int8' or 'int4', got {kind!r}")
+    return sum(layers * 2 * rows * heads * capacity * per_vector + 2 * rows * 8 for rows, capacity in groups)
 
 
 class _Group:

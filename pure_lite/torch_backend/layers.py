@@ -66,11 +66,12 @@ class DecodeLayers(nn.Module):
         self.joined_qkv = [hasattr(a, "qkv_proj") for a in attns]
         self.joined_gate_up = [hasattr(layer.mlp, "gate_up_proj") for layer in layers]
         self.scaling = self.head_dim ** -0.5
-        half, embed = self.head_dim // 2, self.model.embed_tokens.weight
-        self.rotate_sign = torch.cat([-torch.ones(half), torch.ones(half)]).to(device=embed.device, dtype=embed.dtype)
+        # the final norm's weight says where the layers run (the embedding may live elsewhere: decoder.py's text rows)
+        half, norm = self.head_dim // 2, self.model.norm.weight
+        self.rotate_sign = torch.cat([-torch.ones(half), torch.ones(half)]).to(device=norm.device, dtype=norm.dtype)
         self.triton = None
         if kernels == "triton":
-            self.triton = _triton_kernels(self, embed.device)
+            self.triton = _triton_kernels(self, norm.device)
         elif kernels != "torch":
             raise ValueError(f"kernels must be 'torch' or 'triton', got {kernels!r}")
 
@@ -85,7 +86,10 @@ class DecodeLayers(nn.Module):
         return x, self._rms(x, norm)
 
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, cache) -> torch.Tensor:
-        x = self.model.embed_tokens(ids)
+        return self.run(self.model.embed_tokens(ids), positions, cache)
+
+    def run(self, x: torch.Tensor, positions: torch.Tensor, cache) -> torch.Tensor:
+        """``forward`` from the input embeddings x (R, T, hidden): for a caller that embeds the ids itself."""
         cos, sin = self.model.rotary_emb(x, positions)  # (R, T, head_dim), halves repeated
         sin = sin * self.rotate_sign
         layers = self.model.layers

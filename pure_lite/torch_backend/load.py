@@ -43,7 +43,10 @@ class TorchCodec:
 
 
 def load_components(path, *, device: str = "cpu", dtype: torch.dtype | None = None,
-                    quantization: Quantization | None = None, kv_cache: Literal["int8"] | None = None) -> Components:
+                    quantization: Quantization | None = None, kv_cache: Literal["int8"] | None = None,
+                    text_device: str | None = None) -> Components:
+    """``text_device``: keep only the embedding rows an image block feeds on ``device``, the whole embedding and
+    ``lm_head`` there (``vocab_rows.py``; what the memory plan's "vocabulary off the device" loads)."""
     files = CheckpointFiles.locate(path)
     config = files.read_config()
     layout = TokenLayout.from_tokenizer_file(files.tokenizer, vocab_size=config["vocab_size"])
@@ -69,8 +72,10 @@ def load_components(path, *, device: str = "cpu", dtype: torch.dtype | None = No
     image_head = ImageHead(lm, layout.image_ids)  # built once: the image rows of lm_head, in code order
     # One decoder for every batch: its cache buffers and CUDA graphs carry over to the next batch of the
     # same shape (the next tiles, the next photo of that size) instead of being captured again.
-    decoder = TorchDecoder(lm, image_head, device, kv_int8=kv_cache == "int8")
-    details = [str(device), str(dtype).removeprefix("torch."), quantization, kv_cache and f"{kv_cache} KV cache"]
+    decoder = TorchDecoder(lm, image_head, device, kv_int8=kv_cache == "int8", text_device=text_device,
+                           image_phase_ids=layout.image_phase_ids)
+    details = [str(device), str(dtype).removeprefix("torch."), quantization, kv_cache and f"{kv_cache} KV cache",
+               text_device and f"text rows on {text_device}"]
     details = [d for d in details if d]
     return Components(
         layout=layout,
