@@ -11,6 +11,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -290,6 +291,25 @@ def test_an_output_folder_inside_the_input_folder_is_not_read_as_input(tmp_path)
     _write_photos(tmp_path / "in" / "restored", ["a_restored.png"])
     found = batch.find_images(tmp_path / "in", skip=(tmp_path / "in" / "restored").resolve())
     assert [name for name, _ in found] == ["a.png", "deeper/b.png"]
+
+
+def test_progress_counts_tiles_done_across_workers(local_ray, tmp_path, capsys):
+    """Off a terminal: a line per tenth of the tiles, counted while the image is still being restored."""
+    from pure_lite.console import LINE_STEPS
+
+    (tmp_path / "in").mkdir()
+    pixels = (np.random.default_rng(0).random((64, 128, 3)) * 255).astype(np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "in" / "a.png")  # x4: 512x256, 5 x 3 = 15 tiles
+    report = restore_many(tmp_path / "in", tmp_path / "out", restore_options={"tile_batch": 1},
+                          config=BatchConfig(workers=1), progress=True)
+    assert report.count("done") == 1
+    lines = [line for line in capsys.readouterr().err.splitlines() if "tiles" in line]
+    counts = [re.search(r"(\d+)/(\d+) tiles", line).groups() for line in lines]
+    assert counts[-1] == ("15", "15") and {total for _, total in counts} == {"15"}
+    assert len(lines) <= LINE_STEPS + 1
+    # tiles reported while the image was still being restored (the driver polls every second; 15 tiles take
+    # several seconds on any CPU this runs on, so a run without one would mean the reports never arrived)
+    assert any(0 < int(done) < 15 for done, _ in counts), lines
 
 
 def test_image_seed_is_stable_across_processes_and_differs_per_name_and_base_seed():

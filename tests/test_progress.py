@@ -121,23 +121,6 @@ def test_a_scale_below_the_models_factor_warns_once_and_a_larger_target_size_is_
         restorer.plan(inputs[0], target_size=256)
 
 
-def test_restore_many_shows_tiles_done_across_workers(tmp_path, capsys):
-    pytest.importorskip("ray", reason="restore-many runs on Ray: install the [ray] extra")
-    from pure_lite.batch import BatchConfig, restore_many
-
-    _photo(tmp_path / "in" / "a.png", 128, 64)  # x4: 512x256, 5 x 3 = 15 tiles
-    report = restore_many(tmp_path / "in", tmp_path / "out", restore_options={"tile_batch": 1},
-                          config=BatchConfig(workers=1), progress=True)
-    assert report.count("done") == 1
-    lines = [line for line in capsys.readouterr().err.splitlines() if "tiles" in line]
-    counts = [re.search(r"(\d+)/(\d+) tiles", line).groups() for line in lines]
-    assert counts[-1] == ("15", "15") and {total for _, total in counts} == {"15"}
-    assert len(lines) <= LINE_STEPS + 1
-    # tiles reported while the image was still being restored (the driver polls every second; 15 tiles take
-    # several seconds on any CPU this runs on, so a run without one would mean the reports never arrived)
-    assert any(0 < int(done) < 15 for done, _ in counts), lines
-
-
 def test_the_example_tiny_model_restores_at_a_small_side(tmp_path):
     pytest.importorskip("torch")
     from pure_lite import Restorer, SamplingConfig
