@@ -169,7 +169,7 @@ def _restore(args: argparse.Namespace) -> int:
             (w, h), tiles = image_size(src), len(plan.boxes)
             how = (f"one {plan.tile}x{plan.tile} square" if args.target_size is not None else
                    f"x{args.scale:g} in {tiles} tile{'s' * (tiles > 1)} of {plan.tile} px, "
-                   f"{min(args.tile_batch, tiles)} at a time; the time left shows once the first are done")
+                   f"{min(args.tile_batch, tiles)} at a time; the time left shows once decoding has given a rate")
             print(f"{src}: {w}x{h} -> {plan.output[0]}x{plan.output[1]}, {how}", file=sys.stderr)
             shown = TileProgress(src.name)
         try:
