@@ -77,7 +77,7 @@ class Restorer:
         device: str = "cpu",
         dtype=None,
         quantization: Literal["nf4", "int8", "int4"] | None = None,
-        kv_cache: Literal["int8"] | None = None,
+        kv_cache: Literal["int8", "int4"] | None = None,
         providers: Sequence[str] | None = None,
     ) -> "Restorer":
         """Load a PURE checkpoint folder (docs/pure-format.md §1) or a pure-lite export (None: the shipped PURE-tiny).
@@ -87,7 +87,8 @@ class Restorer:
         and anything else through torch (``device``, ``dtype``; ``quantization`` loads the
         language model's decoder layers 4-bit nf4 or 8-bit through bitsandbytes, or int4 through
         torchao, CUDA and bfloat16 only: the fastest 4-bit decode measured, docs/gpu.md; ``kv_cache="int8"``
-        halves the KV cache's memory, the rest of a 512² restoration's peak at 4-bit).
+        halves the KV cache's memory, the rest of a 512² restoration's peak at 4-bit; ``"int4"`` takes it to
+        a bit over a quarter, for a card int8 does not fit, docs/gpu.md).
         """
         from .manifest import MANIFEST_FILE
 

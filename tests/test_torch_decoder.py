@@ -179,13 +179,13 @@ def test_next_batch_of_the_same_shape_reuses_buffers(model):
 
 
 def test_int8_cache_stores_each_slot_within_half_a_step(model):
-    """kv_int8: layer 0's keys and values (computed from the embeddings alone, so the same inputs in both
+    """kv_cache="int8": layer 0's keys and values (computed from the embeddings alone, so the same inputs in both
     decoders) come back from the int8 cache within half a quantization step (absmax / 254) of the float
     cache's, at one byte a value; the next-token logits stay within 0.05 (measured 0.02, logit std 1.1)."""
     lm, head, layout, prompts = model
     caches, logits = [], []
     for int8 in (False, True):
-        dec = TorchDecoder(lm, head, kv_int8=int8)
+        dec = TorchDecoder(lm, head, kv_cache="int8" if int8 else None)
         dec.prefill(prompts, 200, 4)
         logits.append(dec.step(np.array([[p[-1]] for p in prompts]), image=True))
         caches.append(dec.kv.groups[0])
@@ -203,9 +203,9 @@ def test_int8_cache_chained_and_fixed_shape_paths_equal_the_host_loop(model):
     eagerly here) give the host loop's greedy tokens exactly: one cache format for every path."""
     lm, head, layout, prompts = model
     config = SamplingConfig(temperature=0, cfg_scale=0.8, max_text_tokens=5)
-    host = _run(model, prompts, config, [0, 1, 2], kv_int8=True)
-    chained = _run(model, prompts, config, [0, 1, 2], kv_int8=True, device_loop=True)
-    fixed = TorchDecoder(lm, head, device_loop=True, attend_bucket=16, kv_int8=True)
+    host = _run(model, prompts, config, [0, 1, 2], kv_cache="int8")
+    chained = _run(model, prompts, config, [0, 1, 2], kv_cache="int8", device_loop=True)
+    fixed = TorchDecoder(lm, head, device_loop=True, attend_bucket=16, kv_cache="int8")
     fixed.graphs = True  # off CUDA, TorchDecoder._replay runs the would-be-captured body eagerly
     bucketed = generate_batch(fixed, prompts, layout, TARGET, config, [np.random.default_rng(s) for s in (0, 1, 2)],
                               max_positions=4096)
@@ -219,7 +219,7 @@ def test_int8_cache_keeps_zero_vectors_and_fp16_finite():
     cache as on a GPU; other vectors within half a step."""
     from pure_lite.torch_backend.kv_cache import _Group, quantize_kv
 
-    group = _Group(layers=1, rows=2, heads=2, capacity=4, head_dim=8, dtype=torch.float16, device="cpu", int8=True)
+    group = _Group(layers=1, rows=2, heads=2, capacity=4, head_dim=8, dtype=torch.float16, device="cpu", kind="int8")
     group.slots, group.span = torch.tensor([[0, 1], [0, 1]]), 2
     key = torch.randn(2, 2, 2, 8, dtype=torch.float16)
     key[0, 1, 0] = 0
