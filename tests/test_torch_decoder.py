@@ -305,12 +305,13 @@ def test_int4_cache_greedy_restoration_runs_on_every_path(model):
     """With an int4 cache the host loop, the chained image loop and the path CUDA graphs capture (bucketed
     spans, run eagerly here) give the same greedy tokens: one cache format for every path."""
     lm, head, layout, prompts = model
+    prompts = prompts[:2]  # two rows at different positions are enough here (int8's test runs three)
     config = SamplingConfig(temperature=0, cfg_scale=0.8, max_text_tokens=5)
-    host = _run(model, prompts, config, [0, 1, 2], kv_cache="int4")
-    chained = _run(model, prompts, config, [0, 1, 2], kv_cache="int4", device_loop=True)
+    host = _run(model, prompts, config, [0, 1], kv_cache="int4")
+    chained = _run(model, prompts, config, [0, 1], kv_cache="int4", device_loop=True)
     fixed = TorchDecoder(lm, head, device_loop=True, attend_bucket=16, kv_cache="int4")
     fixed.graphs = True  # off CUDA, TorchDecoder._replay runs the would-be-captured body eagerly
-    bucketed = generate_batch(fixed, prompts, layout, TARGET, config, [np.random.default_rng(s) for s in (0, 1, 2)],
+    bucketed = generate_batch(fixed, prompts, layout, TARGET, config, [np.random.default_rng(s) for s in (0, 1)],
                               max_positions=4096)
     for h, c, b in zip(host, chained, bucketed):
         assert len(h.codes) and (h.codes >= 0).all()
