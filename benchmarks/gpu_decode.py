@@ -69,7 +69,7 @@ QUICK = {"graphs-b512-transformers", "graphs-b512-unjoined", "graphs-b512", "gra
          "torchao-int4-graphs-b512-kv8", "torchao-int4-graphs-b512-kv8-triton"}
 # --quick's full restorations: each candidate for the default before its baseline (the docstring says why)
 QUICK_FULL = {"fp16": {"fp16-triton": {"layers": "triton"}, "fp16": {}},
-              "torchao-int4": {"torchao-int4-kv8-triton": {"kv_int8": True, "layers": "triton"}, "torchao-int4": {}}}
+              "torchao-int4": {"torchao-int4-kv8-triton": {"kv_cache": "int8", "layers": "triton"}, "torchao-int4": {}}}
 DEVICE = "cuda"
 LAYOUT = None  # PURE's token layout (image ids, grid tokens, row end), from a tiny checkpoint's tokenizer
 SHAPE = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
@@ -172,7 +172,7 @@ def time_plan(budget: str, side: int = 64) -> dict:
         return {"error": str(exc)}
     setting = chosen.setting
     model = build({None: "fp16", "int4": "torchao-int4"}[setting.quantization])
-    kw = {} if setting.kv_cache is None else {"kv_int8": True} if setting.kv_cache == "int8" else {"kv_cache": "int4"}
+    kw = {"kv_cache": setting.kv_cache}
     if DEVICE != "cuda":
         kw["graphs"] = False
     if setting.text_rows_off_device:
@@ -472,9 +472,9 @@ def main() -> None:
                     record(f"{name}-{kernel.split('_')[0].lower()}", time_chained, model, side, attend_bucket=512,
                            sdpa=getattr(SDPBackend, kernel))
         if quant in ("fp16", "torchao-int4"):  # the KV cache in int8 (kv_cache="int8"): half its memory
-            record(f"{prefix}graphs-b512-kv8", time_chained, model, side, attend_bucket=512, kv_int8=True)
+            record(f"{prefix}graphs-b512-kv8", time_chained, model, side, attend_bucket=512, kv_cache="int8")
             # and read by the Triton attention kernel, without a copy in the model's dtype
-            record(f"{prefix}graphs-b512-kv8-triton", time_chained, model, side, attend_bucket=512, kv_int8=True,
+            record(f"{prefix}graphs-b512-kv8-triton", time_chained, model, side, attend_bucket=512, kv_cache="int8",
                    layers="triton")
         if quant in ("fp16", "nf4"):  # tiles decoded together (issue 12): one step serves 4 tiles' 8 rows
             record(f"{prefix}graphs-b512-4-tiles", time_chained, model, side, batch=4, attend_bucket=512)
@@ -483,8 +483,8 @@ def main() -> None:
         # nf4's full restoration is left out (run B: 48.5 s, behind int4 at the same VRAM) to keep the run short
         full = {"fp16": {"fp16": {"again": True}, "fp16-triton": {"layers": "triton"}},
                 "torchao-int4": {"torchao-int4": {}, "torchao-int4-triton": {"layers": "triton"},
-                                 "torchao-int4-kv8": {"kv_int8": True},
-                                 "torchao-int4-kv8-triton": {"kv_int8": True, "layers": "triton"}}}
+                                 "torchao-int4-kv8": {"kv_cache": "int8"},
+                                 "torchao-int4-kv8-triton": {"kv_cache": "int8", "layers": "triton"}}}
         full = QUICK_FULL if args.quick else full
         for name, kw in ({} if args.skip_full else full.get(quant, {})).items():
             try:

@@ -54,7 +54,7 @@ def _decoder(folder, layers: str, joined: bool, kv_int8: bool):
     if joined:
         fuse_projections(lm)
     dec = TorchDecoder(lm, ImageHead(lm, layout.image_ids), device_loop=True, attend_bucket=64, layers=layers,
-                       kv_int8=kv_int8)
+                       kv_cache="int8" if kv_int8 else None)
     side, prompt = (2, 20) if layers == "triton" else (8, 295)
     dec.prefill([list(range(5, 5 + prompt))], 512, 3, unconditional_capacity=128)
     dec.begin_unconditional()

@@ -139,7 +139,7 @@ def _canonical(name: str, value: Any) -> Any:
                     f"got {type(value).__name__}")
 
 
-LOAD_OPTIONS = {"quantization": ("nf4", "int8", "int4"), "kv_cache": ("int8",), "max_memory": None}  # None: any
+LOAD_OPTIONS = {"quantization": ("nf4", "int8", "int4"), "kv_cache": ("int8", "int4"), "max_memory": None}  # None: any
 
 
 def _check_load_options(model: str | os.PathLike | None, load_options: Mapping[str, Any]) -> None:

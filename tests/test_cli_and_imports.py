@@ -37,6 +37,21 @@ def test_cli_restores_good_inputs_and_reports_bad(tiny_compact, tmp_path, rgb_im
     assert good.read_bytes() == before
 
 
+def test_cli_takes_an_int4_kv_cache(tiny_compact, tmp_path, rgb_image, monkeypatch):
+    """--kv-cache int4 reaches the torch backend's loader and the restoration is written."""
+    from pure_lite.torch_backend import load
+
+    asked = []
+    original = load.load_components
+    monkeypatch.setattr(load, "load_components", lambda *a, **kw: asked.append(kw["kv_cache"]) or original(*a, **kw))
+    src = tmp_path / "photo.png"
+    Image.fromarray(rgb_image).save(src)
+    rc = main(["restore", str(src), "-o", str(tmp_path / "out.png"), "--model", str(tiny_compact), "--kv-cache",
+               "int4", "--target-size", "64", "--max-text-tokens", "4", "-q"])
+    assert rc == 0 and asked == ["int4"]
+    assert Image.open(tmp_path / "out.png").size == (64, 64)
+
+
 def test_cli_never_overwrites_an_input(tiny_compact, tmp_path, rgb_image, capsys):
     src = tmp_path / "photo.png"
     Image.fromarray(rgb_image).save(src)

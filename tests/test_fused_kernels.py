@@ -166,15 +166,15 @@ def _logits(compact, layers: str, **kw):
     return probe_logits(TorchDecoder(lm, head, layers=layers, **kw), layout, lengths=(7, 4))  # short: interpreted
 
 
-@pytest.mark.parametrize("kv_int8", [False, True])
-def test_triton_layers_match_the_torch_ops(compact, kv_int8, monkeypatch):
+@pytest.mark.parametrize("kv_cache", [None, "int8"])
+def test_triton_layers_match_the_torch_ops(compact, kv_cache, monkeypatch):
     calls = []
-    if kv_int8:  # the int8 cache is read by the Triton attention kernel: count that it is
+    if kv_cache:  # the int8 cache is read by the Triton attention kernel: count that it is
         monkeypatch.setattr(tk, "int8_attention", lambda *a: calls.append(1) or _int8_attention(*a))
-    reference, candidate = _logits(compact, "fused", kv_int8=kv_int8), _logits(compact, "triton", kv_int8=kv_int8)
+    reference, candidate = _logits(compact, "fused", kv_cache=kv_cache), _logits(compact, "triton", kv_cache=kv_cache)
     # per layer (2): the prefill reads one cache group, the two steps two groups each
-    assert len(calls) == (2 * (1 + 2 + 2) if kv_int8 else 0)
-    tolerance = 0.01 if kv_int8 else 1e-5  # int8: a last-bit difference can move a cached value by one step
+    assert len(calls) == (2 * (1 + 2 + 2) if kv_cache else 0)
+    tolerance = 0.01 if kv_cache else 1e-5  # int8: a last-bit difference can move a cached value by one step
     for a, b in zip(reference, candidate):
         assert a.shape == b.shape
         np.testing.assert_allclose(b, a, rtol=0, atol=tolerance * np.abs(a).max())

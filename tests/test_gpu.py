@@ -107,11 +107,11 @@ def _tiny_on_cuda(folder, n: int):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("kv_int8", [False, True])
-def test_graph_decoder_matches_eager_on_cuda(tiny_compact, kv_int8):
+@pytest.mark.parametrize("kv_cache", [None, "int8", "int4"])
+def test_graph_decoder_matches_eager_on_cuda(tiny_compact, kv_cache):
     """The captured chain (CUDA graphs, bucketed spans) against the eager host loop on the same GPU (greedy:
     identical tokens), and against the eager chain (sampled: identical codes, same kernels); with the KV
-    cache in the model's dtype and in int8."""
+    cache in the model's dtype, in int8 and in int4."""
     _cuda()
     from conftest import TARGET
 
@@ -121,7 +121,7 @@ def test_graph_decoder_matches_eager_on_cuda(tiny_compact, kv_int8):
     lm, head, layout, prompts = _tiny_on_cuda(tiny_compact, 2)
 
     def run(config, **kw):
-        return generate_batch(TorchDecoder(lm, head, "cuda", kv_int8=kv_int8, **kw), prompts, layout, TARGET, config,
+        return generate_batch(TorchDecoder(lm, head, "cuda", kv_cache=kv_cache, **kw), prompts, layout, TARGET, config,
                               [np.random.default_rng(s) for s in (3, 4)], max_positions=4096)
 
     greedy = SamplingConfig(temperature=0, cfg_scale=0.8, max_text_tokens=4)
@@ -264,11 +264,11 @@ def test_triton_layers_on_cuda(tiny_compact, tiny256):
         def logits(**kw):
             return probe_logits(TorchDecoder(model, image_head, "cuda", **kw), layout)
 
-        for kv_int8 in (False, True):  # int8: the Triton path also reads the cache with its own attention kernel
-            reference = logits(graphs=False, kv_int8=kv_int8)
-            for candidate in (logits(layers="triton", graphs=False, kv_int8=kv_int8),
-                              logits(layers="triton", attend_bucket=16, kv_int8=kv_int8)):
+        for kv_cache in (None, "int8"):  # int8: the Triton path also reads the cache with its own attention kernel
+            reference = logits(graphs=False, kv_cache=kv_cache)
+            for candidate in (logits(layers="triton", graphs=False, kv_cache=kv_cache),
+                              logits(layers="triton", attend_bucket=16, kv_cache=kv_cache)):
                 for a, b in zip(reference, candidate):
                     a, b = a.astype(np.float64), b.astype(np.float64)
                     cosine = (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
-                    assert cosine.min() >= 0.999, (dtype, kv_int8, cosine.min())
+                    assert cosine.min() >= 0.999, (dtype, kv_cache, cosine.min())

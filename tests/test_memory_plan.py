@@ -45,7 +45,7 @@ def _decoder_tensors(decoder) -> list:
 @pytest.mark.parametrize("kind", [None, "int8"])
 def test_kv_bytes_is_what_the_cache_allocates(kind):
     groups = [(3, 40), (3, 17)]
-    cache = GroupedKV(2, 4, 16, groups, 4, torch.bfloat16, "cpu", int8=kind == "int8")
+    cache = GroupedKV(2, 4, 16, groups, 4, torch.bfloat16, "cpu", kind=kind)
     assert kv_bytes(2, 4, 16, groups, torch.bfloat16, kind) == _bytes(_cache_tensors(cache))
 
 
@@ -118,7 +118,7 @@ def test_7b_bytes_equal_a_meta_decoders(shape_7b):
     cache = GroupedKV(32, 32, 128, groups, 4, torch.bfloat16, "meta")
     assert peak.kv == _bytes(_cache_tensors(cache))
     assert 6.5e9 < peak.kv < 6.7e9
-    int8 = GroupedKV(32, 32, 128, groups, 4, torch.bfloat16, "meta", int8=True)
+    int8 = GroupedKV(32, 32, 128, groups, 4, torch.bfloat16, "meta", kind="int8")
     assert memory.peak(shape, memory.Setting("int4", "int8"), 1).kv == _bytes(_cache_tensors(int8))
     # int4 weights, by torchao's layout (not allocatable without CUDA): 4 bits per decoder weight plus a bf16
     # scale and zero per 128 inputs; the embeddings, lm_head and everything else stay bf16

@@ -157,18 +157,22 @@ def test_int4_without_torchao_names_the_extra(tiny64, monkeypatch):
 def test_unknown_quantization_or_cache_is_refused(tiny64):
     with pytest.raises(ValueError, match="'nf4', 'int8', 'int4' or None"):
         Restorer.from_pretrained(tiny64, quantization="int3")
-    with pytest.raises(ValueError, match="kv_cache must be 'int8' or None"):
+    with pytest.raises(ValueError, match="kv_cache must be 'int8', 'int4' or None"):
         Restorer.from_pretrained(tiny64, kv_cache="fp8")
 
 
-def test_int8_kv_cache_restores_through_the_backend(tiny64, rgb_image):
-    """kv_cache="int8" reaches the decoder: its cache is int8 and a restoration comes out whole."""
+@pytest.mark.parametrize("kind, packed", [("int8", 1), ("int4", 2)])
+def test_quantized_kv_cache_restores_through_the_backend(tiny64, rgb_image, kind, packed):
+    """kv_cache="int8"/"int4" reaches the decoder: its cache holds int8 bytes (two values a byte for int4) and
+    a restoration comes out whole."""
     torch = pytest.importorskip("torch")
-    restorer = Restorer.from_pretrained(tiny64, kv_cache="int8")
-    assert restorer.components.description.endswith("int8 KV cache)")
+    restorer = Restorer.from_pretrained(tiny64, kv_cache=kind)
+    assert restorer.components.description.endswith(f"{kind} KV cache)")
     res = restorer.restore(rgb_image, seed=0, sampling=FAST, target_size=TARGET)
     assert res.image.size == (TARGET, TARGET)
-    assert restorer.components.new_decoder().kv.groups[0].kv[0].dtype == torch.int8
+    decoder = restorer.components.new_decoder()
+    cached = decoder.kv.groups[0].kv[0]
+    assert cached.dtype == torch.int8 and cached.shape[-1] * packed == decoder.head_dim
 
 
 def test_int4_quantizes_exactly_the_decoder_linears_tinygemm_can_pack():

@@ -51,18 +51,18 @@ def _logits(lm, layout, layers: str, **kw):
 
 
 @pytest.mark.parametrize("swin", [False, True])
-@pytest.mark.parametrize("kv_int8", [False, True])
+@pytest.mark.parametrize("kv_cache", [None, "int8"])
 @pytest.mark.parametrize("joined", [False, True])
-def test_fused_layers_match_transformers_float32(compact, swin, kv_int8, joined):
+def test_fused_layers_match_transformers_float32(compact, swin, kv_cache, joined):
     lm = _lm(compact, swin)
-    reference = _logits(lm, compact[1], "transformers", kv_int8=kv_int8)
+    reference = _logits(lm, compact[1], "transformers", kv_cache=kv_cache)
     if joined:
         assert fuse_projections(lm) == 2 * lm.config.num_hidden_layers
         assert not hasattr(lm.model.layers[0].self_attn, "q_proj")
-    fused = _logits(lm, compact[1], "fused", kv_int8=kv_int8)
+    fused = _logits(lm, compact[1], "fused", kv_cache=kv_cache)
     # an int8 cache rounds keys and values to 1/254 of their absmax: a last-bit difference can flip one
     # rounding, so there the bound is that of a few flipped steps (measured: 0.4% of the largest logit)
-    tolerance = 0.01 if kv_int8 else 1e-5
+    tolerance = 0.01 if kv_cache else 1e-5
     for a, b in zip(reference, fused):
         assert a.shape == b.shape
         np.testing.assert_allclose(b, a, rtol=0, atol=tolerance * np.abs(a).max())

@@ -10,7 +10,7 @@ back the same ``Components`` the ONNX runtime does. Read bottom-up:
 - ``quantize.py``    weights at load time: bitsandbytes nf4/int8, torchao int4
 - ``layers.py``      Chameleon's decoder layers as the decoder runs them (fewer kernels), ``fuse_projections``
 - ``fused_kernels.py`` Triton kernels for the layers' elementwise work and the int8 attention (``layers="triton"``)
-- ``kv_cache.py``    the preallocated two-group KV cache (bf16/fp16 or int8)
+- ``kv_cache.py``    the preallocated two-group KV cache (bf16/fp16, int8 or int4)
 - ``sampler.py``     the sampler on the device, on batched logits, with no host syncs
 - ``decoder.py``     ``TorchDecoder``: the ``Decoder`` protocol of ``pure_lite.generate``, CUDA graphs, the chained loop
 - ``load.py``        a checkpoint folder -> ``Components``

@@ -39,7 +39,7 @@ from ..errors import GenerationError
 from ..sampling import SamplingConfig
 from . import sampler
 from .chameleon import ChameleonStep, TextHead, kv_shape
-from .kv_cache import GroupedKV, use_grouped_attention
+from .kv_cache import GroupedKV, KVKind, use_grouped_attention
 from .layers import DecodeLayers
 from .vocab_rows import SplitVocabulary
 
@@ -50,11 +50,13 @@ class TorchDecoder:
     ``graphs``: capture each step shape as a CUDA graph (default: on CUDA). ``device_loop``:
     offer ``decode_plain_image`` to the decode loop (default: on CUDA). ``attend_bucket``: the
     slots attention reads are rounded up to a multiple of this (default 1 when eager, exact;
-    512 with graphs, so a 512² restoration needs ~30 captured shapes). ``kv_int8``: keep the KV cache in
-    int8 with a scale per slot and head (half the cache memory; see ``kv_cache._Group``). ``layers``: ``"fused"``
+    512 with graphs, so a 512² restoration needs ~30 captured shapes). ``kv_cache``: ``"int8"`` keeps the KV
+    cache in int8 with a scale per slot and head (half the cache memory), ``"int4"`` in packed int4 with a scale
+    per 32 values of a head (a bit over a quarter; see ``kv_cache._Group``). ``layers``: ``"fused"``
     runs the layers as ``layers.py`` writes them (about half the kernels per step); ``"triton"``
     the same with its elementwise work in ``fused_kernels.py`` (about half again), and an int8 cache
-    read by its attention kernel (CUDA; not yet the default: docs/gpu.md); ``"transformers"`` runs
+    read by its attention kernel (CUDA; not yet the default: docs/gpu.md; no int4 cache: its kernels neither
+    pack nor unpack 4-bit values); ``"transformers"`` runs
     transformers' own layer forward over the same cache (the reference it is tested and benchmarked against).
     ``text_device`` (with ``image_phase_ids``, the ids an image block feeds): keep only those rows of the input
     embedding on ``device`` and move the whole embedding and ``lm_head`` to ``text_device``, which then embeds
@@ -62,9 +64,13 @@ class TorchDecoder:
     """
 
     def __init__(self, lm, image_head, device: str = "cpu", *, graphs: bool | None = None,
-                 device_loop: bool | None = None, attend_bucket: int | None = None, kv_int8: bool = False,
+                 device_loop: bool | None = None, attend_bucket: int | None = None, kv_cache: KVKind | None = None,
                  layers: Literal["fused", "triton", "transformers"] = "fused", text_device: str | None = None,
                  image_phase_ids: np.ndarray | None = None):
+        if kv_cache not in (None, "int8", "int4"):
+            raise ValueError(f"kv_cache must be 'int8', 'int4' or None (the model's dtype), got {kv_cache!r}")
+        if layers == "triton" and kv_cache == "int4":
+            raise ValueError("layers='triton' cannot store or read an int4 KV cache; use layers='fused' with it")
         self.vocab = None
         if text_device is not None:
             if image_phase_ids is None:
@@ -94,7 +100,7 @@ class TorchDecoder:
         if not (device_loop if device_loop is not None else on_cuda):
             self.decode_plain_image = None  # the decode loop samples on the host
         self.dtype = lm.model.norm.weight.dtype
-        self.kv_int8 = kv_int8
+        self.kv_cache = kv_cache
         self.layers = lm.config.num_hidden_layers
         self.heads, self.head_dim = kv_shape(lm.config)
         self.captured: dict[tuple, tuple] = {}  # shape key -> (graph, its outputs)
@@ -118,7 +124,7 @@ class TorchDecoder:
         else:
             self.kv = None  # free the old cache before allocating the new one
             self.kv = GroupedKV(self.layers, self.heads, self.head_dim, [shape[:2], (batch, shape[2])], shape[3],
-                                self.dtype, self.device, self.kv_int8, getattr(self.layers_fn, "triton", None))
+                                self.dtype, self.device, self.kv_cache, getattr(self.layers_fn, "triton", None))
             self.shape, self.chain_cache = shape, None
             self.captured.clear()  # graphs hold the old batch's buffers
             self.step_inputs: dict[tuple[int, int], torch.Tensor] = {}

@@ -1,4 +1,4 @@
-"""The torch decoder's KV cache: two groups of preallocated slots, written by position, optionally int8.
+"""The torch decoder's KV cache: two groups of preallocated slots, written by position, optionally int8 or int4.
 
 **Two cache groups.** The conditional rows hold prompt, text and image; the unconditional (CFG) rows
 only ever hold the image block, so their group is sized for that. At PURE's 512² that is 4.2k slots
@@ -43,11 +43,12 @@ def use_grouped_attention(lm) -> None:
         lm.set_attn_implementation(GROUPED_ATTENTION)
 
 
-KV_INT4_GROUP = 32  # an int4 cache's values per scale (the layout ``kv_bytes`` counts for kind="int4")
+KVKind = Literal["int8", "int4"]
+KV_INT4_GROUP = 32  # an int4 cache's values per scale along head_dim (the last group of a head may be shorter)
 
 
 def kv_bytes(layers: int, heads: int, head_dim: int, groups: Sequence[tuple[int, int]], dtype: torch.dtype,
-             kind: Literal["int8", "int4"] | None = None) -> int:
+             kind: KVKind | None = None) -> int:
     """Bytes a cache of ``groups`` [(rows, capacity), ...] allocates: what ``_Group`` holds, the one count the
     memory plan (``memory.py``) and the caches agree on.
 
@@ -72,16 +73,30 @@ class _Group:
     """Keys and values of ``rows`` rows with room for ``capacity`` slots each, and their lengths on the device.
 
     A layer's keys and values are one tensor, (2, rows, heads, capacity, head_dim), so one index write
-    stores both. ``int8``: store each slot's key and value per head as int8 with one scale (absmax / 127,
-    in the model's dtype): half the memory of fp16/bf16, which is what a 12 GB card lacks for a 512²
-    restoration of the 7B model at 4-bit. Attention dequantizes the span it reads, so the kernel is unchanged.
+    stores both. ``kind="int8"``: store each slot's key and value per head as int8 with one scale (absmax /
+    127, in the model's dtype): half the memory of fp16/bf16, which is what a 12 GB card lacks for a 512²
+    restoration of the 7B model at 4-bit. ``kind="int4"``: two values a byte (``pack_int4``) with one scale
+    per ``KV_INT4_GROUP`` values of a head (absmax / 7): a bit over a quarter of fp16/bf16, what an 8 GB card
+    needs. Attention dequantizes the span it reads, so the kernel is unchanged.
     """
 
     def __init__(self, layers: int, rows: int, heads: int, capacity: int, head_dim: int, dtype, device,
-                 int8: bool = False):
+                 kind: KVKind | None = None):
         shape = (2, rows, heads, capacity, head_dim)
-        self.kv = [torch.zeros(shape, dtype=torch.int8 if int8 else dtype, device=device) for _ in range(layers)]
-        self.scales = [torch.zeros(shape[:-1] + (1,), dtype=dtype, device=device) for _ in range(layers)] if int8 else None
+        if kind == "int4":
+            if head_dim % 2:
+                raise ValueError(f"an int4 KV cache packs two values a byte: head_dim {head_dim} is odd")
+            values, scales = shape[:-1] + (head_dim // 2,), shape[:-1] + (-(-head_dim // KV_INT4_GROUP),)
+        elif kind == "int8":
+            values, scales = shape, shape[:-1] + (1,)
+        elif kind is None:
+            values, scales = shape, None
+        else:
+            raise ValueError(f"kind must be None, 'int8' or 'int4', got {kind!r}")
+        self.kind, self.head_dim = kind, head_dim
+        self.kv = [torch.zeros(values, dtype=torch.int8 if kind else dtype, device=device) for _ in range(layers)]
+        self.scales = None if scales is None else [torch.zeros(scales, dtype=dtype, device=device)
+                                                   for _ in range(layers)]
         self.lengths = torch.zeros(rows, dtype=torch.int64, device=device)
         self.row_index = torch.arange(rows, device=device).unsqueeze(1)
         self.rows, self.capacity = rows, capacity
@@ -90,8 +105,8 @@ class _Group:
         self.span = 0
 
     def write(self, layer: int, kv: torch.Tensor, scales: torch.Tensor | None = None) -> None:
-        """Store keys and values (2, rows, heads, T, head_dim) at this call's slots; int8 with their scales
-        (2, rows, heads, T, 1) when the group is int8 (``quantize_kv``)."""
+        """Store keys and values (2, rows, heads, T, head_dim) at this call's slots; quantized with their
+        scales when the group is (``quantize_kv``, ``quantize_kv_int4``)."""
         for store, x in ((self.kv, kv), (self.scales, scales)):
             if store is not None:
                 store[layer].transpose(2, 3)[:, self.row_index, self.slots] = x.transpose(2, 3)
@@ -99,7 +114,9 @@ class _Group:
     def read(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of the first ``span`` slots, in the model's dtype."""
         kv = self.kv[layer][:, :, :, :self.span]
-        if self.scales is not None:  # int8 times the scales promotes to their dtype: one pass for both
+        if self.kind == "int4":
+            kv = dequantize_kv_int4(kv, self.scales[layer][:, :, :, :self.span], self.head_dim)
+        elif self.scales is not None:  # int8 times the scales promotes to their dtype: one pass for both
             kv = kv * self.scales[layer][:, :, :, :self.span]
         return kv[0], kv[1]
 
@@ -114,6 +131,45 @@ def quantize_kv(kv: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
     return (x * (127 / absmax)).round_().to(torch.int8), (absmax / 127).to(dtype)
 
 
+def _int4_groups(x: torch.Tensor) -> torch.Tensor:
+    """(..., head_dim) -> (..., groups, KV_INT4_GROUP), zero-padded when head_dim is not a multiple of it."""
+    pad = -x.shape[-1] % KV_INT4_GROUP
+    return (F.pad(x, (0, pad)) if pad else x).unflatten(-1, (-1, KV_INT4_GROUP))
+
+
+def quantize_kv_int4(kv: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(..., head_dim) -> packed int4 values (..., head_dim / 2) int8 and their scales (..., groups) in ``dtype``.
+
+    Symmetric, -7..7 with absmax / 7 per group of ``KV_INT4_GROUP`` values: zero stays exact and no zero point
+    is stored (-8 stays unused, as an absmax / 8 scale would clip the group's largest positive value). One
+    scale per group rather than per head vector: a 128-wide head's outliers would otherwise leave most of its
+    values in the two or three smallest steps. In float32 as ``quantize_kv``, so an all-zero vector comes back
+    as zeros.
+    """
+    head_dim = kv.shape[-1]
+    x = _int4_groups(kv.float())
+    absmax = torch.linalg.vector_norm(x, float("inf"), dim=-1, keepdim=True).clamp_min_(1e-8)
+    q = (x * (7 / absmax)).round_().to(torch.int8).flatten(-2)[..., :head_dim]
+    return pack_int4(q), (absmax / 7).squeeze(-1).to(dtype)
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """int8 values in -8..7, (..., 2n) -> (..., n) int8: value 2i in the low nibble of byte i, 2i + 1 in the high."""
+    pairs = q.unflatten(-1, (-1, 2))
+    return (pairs[..., 0] & 15) | (pairs[..., 1] << 4)
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """``pack_int4``'s inverse: arithmetic shifts of the int8 bytes sign-extend each nibble."""
+    return torch.stack([(packed << 4) >> 4, packed >> 4], -1).flatten(-2)
+
+
+def dequantize_kv_int4(packed: torch.Tensor, scales: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """Packed int4 values (..., head_dim / 2) and their scales (..., groups) -> (..., head_dim) in the scales' dtype."""
+    values = _int4_groups(unpack_int4(packed)) * scales.unsqueeze(-1)  # int8 x dtype promotes to the dtype
+    return values.flatten(-2)[..., :head_dim]
+
+
 class GroupedKV:
     """The cache of a batch: group 0 the conditional rows, group 1 (once live) the unconditional rows.
 
@@ -124,16 +180,16 @@ class GroupedKV:
     """
 
     def __init__(self, layers: int, heads: int, head_dim: int, groups: Sequence[tuple[int, int]], max_new: int,
-                 dtype, device, int8: bool = False, kernels=None):
-        self.groups = [_Group(layers, rows, heads, capacity, head_dim, dtype, device, int8)
+                 dtype, device, kind: KVKind | None = None, kernels=None):
+        self.groups = [_Group(layers, rows, heads, capacity, head_dim, dtype, device, kind)
                        for rows, capacity in groups]
-        self.int8, self.dtype = int8, dtype
+        self.kind, self.dtype = kind, dtype
         self.live = 1
         self.offsets = torch.arange(max_new, device=device)
         # an int8 cache with ``kernels`` (fused_kernels.py, layers="triton"): its int8_attention reads the
         # int8 keys and values directly for calls of up to MAX_ATTENTION_TOKENS tokens per row (not a prefill)
         self.int8_attention: Callable | None = None
-        if int8 and kernels is not None and head_dim >= kernels.MIN_ATTENTION_HEAD_DIM:
+        if kind == "int8" and kernels is not None and head_dim >= kernels.MIN_ATTENTION_HEAD_DIM:
             self.int8_attention, self.int8_attention_tokens = kernels.int8_attention, kernels.MAX_ATTENTION_TOKENS
         self.key_index = torch.arange(max(g.capacity for g in self.groups), device=device)
         self.seen = torch.zeros((), dtype=dtype, device=device)
@@ -157,16 +213,21 @@ class GroupedKV:
     def layer_buffers(self, layer: int) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
         """One layer's keys and values in each live group, (2, group rows, heads, capacity, head_dim), and
         their scales when the cache is int8: for a kernel that writes this call's slots itself instead of
-        through ``update`` (``fused_kernels.qk_norm_rope_store``)."""
+        through ``update`` (``fused_kernels.qk_norm_rope_store``, which has no int4 store: ``TorchDecoder``
+        refuses ``layers="triton"`` with an int4 cache)."""
+        if self.kind == "int4":
+            raise ValueError("the fused store kernel writes int8 or float caches, not int4")
         groups = self.live_groups
-        return [g.kv[layer] for g in groups], [g.scales[layer] for g in groups] if self.int8 else None
+        return [g.kv[layer] for g in groups], [g.scales[layer] for g in groups] if self.kind else None
 
     def update(self, key, value, layer_idx, *args, **kwargs):
         """Write a layer's keys and values (rows, heads, T, head_dim) of every live row (quantized once for
-        all rows when the cache is int8)."""
+        all rows when the cache is quantized)."""
         kv, scales = torch.stack([key, value]), None
-        if self.int8:
+        if self.kind == "int8":
             kv, scales = quantize_kv(kv, self.dtype)
+        elif self.kind == "int4":
+            kv, scales = quantize_kv_int4(kv, self.dtype)
         start = 0
         for group in self.live_groups:
             rows = slice(start, start + group.rows)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal, get_args
+from typing import get_args
 
 import numpy as np
 import torch
@@ -14,6 +14,7 @@ from ..prompt import TextTokenizer
 from ..tokens import TokenLayout
 from .chameleon import ImageHead, load_language_model
 from .decoder import TorchDecoder
+from .kv_cache import KVKind
 from .layers import fuse_projections
 from .quantize import Quantization, bnb_config, check_int4, quantize_int4
 from .vq import VQConfig, VQModel
@@ -43,15 +44,15 @@ class TorchCodec:
 
 
 def load_components(path, *, device: str = "cpu", dtype: torch.dtype | None = None,
-                    quantization: Quantization | None = None, kv_cache: Literal["int8"] | None = None,
+                    quantization: Quantization | None = None, kv_cache: KVKind | None = None,
                     text_device: str | None = None) -> Components:
     """``text_device``: keep only the embedding rows an image block feeds on ``device``, the whole embedding and
     ``lm_head`` there (``vocab_rows.py``; what the memory plan's "vocabulary off the device" loads)."""
     files = CheckpointFiles.locate(path)
     config = files.read_config()
     layout = TokenLayout.from_tokenizer_file(files.tokenizer, vocab_size=config["vocab_size"])
-    if kv_cache not in (None, "int8"):
-        raise ValueError(f"kv_cache must be 'int8' or None (the model's dtype), got {kv_cache!r}")
+    if kv_cache not in (None, *get_args(KVKind)):
+        raise ValueError(f"kv_cache must be 'int8', 'int4' or None (the model's dtype), got {kv_cache!r}")
     if quantization is not None and quantization not in get_args(Quantization):
         raise ValueError(f"quantization must be 'nf4', 'int8', 'int4' or None, got {quantization!r}")
     if quantization == "int4":
@@ -72,7 +73,7 @@ def load_components(path, *, device: str = "cpu", dtype: torch.dtype | None = No
     image_head = ImageHead(lm, layout.image_ids)  # built once: the image rows of lm_head, in code order
     # One decoder for every batch: its cache buffers and CUDA graphs carry over to the next batch of the
     # same shape (the next tiles, the next photo of that size) instead of being captured again.
-    decoder = TorchDecoder(lm, image_head, device, kv_int8=kv_cache == "int8", text_device=text_device,
+    decoder = TorchDecoder(lm, image_head, device, kv_cache=kv_cache, text_device=text_device,
                            image_phase_ids=layout.image_phase_ids)
     details = [str(device), str(dtype).removeprefix("torch."), quantization, kv_cache and f"{kv_cache} KV cache",
                text_device and f"text rows on {text_device}"]

@@ -44,10 +44,9 @@ from ..prompt import TextTokenizer, prompt_ids
 from ..sampling import SamplingConfig
 from ..tokens import LATENT_STRIDE, TokenLayout
 from .chameleon import chameleon_config, kv_shape
-from .kv_cache import kv_bytes
+from .kv_cache import KVKind, kv_bytes
 from .quantize import INT4_GROUP, _int4_fits
 
-KVKind = Literal["int8", "int4"]
 # what CUDA graphs' private pool, the allocator's rounding and the sampler's buffers take beyond the prefill's
 # activations: an estimate, checked by the GPU benchmark
 RESERVE_BYTES = 512 * 2**20

@@ -1,0 +1,111 @@
+"""The torch backend's quantized KV caches (``kv_cache="int8"`` and ``"int4"``) against the cache in the model's
+dtype, side by side in one run, CPU.
+
+    python benchmarks/pure_tiny_checkpoint.py build/pure-tiny-torch     # PURE-tiny as a torch checkpoint
+    python benchmarks/kv_quant.py build/pure-tiny-torch                 # scikit-image's sample photos
+    python benchmarks/kv_quant.py CHECKPOINT --build build/pure-tiny    # or a recipe's build/heldout/*.png
+
+1. fidelity (``pure_tiny.fidelity``): image-token top-1 agreement teacher-forced along the float cache's
+   greedy path, and PSNR of each greedy restoration against the float cache's (same inputs);
+2. quality (``pure_lite.evaluate``, default sampling, same seeds): PSNR/SSIM/LPIPS and text accuracy;
+3. memory: bytes per cached token for PURE's 7B shape, and what a 512² restoration's cache takes.
+
+Without ``--build`` the held-out images are 128² crops of the RGB photos scikit-image ships (none of them in
+PURE-tiny's training data), degraded as the recipe degrades its held-out crops. The speed of a quantized cache
+on a GPU (it dequantizes the span attention reads) is ``gpu_decode.py``'s to measure, not this script's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+import report
+from pure_tiny import _lq_inputs, fidelity
+
+SIZE = 128  # PURE-tiny's output side
+KINDS = {"float": None, "int8 KV": "int8", "int4 KV": "int4"}
+PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry", "retina",
+          "stereo_motorcycle")
+
+LAYERS, HIDDEN, HEADS = 32, 4096, 32  # PURE's 7B shape
+HEAD_DIM = HIDDEN // HEADS
+SLOTS_512 = 8400 + 4200  # a 512² restoration: conditional rows (prompt + image), unconditional (image)
+
+
+def memory() -> dict:
+    """Bytes per cached token (keys and values, every layer), 2-byte model dtype: the layouts of ``kv_cache._Group``."""
+    per_head = {"fp16": HEAD_DIM * 2, "int8": HEAD_DIM + 2, "int4": HEAD_DIM // 2 + -(-HEAD_DIM // 32) * 2}
+    per_token = {k: 2 * LAYERS * HEADS * v for k, v in per_head.items()}
+    return {"bytes_per_token": per_token, "gb_512": {k: v * SLOTS_512 / 1e9 for k, v in per_token.items()}}
+
+
+def sample_photo_crops(out: Path) -> Path:
+    """OUT/heldout/*.png: the center square of each of scikit-image's PHOTOS, resized to SIZE²."""
+    from PIL import Image
+    from skimage import data
+
+    folder = out / "heldout"
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in PHOTOS:
+        pixels = getattr(data, name)()
+        image = Image.fromarray(pixels[0] if isinstance(pixels, tuple) else pixels).convert("RGB")
+        side = min(image.size)
+        left, top = (image.width - side) // 2, (image.height - side) // 2
+        image.crop((left, top, left + side, top + side)).resize((SIZE, SIZE), Image.LANCZOS).save(folder / f"{name}.png")
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("checkpoint", type=Path, help="a PURE-tiny checkpoint folder (pure_tiny_checkpoint.py's, or "
+                                                  "pack_train's OUT/model)")
+    ap.add_argument("--build", type=Path, help="a recipe's build folder: its heldout/*.png are scored (default: "
+                                               "crops of scikit-image's sample photos)")
+    ap.add_argument("--fidelity-inputs", type=int, default=8)
+    ap.add_argument("--quality-images", type=int, default=None, help="score only the first N (default: all)")
+    args = ap.parse_args()
+
+    from pure_lite import Restorer
+    from pure_lite.evaluate import evaluate
+    from pure_lite.lpips import LPIPS, default_weights_path
+
+    build = args.build or sample_photo_crops(Path(tempfile.mkdtemp(prefix="kv_quant_")))
+    restorers = {name: Restorer.from_pretrained(args.checkpoint, backend="torch", kv_cache=kind)
+                 for name, kind in KINDS.items()}
+    lpips = LPIPS() if default_weights_path().is_file() else None
+    inputs = _lq_inputs(build, args.fidelity_inputs, SIZE, 4)
+    images = sorted((build / "heldout").glob("*.png"))[:args.quality_images]
+    agreement = fidelity(restorers, inputs, SIZE)
+    print({name: f["top1"] for name, f in agreement.items()}, flush=True)
+    quality = {}
+    for name, restorer in restorers.items():
+        r = evaluate(restorer, images, size=SIZE, scale=4, seed=0, lpips=lpips)
+        quality[name] = {"mean": r.mean, "degradation_accuracy": r.degradation_accuracy}
+    results = {"checkpoint": str(args.checkpoint), "images": [p.name for p in images],
+               "held_out": str(args.build) if args.build else "scikit-image sample photos, center crops",
+               "fidelity_inputs": len(inputs), "fidelity": agreement, "quality": quality, "memory": memory()}
+    lines = ["| KV cache | top-1 vs float | greedy restorations identical to float's | greedy PSNR vs float where not "
+             "(dB) | PSNR | SSIM | LPIPS | text accuracy (noise/blur/JPEG) | KiB per token, 7B |",
+             "| --- " * 9 + "|"]
+    m = results["memory"]
+    for name in restorers:
+        f, q = results["fidelity"][name], results["quality"][name]
+        mean, acc = q["mean"], q["degradation_accuracy"]
+        kib = m["bytes_per_token"]["fp16" if KINDS[name] is None else KINDS[name]] / 1024
+        lines.append(f"| {name} | {f['top1']:.4f} | {f['identical']}/{len(inputs)} | {f['psnr_vs_float_db']:.2f} | "
+                     f"{mean['psnr']:.2f} | {mean['ssim']:.3f} | {mean.get('lpips', float('nan')):.4f} | "
+                     + "/".join(f"{acc.get(k, float('nan')):.0%}" for k in ("noise", "blur", "jpeg"))
+                     + f" | {kib:.0f} |")
+    lines += ["", f"{args.checkpoint} (float32 torch backend, CPU) on {results['held_out']}: fidelity over "
+              f"{len(inputs)} crops, quality over {len(images)}, sampled with seed 0. A 512² restoration of PURE's 7B "
+              f"shape caches {m['gb_512']['fp16']:.2f} GB in fp16, {m['gb_512']['int8']:.2f} GB in int8, "
+              f"{m['gb_512']['int4']:.2f} GB in int4 (computed)."]
+    report.write("kv_quant", results, "\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
