@@ -45,7 +45,7 @@ from ..sampling import SamplingConfig
 from ..tokens import LATENT_STRIDE, TokenLayout
 from .chameleon import chameleon_config, kv_shape
 from .kv_cache import KVKind, kv_bytes
-from .quantize import INT4_GROUP, _int4_fits
+from .quantize import INT4_GROUP, _int4_fits, check_int4
 
 # what CUDA graphs' private pool, the allocator's rounding and the sampler's buffers take beyond the prefill's
 # activations: an estimate, checked by the GPU benchmark
@@ -292,6 +292,8 @@ def _load_dtype(setting: Setting, device: str, dtype: torch.dtype | None) -> tor
 
 def device_budget(device: str) -> int:
     """Free memory of a CUDA device now (what the default plan fits into)."""
+    if not torch.cuda.is_available():
+        raise ValueError(f"device {device!r}: this torch sees no CUDA device, so there is no memory to plan for")
     free, _total = torch.cuda.mem_get_info(torch.device(device))
     return int(free)
 
@@ -307,6 +309,8 @@ def plan_load(path, *, device: str, dtype: torch.dtype | None, quantization: str
               max_memory: str | int | None, tile_batch: int = 4) -> Plan:
     """``Restorer.from_pretrained``'s plan: the budget is ``max_memory``, else (CUDA) the device's free memory;
     an explicit ``quantization``/``kv_cache`` is kept and checked against it."""
+    if quantization == "int4":
+        check_int4(device, dtype)  # its device, dtype and torchao first, as load_components checks them
     if max_memory is not None:
         budget, source = parse_bytes(max_memory), "max_memory"
     else:
