@@ -32,6 +32,18 @@ from .providers import device_of, onnxruntime, select_providers
 SLOT_ALIGN = 64
 
 
+def even_rows(rows: int) -> int:
+    """How many rows a quantized matmul over ``rows`` rows is given: the next even number.
+
+    ONNX Runtime's ``MatMulNBits`` (``accuracy_level=4``) on AVX-512 multiplies rows in pairs and
+    a lone last row with a one-row kernel that rounds differently, so a row's output would depend
+    on whether its call had an odd number of rows, i.e. on its batch (docs/decoding.md,
+    "Determinism"). With an even count every row goes through the pair kernel. The spare row is
+    computed and dropped.
+    """
+    return rows + rows % 2
+
+
 class KVBuffers:
     """The cache of a batch of restorations, plus scratch outputs for one call's new keys/values and
     hidden states, allocated once.
@@ -147,6 +159,8 @@ class OnnxDecoder:
         """(``unconditional_capacity`` is not used: every row's buffer has ``capacity`` slots, but
         ``KVBuffers.reserve`` only lays out as many as the longest row needs.)"""
         batch, longest = len(prompts), max(len(p) for p in prompts)
+        if even_rows(batch * longest) > batch * longest:
+            longest += 1  # one more padding column: batch and longest are odd
         capacity = max(capacity, longest)
         self.kv = KVBuffers(self.layers, 2 * batch, self.heads, capacity, self.head_dim, max_step,
                             self.hidden_size, self.device)
@@ -178,6 +192,14 @@ class OnnxDecoder:
         if kv.reserve(int(lengths.max()) + t, self.lengths):
             self.bound_past = None
         slots = kv.slots
+        real = rows
+        if even_rows(rows * t) > rows * t:
+            # An even number of matmul rows (even_rows). rows is then odd, so below the 2 * batch
+            # rows the cache holds: the spare is the next row (a CFG row not live yet), fed as an
+            # empty row; its outputs land in scratch and are never written into the cache.
+            rows += 1
+            ids = np.concatenate([ids, ids[-1:]])
+            lengths = np.append(lengths, 0)
         mask = np.ones((rows, slots + t), np.int64)
         np.less(self.slot_index[:slots], lengths[:, None], out=mask[:, :slots])
         bind = self.binding
@@ -198,8 +220,9 @@ class OnnxDecoder:
             bind.bind_output("hidden", "cpu", 0, np.float32, [rows, t, self.hidden_size], kv.hidden.ctypes.data)
             self.bound_new = (rows, t)
         self.session.run_with_iobinding(bind)
+        rows, lengths = real, self.lengths[:real]
         n = rows * self.heads * t * self.head_dim
-        kv.write(rows, lengths, [buf[:n].reshape(new_shape) for buf in kv.scratch], t)
+        kv.write(rows, lengths, [buf[:n].reshape(rows, self.heads, t, self.head_dim) for buf in kv.scratch], t)
         lengths += t
         hidden = kv.hidden[:rows * t * self.hidden_size].reshape(rows, t, self.hidden_size)
         if all_positions:
@@ -226,7 +249,10 @@ class OnnxDecoder:
 
     def _head(self, hidden: np.ndarray, image: bool) -> np.ndarray:
         session, name, _ = self.image_head if image else self.text_head
-        return session.run([name], {"hidden": hidden})[0]
+        rows = len(hidden)
+        if even_rows(rows) > rows:
+            hidden = np.concatenate([hidden, hidden[-1:]])
+        return session.run([name], {"hidden": hidden})[0][:rows]
 
 
 class OnnxCodec:
