@@ -55,11 +55,12 @@ def _decode(restorer, prompts, config, seeds, batch, sampler=None):
 
 def test_row_logits_do_not_depend_on_the_batch(tiny):
     """A row's logits are bit for bit the same alone and next to longer rows (wider cache views),
-    for one-, two- and 18-token calls. Before the cache views were aligned, a longer neighbour moved
-    the row's new keys to another SIMD lane of the softmax and its logits changed (by up to 0.14)."""
+    for one-, two- and 18-token calls, from prompts of even and odd length. Before the cache views were
+    aligned, a longer neighbour moved the row's new keys to another SIMD lane of the softmax and its
+    logits changed (by up to 0.14); before every quantized matmul had an even number of rows, a row
+    alone went through AVX-512's one-row kernel and its logits changed in their last bits."""
     c = tiny.components
     rng = np.random.default_rng(0)
-    prompt = rng.integers(4, 250, 200)
     steps = [[5], [6, 7], list(range(10, 28)), [30]]
 
     def run(prompts):
@@ -69,10 +70,13 @@ def test_row_logits_do_not_depend_on_the_batch(tiny):
             out.append(decoder.step(np.array([ids] * len(prompts)), all_positions=True)[0])
         return out
 
-    alone = run([prompt])
-    for extra in (1, 5, 70):
-        for a, b in zip(alone, run([prompt, rng.integers(4, 250, 200 + extra)])):
-            np.testing.assert_array_equal(a, b)
+    # 201 tokens alone make an odd number of matmul rows in the prefill (runtime.engine.even_rows)
+    for length in (200, 201):
+        prompt = rng.integers(4, 250, length)
+        alone = run([prompt])
+        for extra in (1, 5, 70):
+            for a, b in zip(alone, run([prompt, rng.integers(4, 250, length + extra)])):
+                np.testing.assert_array_equal(a, b)
 
 
 class _Recording(NumpySampler):
