@@ -5,9 +5,11 @@ Two measures make a row's logits independent of its batch (docs/decoding.md, "De
 masked work), and ``engine.even_rows`` gives every quantized matmul an even number of rows (a
 spare row where a call would have an odd number). PURE-tiny (shipped int8 export, ONNX
 Runtime, CPU), default sampling, 128-px tiles from the eval photos: a batch of four tiles, one
-tile alone, and one tile with SJD window 16, each timed in three arms, alternating, best of
-``--rounds``: neither measure ("before"), aligned views only, and both (today's engine). Both wall
-time and the process's CPU time are kept: on a shared machine the CPU time is the steadier.
+tile alone, one tile with SJD window 16, and one tile without CFG (``cfg_scale=1``: a lone
+tile's every step then has one row, so today's engine adds a spare row to each). Each is timed
+in three arms, alternating, best of ``--rounds``: neither measure ("before"), aligned views only,
+and both (today's engine). Both wall time and the process's CPU time are kept: on a shared
+machine the CPU time is the steadier.
 
     python benchmarks/batch_invariance.py [--rounds 2]
 """
@@ -22,7 +24,9 @@ import numpy as np
 
 import report
 
-CASES = (("tile_batch 4", 4, 0), ("tile_batch 1", 1, 0), ("SJD window 16, 1 tile", 1, 16))
+# (name, tiles, SJD window, CFG scale; 0.8 is PURE's)
+CASES = (("tile_batch 4", 4, 0, 0.8), ("tile_batch 1", 1, 0, 0.8), ("SJD window 16, 1 tile", 1, 16, 0.8),
+         ("tile_batch 1, CFG off", 1, 0, 1.0))
 ARMS = ("before", "aligned", "aligned + even rows")
 
 
@@ -44,14 +48,14 @@ def main() -> None:
     side = c.image_size
     tiles = [images.resize(lq, side, side) for lq in inputs]
     prompts = [tile_prompt(c, t) for t in (tiles + [t[:, ::-1] for t in tiles])[:4]]
-    results: dict[str, dict[str, float]] = {name: {} for name, _, _ in CASES}
+    results: dict[str, dict[str, float]] = {name: {} for name, *_ in CASES}
     even_rows = engine.even_rows
     for _ in range(args.rounds):
         for arm in ARMS:
             engine.SLOT_ALIGN = 1 if arm == "before" else 64
             engine.even_rows = even_rows if arm.endswith("even rows") else (lambda rows: rows)
-            for name, batch, window in CASES:
-                config = SamplingConfig(max_text_tokens=16, jacobi_window=window)
+            for name, batch, window, cfg in CASES:
+                config = SamplingConfig(max_text_tokens=16, jacobi_window=window, cfg_scale=cfg)
                 t0, c0 = time.perf_counter(), time.process_time()
                 generate_batch(c.new_decoder(), prompts[:batch], c.layout, c.image_size, config,
                                [np.random.default_rng(i) for i in range(batch)], max_positions=c.max_positions)
