@@ -37,10 +37,21 @@ SLOTS_512 = 8400 + 4200  # a 512² restoration: conditional rows (prompt + image
 
 
 def memory() -> dict:
-    """Bytes per cached token (keys and values, every layer), 2-byte model dtype: the layouts of ``kv_cache._Group``."""
-    per_head = {"fp16": HEAD_DIM * 2, "int8": HEAD_DIM + 2, "int4": HEAD_DIM // 2 + -(-HEAD_DIM // 32) * 2}
-    per_token = {k: 2 * LAYERS * HEADS * v for k, v in per_head.items()}
-    return {"bytes_per_token": per_token, "gb_512": {k: v * SLOTS_512 / 1e9 for k, v in per_token.items()}}
+    """Bytes per cached token (keys and values, every layer) and a 512² restoration's cache (one tile, its two
+    groups; int4's window of exact slots included), 2-byte model dtype: ``kv_cache.kv_bytes``, the layouts of
+    ``kv_cache._Group``."""
+    import torch
+
+    from pure_lite.torch_backend.kv_cache import kv_bytes
+
+    layouts = {"fp16": None, "int8": "int8", "int4": "int4"}
+    huge = 10**6  # slots: a per-token figure the window and the per-row counters do not move
+    per_token = {k: round(kv_bytes(LAYERS, HEADS, HEAD_DIM, [(1, huge)], torch.bfloat16, kind) / huge)
+                 for k, kind in layouts.items()}
+    groups = [(1, SLOTS_512 - 4200), (1, 4200)]
+    return {"bytes_per_token": per_token,
+            "gb_512": {k: kv_bytes(LAYERS, HEADS, HEAD_DIM, groups, torch.bfloat16, kind) / 1e9
+                       for k, kind in layouts.items()}}
 
 
 def sample_photo_crops(out: Path) -> Path:

@@ -122,7 +122,7 @@ class Restorer:
         language model's decoder layers 4-bit nf4 or 8-bit through bitsandbytes, or int4 through
         torchao, CUDA and bfloat16 only: the fastest 4-bit decode measured, docs/gpu.md; ``kv_cache="int8"``
         halves the KV cache's memory, the rest of a 512² restoration's peak at 4-bit; ``"int4"`` takes it to
-        a bit over a quarter, for a card int8 does not fit, docs/gpu.md). ``max_memory`` ("8GB",
+        about a third, for a card int8 does not fit, docs/gpu.md). ``max_memory`` ("8GB",
         "7.5GiB", bytes; by default on CUDA the device's free memory) plans the load before any weight is read
         (``torch_backend/memory.py``): the fastest weights, cache and tile batch whose predicted peak fits, or a
         MemoryBudgetError naming the smallest budget that would; ``Restorer.memory_plan`` says what was chosen.

@@ -26,7 +26,8 @@ def _bytes(tensors) -> int:
 
 
 def _cache_tensors(kv: GroupedKV) -> list:
-    return [t for g in kv.groups for t in [*g.kv, *(g.scales or []), g.lengths, g.row_index]]
+    return [t for g in kv.groups for t in [*g.kv, *(g.scales or []), *(g.params or []), *(g.recent or []),
+                                           *([g.recent_slot] if g.kind == "int4" else []), g.lengths, g.row_index]]
 
 
 def _decoder_tensors(decoder) -> list:
@@ -42,23 +43,30 @@ def _decoder_tensors(decoder) -> list:
     return tensors
 
 
-@pytest.mark.parametrize("kind", [None, "int8"])
-def test_kv_bytes_is_what_the_cache_allocates(kind):
-    groups = [(3, 40), (3, 17)]
+@pytest.mark.parametrize("kind", [None, "int8", "int4"])
+@pytest.mark.parametrize("groups", [[(3, 40), (3, 17)], [(2, 300), (2, 150)]])  # int4 windows: 40 and 17; 136
+def test_kv_bytes_is_what_the_cache_allocates(kind, groups):
     cache = GroupedKV(2, 4, 16, groups, 4, torch.bfloat16, "cpu", kind=kind)
     assert kv_bytes(2, 4, 16, groups, torch.bfloat16, kind) == _bytes(_cache_tensors(cache))
 
 
 def test_kv_bytes_int4_layout():
-    """The int4 layout the plan assumes: two values per byte, one scale in the model's dtype per 32 values."""
-    values = 2 * 1 * 32 * 100 * 128  # keys and values, 1 row, 32 heads, 100 slots, head_dim 128; 1 layer
-    assert kv_bytes(1, 32, 128, [(1, 100)], torch.bfloat16, "int4") == values // 2 + values // 32 * 2 + 16
-    assert kv_bytes(1, 32, 128, [(1, 100)], torch.bfloat16, "int8") == values + values // 128 * 2 + 16
+    """The int4 layout the plan assumes: two values per byte; a scale and an offset in the model's dtype per 16
+    values of a key and per 64 of a value; the newest 136 slots (or the capacity) also in the model's dtype,
+    with an int64 slot each."""
+    values = 2 * 1 * 32 * 1000 * 128  # keys and values, 1 row, 32 heads, 1000 slots, head_dim 128; 1 layer
+    params = (values // 2 // 16 + values // 2 // 64) * 2 * 2  # per group a scale and an offset, 2 bytes each
+    window = 2 * 32 * 136 * 128 * 2 + 136 * 8
+    assert kv_bytes(1, 32, 128, [(1, 1000)], torch.bfloat16, "int4") == values // 2 + params + window + 16
+    window = 2 * 32 * 100 * 128 * 2 + 100 * 8
+    assert kv_bytes(1, 32, 128, [(1, 100)], torch.bfloat16, "int4") == values // 20 + params // 10 + window + 16
+    assert kv_bytes(1, 32, 128, [(1, 100)], torch.bfloat16, "int8") == values // 10 + values // 1280 * 2 + 16
     with pytest.raises(ValueError):
         kv_bytes(1, 32, 128, [(1, 100)], torch.bfloat16, "int2")
 
 
 @pytest.mark.parametrize("dtype,kind,text", [(torch.float32, None, False), (torch.float32, "int8", False),
+                                             (torch.float32, "int4", False),
                                              (torch.bfloat16, None, True)])
 def test_plan_bytes_equal_the_loaded_decoders(tiny_compact, dtype, kind, text):
     """Load the tiny checkpoint, decode a batch of two 64² tiles; the weights it holds and the cache it allocated
@@ -120,6 +128,8 @@ def test_7b_bytes_equal_a_meta_decoders(shape_7b):
     assert 6.5e9 < peak.kv < 6.7e9
     int8 = GroupedKV(32, 32, 128, groups, 4, torch.bfloat16, "meta", kind="int8")
     assert memory.peak(shape, memory.Setting("int4", "int8"), 1).kv == _bytes(_cache_tensors(int8))
+    int4_kv = GroupedKV(32, 32, 128, groups, 4, torch.bfloat16, "meta", kind="int4")
+    assert memory.peak(shape, memory.Setting("int4", "int4"), 1).kv == _bytes(_cache_tensors(int4_kv))
     # int4 weights, by torchao's layout (not allocatable without CUDA): 4 bits per decoder weight plus a bf16
     # scale and zero per 128 inputs; the embeddings, lm_head and everything else stay bf16
     packed = sum(m.weight.numel() for m in lm.model.layers.modules() if isinstance(m, torch.nn.Linear))

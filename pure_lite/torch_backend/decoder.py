@@ -51,8 +51,9 @@ class TorchDecoder:
     offer ``decode_plain_image`` to the decode loop (default: on CUDA). ``attend_bucket``: the
     slots attention reads are rounded up to a multiple of this (default 1 when eager, exact;
     512 with graphs, so a 512² restoration needs ~30 captured shapes). ``kv_cache``: ``"int8"`` keeps the KV
-    cache in int8 with a scale per slot and head (half the cache memory), ``"int4"`` in packed int4 with a scale
-    per 32 values of a head (a bit over a quarter; see ``kv_cache._Group``). ``layers``: ``"fused"``
+    cache in int8 with a scale per slot and head (half the cache memory), ``"int4"`` rotated and in packed int4 with a scale
+    and an offset per 16 values of a key and per 64 of a value, each row's newest 136 slots also exact (about a
+    third of the memory for a 512² tile; see ``kv_cache._Group``). ``layers``: ``"fused"``
     runs the layers as ``layers.py`` writes them (about half the kernels per step); ``"triton"``
     the same with its elementwise work in ``fused_kernels.py`` (about half again), and an int8 cache
     read by its attention kernel (CUDA; not yet the default: docs/gpu.md; no int4 cache: its kernels neither

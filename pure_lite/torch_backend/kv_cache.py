@@ -44,7 +44,19 @@ def use_grouped_attention(lm) -> None:
 
 
 KVKind = Literal["int8", "int4"]
-KV_INT4_GROUP = 32  # an int4 cache's values per scale along head_dim (the last group of a head may be shorter)
+# an int4 cache's values per scale and offset along head_dim: keys finer than values, as PURE-tiny's top-1
+# agreement is far more sensitive to the keys' error (docs/gpu.md), and 64 for values is what fits the 7B's
+# 8 GB plan under 7.5 GB; the last group of a head may be shorter
+KV_INT4_KEY_GROUP, KV_INT4_VALUE_GROUP = 16, 64
+# an int4 cache keeps each row's newest slots in the model's dtype as well: two latent rows of the 7B's 512²
+# tile (65 slots each) and a few more, where a code's left and upper neighbours are
+KV_FLOAT_WINDOW = 136
+
+
+def _int4_params(head_dim: int) -> int:
+    """Values an int4 cache stores per slot and head beside the packed keys and values: a scale and an offset per
+    group, keys' groups then values'."""
+    return 2 * (-(-head_dim // KV_INT4_KEY_GROUP) + -(-head_dim // KV_INT4_VALUE_GROUP))
 
 
 def kv_bytes(layers: int, heads: int, head_dim: int, groups: Sequence[tuple[int, int]], dtype: torch.dtype,
@@ -53,20 +65,27 @@ def kv_bytes(layers: int, heads: int, head_dim: int, groups: Sequence[tuple[int,
     memory plan (``memory.py``) and the caches agree on.
 
     Per layer and group a (2, rows, heads, capacity, head_dim) tensor of keys and values: in ``dtype``
-    (kind None); int8 with one ``dtype`` scale per head vector; int4 packed two values per byte with one
-    ``dtype`` scale per ``KV_INT4_GROUP`` values of a head vector. Per group also its lengths and row
-    index (rows int64 each).
+    (kind None); int8 with one ``dtype`` scale per head vector; int4 packed two values a byte, a (rows, heads,
+    capacity, ``_int4_params``) tensor of ``dtype`` scales and offsets, and a window of each row's newest
+    ``KV_FLOAT_WINDOW`` slots (at most the capacity) in ``dtype`` with their slots (int64). Per group also its
+    lengths and row index (rows int64 each).
     """
     item = dtype.itemsize
-    if kind is None:
-        per_vector = head_dim * item
-    elif kind == "int8":
-        per_vector = head_dim + item
-    elif kind == "int4":
-        per_vector = -(-head_dim // 2) + -(-head_dim // KV_INT4_GROUP) * item
-    else:
+    if kind not in (None, "int8", "int4"):
         raise ValueError(f"kind must be None, 'int8' or 'int4', got {kind!r}")
-    return sum(layers * 2 * rows * heads * capacity * per_vector + 2 * rows * 8 for rows, capacity in groups)
+    total = 0
+    for rows, capacity in groups:
+        vectors = layers * rows * heads * capacity  # per keys and per values
+        if kind is None:
+            total += 2 * vectors * head_dim * item
+        elif kind == "int8":
+            total += 2 * vectors * (head_dim + item)
+        else:
+            window = min(KV_FLOAT_WINDOW, capacity)
+            total += vectors * (head_dim + _int4_params(head_dim) * item)
+            total += layers * 2 * rows * heads * window * head_dim * item + rows * window * 8
+        total += 2 * rows * 8
+    return total
 
 
 class _Group:
@@ -75,28 +94,40 @@ class _Group:
     A layer's keys and values are one tensor, (2, rows, heads, capacity, head_dim), so one index write
     stores both. ``kind="int8"``: store each slot's key and value per head as int8 with one scale (absmax /
     127, in the model's dtype): half the memory of fp16/bf16, which is what a 12 GB card lacks for a 512²
-    restoration of the 7B model at 4-bit. ``kind="int4"``: two values a byte (``pack_int4``) with one scale
-    per ``KV_INT4_GROUP`` values of a head (absmax / 7): a bit over a quarter of fp16/bf16, what an 8 GB card
-    needs. Attention dequantizes the span it reads, so the kernel is unchanged.
+    restoration of the 7B model at 4-bit. ``kind="int4"`` (what an 8 GB card needs): keys and values rotated
+    (``rotate``), then two values a byte (``quantize_kv_int4``) with a scale and an offset per group, in
+    ``params`` (rows, heads, capacity, ``_int4_params``); and each row's newest ``window`` slots also in the
+    model's dtype, in a ring (``recent``, slot ``s`` at ``s % window``) whose ``recent_slot`` says which slot
+    each entry holds: a decode step reads its neighbours exact, and an entry overwritten by a draft SJD
+    rejected, or by a padded prompt, is read from the int4 copy instead. Attention dequantizes the span it
+    reads, so the kernel is unchanged.
     """
 
     def __init__(self, layers: int, rows: int, heads: int, capacity: int, head_dim: int, dtype, device,
                  kind: KVKind | None = None):
         shape = (2, rows, heads, capacity, head_dim)
+        self.scales: list[torch.Tensor] | None = None
+        self.params: list[torch.Tensor] | None = None
+        self.recent: list[torch.Tensor] | None = None
         if kind == "int4":
             if head_dim % 2:
                 raise ValueError(f"an int4 KV cache packs two values a byte: head_dim {head_dim} is odd")
-            values, scales = shape[:-1] + (head_dim // 2,), shape[:-1] + (-(-head_dim // KV_INT4_GROUP),)
+            values = shape[:-1] + (head_dim // 2,)
+            self.params = [torch.zeros((rows, heads, capacity, _int4_params(head_dim)), dtype=dtype, device=device)
+                           for _ in range(layers)]
+            self.window = min(KV_FLOAT_WINDOW, capacity)
+            self.recent = [torch.zeros((2, rows, heads, self.window, head_dim), dtype=dtype, device=device)
+                           for _ in range(layers)]
+            self.recent_slot = torch.full((rows, self.window), -1, dtype=torch.int64, device=device)
         elif kind == "int8":
-            values, scales = shape, shape[:-1] + (1,)
+            values = shape
+            self.scales = [torch.zeros(shape[:-1] + (1,), dtype=dtype, device=device) for _ in range(layers)]
         elif kind is None:
-            values, scales = shape, None
+            values = shape
         else:
             raise ValueError(f"kind must be None, 'int8' or 'int4', got {kind!r}")
         self.kind, self.head_dim = kind, head_dim
         self.kv = [torch.zeros(values, dtype=torch.int8 if kind else dtype, device=device) for _ in range(layers)]
-        self.scales = None if scales is None else [torch.zeros(scales, dtype=dtype, device=device)
-                                                   for _ in range(layers)]
         self.lengths = torch.zeros(rows, dtype=torch.int64, device=device)
         self.row_index = torch.arange(rows, device=device).unsqueeze(1)
         self.rows, self.capacity = rows, capacity
@@ -104,21 +135,55 @@ class _Group:
         self.mask: torch.Tensor | None = None  # (rows, 1, T, span): 0 where a new token sees a slot, -inf elsewhere
         self.span = 0
 
-    def write(self, layer: int, kv: torch.Tensor, scales: torch.Tensor | None = None) -> None:
+    def mark_recent(self) -> None:
+        """int4: claim the ring entries of this call's last ``window`` slots (once per call, before any layer
+        writes them; every layer then writes the same slots)."""
+        t = self.slots.shape[1]
+        newest = self.slots[:, max(0, t - self.window):]
+        self.recent_slot[self.row_index, newest % self.window] = newest
+
+    def write(self, layer: int, kv: torch.Tensor, scales: torch.Tensor | None = None,
+              exact: torch.Tensor | None = None) -> None:
         """Store keys and values (2, rows, heads, T, head_dim) at this call's slots; quantized with their
-        scales when the group is (``quantize_kv``, ``quantize_kv_int4``)."""
-        for store, x in ((self.kv, kv), (self.scales, scales)):
-            if store is not None:
-                store[layer].transpose(2, 3)[:, self.row_index, self.slots] = x.transpose(2, 3)
+        scales when the group is (``quantize_kv``, ``quantize_kv_int4``), and for int4 the last ``window``
+        of them also ``exact`` (in the model's dtype) in the ring."""
+        self.kv[layer].transpose(2, 3)[:, self.row_index, self.slots] = kv.transpose(2, 3)
+        if self.scales is not None:
+            self.scales[layer].transpose(2, 3)[:, self.row_index, self.slots] = scales.transpose(2, 3)
+        if self.params is not None:
+            self.params[layer].transpose(1, 2)[self.row_index, self.slots] = scales.transpose(1, 2)
+            t = self.slots.shape[1]
+            newest = self.slots[:, max(0, t - self.window):]
+            self.recent[layer].transpose(2, 3)[:, self.row_index, newest % self.window] = (
+                exact[:, :, :, max(0, t - self.window):].transpose(2, 3))
 
     def read(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values of the first ``span`` slots, in the model's dtype."""
+        """Keys and values of the first ``span`` slots, in the model's dtype (int4: rotated, see ``rotate``)."""
         kv = self.kv[layer][:, :, :, :self.span]
         if self.kind == "int4":
-            kv = dequantize_kv_int4(kv, self.scales[layer][:, :, :, :self.span], self.head_dim)
+            kv = dequantize_kv_int4(kv, self.params[layer][:, :, :self.span], self.head_dim)
+            self._overlay_recent(layer, kv)
         elif self.scales is not None:  # int8 times the scales promotes to their dtype: one pass for both
             kv = kv * self.scales[layer][:, :, :, :self.span]
         return kv[0], kv[1]
+
+    def _overlay_recent(self, layer: int, kv: torch.Tensor) -> None:
+        """Replace each row's newest ``window`` slots of the dequantized span by the ring's exact copy, where
+        the ring still holds them. Static shapes: rows shorter than the window overlay their first slots, which
+        their masks hide past their length."""
+        w = min(self.window, self.span)
+        end = self.slots[:, -1:] + 1  # (rows, 1): one past each row's newest slot
+        positions = end.clamp(min=w) - w + torch.arange(w, device=end.device)
+        ring = positions % self.window
+        exact = self.recent[layer].transpose(2, 3)[:, self.row_index, ring]  # (2, rows, w, heads, head_dim)
+        held = (self.recent_slot[self.row_index, ring] == positions)[None, :, :, None, None]
+        view = kv.transpose(2, 3)
+        view[:, self.row_index, positions] = torch.where(held, exact, view[:, self.row_index, positions])
+
+    def reset(self) -> None:
+        self.lengths.zero_()
+        if self.kind == "int4":
+            self.recent_slot.fill_(-1)  # a new batch's padded prompts must not find the last batch's entries
 
 
 def quantize_kv(kv: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -131,26 +196,55 @@ def quantize_kv(kv: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
     return (x * (127 / absmax)).round_().to(torch.int8), (absmax / 127).to(dtype)
 
 
-def _int4_groups(x: torch.Tensor) -> torch.Tensor:
-    """(..., head_dim) -> (..., groups, KV_INT4_GROUP), zero-padded when head_dim is not a multiple of it."""
-    pad = -x.shape[-1] % KV_INT4_GROUP
-    return (F.pad(x, (0, pad)) if pad else x).unflatten(-1, (-1, KV_INT4_GROUP))
+def rotate(x: torch.Tensor) -> torch.Tensor:
+    """``x`` (..., head_dim) times a fixed orthogonal, symmetric matrix: block-diagonal Walsh-Hadamard over the
+    largest power-of-two block that divides head_dim, scaled by 1/sqrt(block). Its own inverse.
+
+    An int4 cache stores rotated keys and values: a rotation spreads a head's few large channels over all of
+    them, so each group's 15 steps are not spent on one outlier (PURE-tiny's top-1 agreement 0.93 -> 0.94
+    alone, docs/gpu.md). Attention needs no un-rotation of the span: q.k = (qH).(kH), and the output of
+    rotated values is rotated by the same H, so ``GroupedKV.attend`` rotates the query and the output instead.
+    Computed as butterflies (log2(block) adds and subtracts), in ``x``'s dtype.
+    """
+    head_dim = x.shape[-1]
+    block = head_dim & -head_dim
+    y = x.unflatten(-1, (-1, block))
+    h = 1
+    while h < block:
+        pairs = y.unflatten(-1, (-1, 2, h))
+        a, b = pairs.select(-2, 0), pairs.select(-2, 1)
+        y = torch.stack([a + b, a - b], -2).flatten(-3)
+        h *= 2
+    return (y * block ** -0.5).flatten(-2)
+
+
+def _groups(x: torch.Tensor, size: int) -> torch.Tensor:
+    """(..., head_dim) -> (..., groups, size), zero-padded when head_dim is not a multiple of it."""
+    pad = -x.shape[-1] % size
+    return (F.pad(x, (0, pad)) if pad else x).unflatten(-1, (-1, size))
+
+
+def _quantize_groups(x: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Asymmetric int4 of float32 ``x`` (..., head_dim) over groups of ``size``: values in -8..7 (..., head_dim)
+    and per group a scale (max - min) / 15 and an offset (min + 8 scale), so a value is q * scale + offset. A
+    zero point per group costs two bytes and buys a whole step: after the rotation a group is rarely centred
+    on zero. A constant group (an all-zero vector too) comes back exact, with scale 0."""
+    head_dim, g = x.shape[-1], _groups(x, size)
+    low, high = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
+    scale = (high - low) / 15
+    q = ((g - low) / torch.where(scale > 0, scale, 1)).round_().clamp_(0, 15) - 8
+    return q.to(torch.int8).flatten(-2)[..., :head_dim], scale.squeeze(-1), (low + 8 * scale).squeeze(-1)
 
 
 def quantize_kv_int4(kv: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """(..., head_dim) -> packed int4 values (..., head_dim / 2) int8 and their scales (..., groups) in ``dtype``.
-
-    Symmetric, -7..7 with absmax / 7 per group of ``KV_INT4_GROUP`` values: zero stays exact and no zero point
-    is stored (-8 stays unused, as an absmax / 8 scale would clip the group's largest positive value). One
-    scale per group rather than per head vector: a 128-wide head's outliers would otherwise leave most of its
-    values in the two or three smallest steps. In float32 as ``quantize_kv``, so an all-zero vector comes back
-    as zeros.
-    """
-    head_dim = kv.shape[-1]
-    x = _int4_groups(kv.float())
-    absmax = torch.linalg.vector_norm(x, float("inf"), dim=-1, keepdim=True).clamp_min_(1e-8)
-    q = (x * (7 / absmax)).round_().to(torch.int8).flatten(-2)[..., :head_dim]
-    return pack_int4(q), (absmax / 7).squeeze(-1).to(dtype)
+    """Rotated keys and values (2, ..., head_dim) -> packed int4 (2, ..., head_dim / 2) int8 and their
+    parameters (..., ``_int4_params``) in ``dtype``: keys' scales and offsets over groups of
+    ``KV_INT4_KEY_GROUP``, then values' over ``KV_INT4_VALUE_GROUP``. In float32, as ``quantize_kv``."""
+    x = kv.float()
+    kq, kscale, koffset = _quantize_groups(x[0], KV_INT4_KEY_GROUP)
+    vq, vscale, voffset = _quantize_groups(x[1], KV_INT4_VALUE_GROUP)
+    params = torch.cat([kscale, koffset, vscale, voffset], -1).to(dtype)
+    return pack_int4(torch.stack([kq, vq])), params
 
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
@@ -164,10 +258,22 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack([(packed << 4) >> 4, packed >> 4], -1).flatten(-2)
 
 
-def dequantize_kv_int4(packed: torch.Tensor, scales: torch.Tensor, head_dim: int) -> torch.Tensor:
-    """Packed int4 values (..., head_dim / 2) and their scales (..., groups) -> (..., head_dim) in the scales' dtype."""
-    values = _int4_groups(unpack_int4(packed)) * scales.unsqueeze(-1)  # int8 x dtype promotes to the dtype
-    return values.flatten(-2)[..., :head_dim]
+def dequantize_kv_int4(packed: torch.Tensor, params: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """Packed int4 keys and values (2, ..., head_dim / 2) and their ``params`` (..., ``_int4_params``) ->
+    (2, ..., head_dim) in the parameters' dtype (still rotated). Written into one output, a half at a time, so a
+    step's transient memory stays within the one-layer span the memory plan reserves (``workspace_bytes``)."""
+    out = torch.empty(packed.shape[:-1] + (head_dim,), dtype=params.dtype, device=packed.device)
+    k_params = 2 * -(-head_dim // KV_INT4_KEY_GROUP)
+    for half, size, (scale, offset) in ((0, KV_INT4_KEY_GROUP, params[..., :k_params].chunk(2, -1)),
+                                        (1, KV_INT4_VALUE_GROUP, params[..., k_params:].chunk(2, -1))):
+        values, scale, offset = unpack_int4(packed[half]), scale.unsqueeze(-1), offset.unsqueeze(-1)
+        if head_dim % size == 0:
+            grouped = out[half].unflatten(-1, (-1, size))
+            torch.mul(values.unflatten(-1, (-1, size)), scale, out=grouped)  # int8 x dtype: the dtype
+            grouped.add_(offset)
+        else:  # a short last group: through a zero-padded copy
+            out[half] = torch.addcmul(offset, _groups(values.to(out.dtype), size), scale).flatten(-2)[..., :head_dim]
+    return out
 
 
 class GroupedKV:
@@ -208,6 +314,8 @@ class GroupedKV:
             # itself in every layer (a hidden ``where`` per attention call)
             group.mask = torch.where(self.key_index[:span] <= group.slots.unsqueeze(-1), self.seen,
                                      self.unseen).unsqueeze(1)
+            if self.kind == "int4":
+                group.mark_recent()
         return torch.cat([g.slots for g in self.live_groups])
 
     def layer_buffers(self, layer: int) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
@@ -223,15 +331,18 @@ class GroupedKV:
     def update(self, key, value, layer_idx, *args, **kwargs):
         """Write a layer's keys and values (rows, heads, T, head_dim) of every live row (quantized once for
         all rows when the cache is quantized)."""
-        kv, scales = torch.stack([key, value]), None
+        kv, scales, exact = torch.stack([key, value]), None, None
         if self.kind == "int8":
             kv, scales = quantize_kv(kv, self.dtype)
         elif self.kind == "int4":
-            kv, scales = quantize_kv_int4(kv, self.dtype)
+            rotated = rotate(kv.float())
+            kv, scales = quantize_kv_int4(rotated, self.dtype)
+            exact = rotated.to(self.dtype)
         start = 0
         for group in self.live_groups:
             rows = slice(start, start + group.rows)
-            group.write(layer_idx, kv[:, rows], None if scales is None else scales[:, rows])
+            group.write(layer_idx, kv[:, rows], None if scales is None else scales[rows] if self.kind == "int4"
+                        else scales[:, rows], None if exact is None else exact[:, rows])
             start += group.rows
         return key, value  # unused: grouped_cache_attention reads the groups
 
@@ -245,6 +356,8 @@ class GroupedKV:
                                     group.span, scaling, joined, start)
                 start += group.rows
             return joined
+        if self.kind == "int4":  # the cache holds rotated keys and values (``rotate``)
+            query = rotate(query.float()).to(query.dtype)
         out, start = [], 0
         for group in self.live_groups:
             q = query[start:start + group.rows]
@@ -252,7 +365,8 @@ class GroupedKV:
             out.append(F.scaled_dot_product_attention(q, keys, values, attn_mask=group.mask, scale=scaling)
                        .transpose(1, 2))
             start += group.rows
-        return torch.cat(out)  # one kernel joins the groups and lays them out (rows, T, heads, head_dim)
+        joined = torch.cat(out)  # one kernel joins the groups and lays them out (rows, T, heads, head_dim)
+        return rotate(joined.float()).to(joined.dtype) if self.kind == "int4" else joined
 
     def advance(self, t: int) -> None:
         for group in self.live_groups:
@@ -263,4 +377,4 @@ class GroupedKV:
         before any token can see it (the masks only reach slots up to each token's own)."""
         self.live = 1
         for group in self.groups:
-            group.lengths.zero_()
+            group.reset()
