@@ -136,11 +136,19 @@ class _Group:
         self.span = 0
 
     def mark_recent(self) -> None:
-        """int4: claim the ring entries of this call's last ``window`` slots (once per call, before any layer
-        writes them; every layer then writes the same slots)."""
+        """int4, once per call (before any layer writes; every layer then writes the same slots): claim the ring
+        entries of this call's last ``window`` slots, and work out where each layer's read overlays the ring, so
+        the per-layer work of a step is only the copies."""
         t = self.slots.shape[1]
         newest = self.slots[:, max(0, t - self.window):]
-        self.recent_slot[self.row_index, newest % self.window] = newest
+        self.ring_written = newest % self.window
+        self.recent_slot[self.row_index, self.ring_written] = newest
+        # rows shorter than the window overlay their first slots, which their masks hide past their length
+        w = min(self.window, self.span)
+        end = self.slots[:, -1:] + 1  # (rows, 1): one past each row's newest slot
+        self.overlay = end.clamp(min=w) - w + torch.arange(w, device=end.device)
+        self.overlay_ring = self.overlay % self.window
+        self.overlay_held = (self.recent_slot[self.row_index, self.overlay_ring] == self.overlay)[None, :, :, None, None]
 
     def write(self, layer: int, kv: torch.Tensor, scales: torch.Tensor | None = None,
               exact: torch.Tensor | None = None) -> None:
@@ -152,10 +160,8 @@ class _Group:
             self.scales[layer].transpose(2, 3)[:, self.row_index, self.slots] = scales.transpose(2, 3)
         if self.params is not None:
             self.params[layer].transpose(1, 2)[self.row_index, self.slots] = scales.transpose(1, 2)
-            t = self.slots.shape[1]
-            newest = self.slots[:, max(0, t - self.window):]
-            self.recent[layer].transpose(2, 3)[:, self.row_index, newest % self.window] = (
-                exact[:, :, :, max(0, t - self.window):].transpose(2, 3))
+            self.recent[layer].transpose(2, 3)[:, self.row_index, self.ring_written] = (
+                exact[:, :, :, -self.ring_written.shape[1]:].transpose(2, 3))
 
     def read(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of the first ``span`` slots, in the model's dtype (int4: rotated, see ``rotate``)."""
@@ -169,16 +175,11 @@ class _Group:
 
     def _overlay_recent(self, layer: int, kv: torch.Tensor) -> None:
         """Replace each row's newest ``window`` slots of the dequantized span by the ring's exact copy, where
-        the ring still holds them. Static shapes: rows shorter than the window overlay their first slots, which
-        their masks hide past their length."""
-        w = min(self.window, self.span)
-        end = self.slots[:, -1:] + 1  # (rows, 1): one past each row's newest slot
-        positions = end.clamp(min=w) - w + torch.arange(w, device=end.device)
-        ring = positions % self.window
-        exact = self.recent[layer].transpose(2, 3)[:, self.row_index, ring]  # (2, rows, w, heads, head_dim)
-        held = (self.recent_slot[self.row_index, ring] == positions)[None, :, :, None, None]
+        the ring still holds them (``mark_recent`` found which)."""
+        exact = self.recent[layer].transpose(2, 3)[:, self.row_index, self.overlay_ring]  # (2, rows, w, heads, dim)
         view = kv.transpose(2, 3)
-        view[:, self.row_index, positions] = torch.where(held, exact, view[:, self.row_index, positions])
+        view[:, self.row_index, self.overlay] = torch.where(self.overlay_held, exact,
+                                                            view[:, self.row_index, self.overlay])
 
     def reset(self) -> None:
         self.lengths.zero_()
