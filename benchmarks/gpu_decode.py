@@ -45,9 +45,13 @@ buckets and SDPA kernels, nf4, int8 weights, batched tiles, SJD, the attention t
 ``generate`` (all measured in runs A-C, docs/gpu.md).
 
 ``plan-8GB-card`` / ``plan-12GB-card`` (also with ``--quick``): the memory plan (``pure_lite/torch_backend/memory.py``)
-for 7.5 GB and 11 GB (what such a card leaves beside the CUDA context), made from a config folder of this shape, then a full 512² restoration as it chose (weights,
-KV cache, the cache sized as the plan sizes it): peak allocated and reserved beside the plan's predicted peak,
-ms per step, seconds. A plan that refuses is recorded with its message (the smallest budget that would do).
+for 7.5 GB and 11 GB (what such a card leaves beside the CUDA context), made from a config folder of this shape
+(with the released VQ-8's shapes), then the model built on the host and moved to the GPU a layer at a time as
+``load_components`` loads it (``placement.py``: seconds and peak while loading, beside the plan's bound), a full
+512² restoration as it chose (weights, KV cache, the cache sized as the plan sizes it) and, when the plan keeps
+the VQ codec on the GPU, one tile's VQ decode and encode beside the cache: peak allocated and reserved beside
+the plan's predicted peak, ms per step, seconds. A plan that refuses is recorded with its message (the smallest
+budget that would do).
 
 ``--smoke`` runs the variants' code on CPU with a 2-layer model of the same vocabulary (graph variants
 eagerly; no full run, no transformers baseline, no Triton variant: its interpreter would take hours over the
@@ -145,7 +149,7 @@ def pure_layout():
     import json
     import tempfile
 
-    from pure_lite.testing import make_tiny_checkpoint
+    from pure_lite.testing import make_tiny_checkpoint, write_released_vq_shapes
     from pure_lite.tokens import TokenLayout
 
     global PLAN_FOLDER
@@ -154,6 +158,7 @@ def pure_layout():
     config.update(SHAPE, num_key_value_heads=SHAPE["num_attention_heads"], max_position_embeddings=4096)
     config.pop("vq_config", None)  # transformers' default VQ-VAE, as build() makes it
     (folder / "config.json").write_text(json.dumps(config))
+    write_released_vq_shapes(folder)  # the plan counts PURE's VQ-8 codec, not the tiny one
     PLAN_FOLDER = folder
     return TokenLayout.from_tokenizer_file(folder / "tokenizer.json", vocab_size=73728)
 
@@ -171,7 +176,16 @@ def time_plan(budget: str, side: int = 64) -> dict:
     except memory.MemoryBudgetError as exc:
         return {"error": str(exc)}
     setting = chosen.setting
-    model = build({None: "fp16", "int4": "torchao-int4"}[setting.quantization])
+    from pure_lite.torch_backend.placement import place
+
+    model = build_on_host(chosen.dtype)
+    if DEVICE == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    load_start = time.perf_counter()
+    # as load_components loads: a layer at a time to the device, joined and quantized there
+    place(model, DEVICE, int4=setting.quantization == "int4", tables_on_device=not setting.text_rows_off_device)
+    sync()
+    load_s, load_peak_gb = time.perf_counter() - load_start, peak_gb()
     kw = {"kv_cache": setting.kv_cache}
     if DEVICE != "cuda":
         kw["graphs"] = False
@@ -189,7 +203,21 @@ def time_plan(budget: str, side: int = 64) -> dict:
     dec.decode_plain_image(header(side), side, SamplingConfig(), list(range(rows)), image_ids, LAYOUT.row_end)
     sync()
     seconds = time.perf_counter() - start
-    out = {"chosen": chosen.describe(), "predicted_gb": chosen.total / 1e9,
+    codec_s = float("nan")
+    if not setting.codec_on_host:  # then the tile's VQ decode and encode run beside the cache, as restore runs them
+        from pure_lite.torch_backend.vq import VQConfig, VQModel
+
+        with torch.device(DEVICE):
+            vq = VQModel(VQConfig()).eval()
+        codec_start = time.perf_counter()
+        pixels = vq.decode(torch.zeros((1, side, side), dtype=torch.int64, device=DEVICE))
+        with torch.no_grad():
+            vq.encode(pixels)
+        sync()
+        codec_s = time.perf_counter() - codec_start
+        del vq, pixels
+    out = {"chosen": chosen.describe(), "predicted_gb": chosen.total / 1e9, "load_s": load_s, "codec_s": codec_s,
+           "load_peak_gb": load_peak_gb, "predicted_load_gb": (chosen.weights + chosen.loading) / 1e9,
            "predicted_weights_gb": chosen.weights / 1e9, "weights_allocated_gb": weights_gb,
            "seconds": seconds, "ms_per_step": 1000 * (seconds - dec.capture_s) / (side * side),
            "capture_s": dec.capture_s, "peak_vram_gb": peak_gb(),
@@ -204,7 +232,31 @@ def decoder(model, **kw):
     from pure_lite.torch_backend.chameleon import ImageHead
     from pure_lite.torch_backend.decoder import TorchDecoder
 
-    return TorchDecoder(model, ImageHead(model, LAYOUT.image_ids), DEVICE, **kw), LAYOUT.image_ids
+    return TorchDecoder(model, ImageHead(model, LAYOUT.image_ids).to(DEVICE), DEVICE, **kw), LAYOUT.image_ids
+
+
+def build_on_host(dtype):
+    """The 7B shape in ``dtype`` on the host, as a checkpoint is read before ``placement.place`` moves it: built on
+    the meta device, then every weight copied from one random vector (norm gains 1), which takes seconds where
+    initializing 7B weights one by one on a CPU takes minutes. Values repeat across layers: for memory and
+    time only."""
+    import torch
+    from transformers import ChameleonConfig, ChameleonForConditionalGeneration
+
+    vocab = {f"<tok{i}>": i for i in range(16)}
+    config = ChameleonConfig(vocab_size=73728, max_position_embeddings=8192, vocabulary_map=vocab, **SHAPE)
+    with torch.device("meta"):
+        model = ChameleonForConditionalGeneration(config).to(dtype).eval()
+    model.to_empty(device="cpu")
+    widest = max(p.numel() for p in model.parameters())
+    values = torch.randn(widest, generator=torch.Generator().manual_seed(0)).mul_(0.02).to(dtype)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(values[:p.numel()].view_as(p)) if p.dim() > 1 else p.fill_(1.0)
+        fresh = type(model.model.rotary_emb)(config=config)  # its frequencies, computed (to_empty left them unset)
+        for name, buffer in fresh.named_buffers():
+            model.model.rotary_emb.get_buffer(name).copy_(buffer)
+    return model
 
 
 def prompts(batch: int) -> list:
@@ -525,6 +577,8 @@ def main() -> None:
             if "predicted_gb" in r:  # a memory plan's row: what it chose, predicted beside measured
                 again = (f"plan: {r['chosen']}; predicted {r['predicted_gb']:.2f} GB (weights "
                          f"{r['predicted_weights_gb']:.2f}, allocated before the prefill {r['weights_allocated_gb']:.2f})"
+                         f"; loading {r['load_s']:.0f} s, peak {r['load_peak_gb']:.2f} GB (predicted at most "
+                         f"{r['predicted_load_gb']:.2f})"
                          f"; {r['ms_per_step']:.2f} ms per step")
             lines.append(f"| {quant} | {r['seconds']:.1f} | {r['capture_s']:.1f} | {r['peak_vram_gb']:.1f} "
                          f"(reserved {r['peak_reserved_gb']:.1f}) | {r.get('peak_decode_vram_gb', float('nan')):.1f} | {again} |")

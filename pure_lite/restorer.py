@@ -168,9 +168,11 @@ class Restorer:
             plan = plan_load(path, device=device, dtype=dtype, quantization=quantization, kv_cache=kv_cache,
                              max_memory=max_memory, tile_batch=DEFAULT_TILE_BATCH)
             quantization, kv_cache = plan.chosen.setting.quantization, plan.chosen.setting.kv_cache
-        text_device = "cpu" if plan is not None and plan.chosen.setting.text_rows_off_device else None
+        setting = plan.chosen.setting if plan is not None else None
+        text_device = "cpu" if setting is not None and setting.text_rows_off_device else None
+        codec_device = "cpu" if setting is not None and setting.codec_on_host else None
         restorer = cls(load_components(path, device=device, dtype=dtype, quantization=quantization, kv_cache=kv_cache,
-                                       text_device=text_device))
+                                       text_device=text_device, codec_device=codec_device))
         restorer.memory_plan = plan
         return restorer
 

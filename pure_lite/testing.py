@@ -183,3 +183,28 @@ def write_hub_cache(
         (repo / "refs").mkdir(exist_ok=True)
         (repo / "refs" / revision).write_text(commit)
     return snapshot
+
+
+def write_released_vq_shapes(folder: str | os.PathLike) -> Path:
+    """Write ``vq_ds8_c2i.safetensors`` with the released VQ-8's tensor names and shapes but no data (a sparse
+    file of zeros): what the memory plan reads of a codec, for plans of the real model's shape in tests and
+    benchmarks without its 280 MB of weights on disk."""
+    import torch
+
+    from .checkpoint import VQ_SAFETENSORS_FILE
+    from .torch_backend.vq import VQConfig, VQModel
+
+    with torch.device("meta"):
+        state = VQModel(VQConfig()).state_dict()
+    header, offset = {}, 0
+    for name, tensor in state.items():
+        size = tensor.numel() * 4
+        header[name] = {"dtype": "F32", "shape": list(tensor.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    path = Path(folder) / VQ_SAFETENSORS_FILE
+    with open(path, "wb") as f:
+        f.write(len(text).to_bytes(8, "little") + text)
+        f.truncate(8 + len(text) + offset)
+    return path

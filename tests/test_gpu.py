@@ -215,8 +215,17 @@ def test_int4_quantizes_the_decoder_and_its_graphs_match_eager(tiny256):
     for a, b in zip(run(lm, graphs=False, device_loop=False), run(lm, attend_bucket=16)):
         np.testing.assert_array_equal(a.tokens, b.tokens)
 
-    # the backend joins q/k/v and gate/up (fuse_projections) before quantizing: the joined linears are int4
+    # the backend joins q/k/v and gate/up (fuse_projections) before quantizing: the joined linears are int4;
+    # loading moves a layer at a time (placement.py): the device's peak stays within the memory plan's bound
+    from pure_lite.torch_backend import memory
+
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
     components = load_components(tiny256, device="cuda", quantization="int4")
+    predicted = memory.peak(memory.model_shape(tiny256, torch.bfloat16), memory.Setting("int4", None), 1)
+    assert torch.cuda.max_memory_allocated() - before <= predicted.weights + predicted.loading
+    assert torch.cuda.memory_allocated() - before <= predicted.weights
     assert "bfloat16, int4" in components.description
     joined = components.new_decoder().lm
     layer = joined.model.layers[0]

@@ -14,6 +14,7 @@ torch = pytest.importorskip("torch")
 from pure_lite.generate import generate_batch
 from pure_lite.prompt import TextTokenizer, prompt_ids
 from pure_lite.sampling import SamplingConfig
+from pure_lite.testing import write_released_vq_shapes
 from pure_lite.torch_backend import memory
 from pure_lite.torch_backend.kv_cache import GroupedKV, kv_bytes
 
@@ -33,14 +34,56 @@ def _cache_tensors(kv: GroupedKV) -> list:
 def _decoder_tensors(decoder) -> list:
     """Every weight tensor the torch decoder holds on its device: the model's, the image head's, the layers' own
     joined gains; with the vocabulary split the kept embedding rows and their id table instead of the whole
-    embedding and lm_head (which moved to the text device: on CPU the same memory, so told apart by identity)."""
+    embedding and lm_head (which moved to the text device: on CPU the same memory, so told apart by identity).
+    transformers' unused VQ-VAE stays on the host (placement.py; test_placement_* checks it on the meta device)."""
     layers, lm = decoder.layers_fn, decoder.lm
-    tensors = [*lm.parameters(), *lm.buffers(), *decoder.image_head.parameters(),
-               *(t for pair in layers.qk_norms for t in pair), layers.rotate_sign]
+    host = {id(t) for t in (*lm.model.vqmodel.parameters(), *lm.model.vqmodel.buffers())}
+    tensors = [t for t in (*lm.parameters(), *lm.buffers()) if id(t) not in host]
+    tensors += [*decoder.image_head.parameters(), *(t for pair in layers.qk_norms for t in pair), layers.rotate_sign]
     if decoder.vocab is not None:
         moved = {id(lm.model.embed_tokens.weight), id(lm.lm_head.weight)}
         tensors = [t for t in tensors if id(t) not in moved] + [decoder.vocab.kept, decoder.vocab.row]
     return tensors
+
+
+def _on(device: str, *modules) -> int:
+    """Bytes of the distinct parameters and buffers of ``modules`` that are on ``device``."""
+    return _bytes(t for m in modules for t in (*m.parameters(), *m.buffers()) if t.device.type == device)
+
+
+@pytest.mark.parametrize("text", [False, True])
+def test_placement_moves_a_layer_at_a_time_and_leaves_the_host_part(tiny_pure, text):
+    """placement.place with the meta device standing in for the GPU: while layer i is placed, no later layer is on
+    the device (the device never holds the whole model in the model's dtype, what broke loading on an 8 GB card);
+    afterwards the device holds exactly what the plan counts, and the unused VQ-VAE (and with the vocabulary on
+    the host, the embedding and lm_head) never left the host."""
+    from pure_lite.checkpoint import CheckpointFiles
+    from pure_lite.torch_backend.chameleon import ImageHead, load_language_model
+    from pure_lite.torch_backend.decoder import TorchDecoder
+    from pure_lite.torch_backend.placement import place
+
+    lm = load_language_model(CheckpointFiles.locate(tiny_pure), device="cpu", dtype=torch.bfloat16)
+    layers = lm.model.layers
+    layer_bytes = _on("cpu", layers[0])
+    seen = []
+
+    def watch(i):
+        assert all(p.device.type == "meta" for p in layers[i].parameters())
+        assert all(p.device.type == "cpu" for later in layers[i + 1:] for p in later.parameters())
+        assert hasattr(layers[i].self_attn, "qkv_proj") and hasattr(layers[i].mlp, "gate_up_proj")  # joined there
+        assert _on("meta", lm) <= (i + 1) * layer_bytes
+        seen.append(i)
+
+    place(lm, "meta", tables_on_device=not text, on_layer=watch)
+    assert seen == list(range(len(layers)))
+    assert _on("meta", lm.model.vqmodel) == 0 and _on("cpu", lm.model.vqmodel) > 0
+    assert (_on("meta", lm.model.embed_tokens, lm.lm_head) == 0) == text
+    layout = memory.model_shape(tiny_pure, torch.bfloat16).layout
+    kw = dict(text_device="cpu", image_phase_ids=layout.image_phase_ids) if text else {}
+    decoder = TorchDecoder(lm, ImageHead(lm, layout.image_ids).to("meta"), "meta", **kw)
+    shape = memory.model_shape(tiny_pure, torch.bfloat16)
+    on_device = [t for t in _decoder_tensors(decoder) if t.device.type == "meta"]
+    assert memory.peak(shape, memory.Setting(None, None, text), 1).weights == _bytes(on_device)
 
 
 @pytest.mark.parametrize("kind", [None, "int8", "int4"])
@@ -103,6 +146,7 @@ def shape_7b(tiny_pure, tmp_path_factory):
                   num_key_value_heads=32, max_position_embeddings=4096)
     config.pop("vq_config", None)  # transformers' default: the 7B's Chameleon VQ-VAE
     (folder / "config.json").write_text(json.dumps(config))
+    write_released_vq_shapes(folder)  # PURE's own VQ-8, its shapes only: preferred over the tiny .pt beside it
     return folder
 
 
@@ -154,7 +198,13 @@ def test_7b_plans(shape_7b):
     twelve = chosen("11GB")
     assert twelve.setting == memory.Setting("int4", "int8", True) and twelve.total <= 11e9
     eight = chosen("7.5GB")
-    assert (eight.setting, eight.tile_batch) == (memory.Setting("int4", "int4", True), 1) and eight.total <= 7.5e9
+    assert (eight.setting, eight.tile_batch) == (memory.Setting("int4", "int4", True, True), 1) and eight.total <= 7.5e9
+    # the released VQ-8 on the device: 0.28 GB of float32 weights and ~0.8 GB of feature maps for a 512² tile,
+    # which with the cache and the graphs' reserve would not fit 7.5 GB (so the 8 GB plan decodes tiles on the CPU)
+    shape = memory.model_shape(shape_7b, torch.bfloat16)
+    held, work = shape.codec
+    assert 0.27e9 < held < 0.29e9 and 0.6e9 < work < 1.0e9
+    assert memory.peak(shape, memory.Setting("int4", "int4", True), 1).total > 7.5e9
     with pytest.raises(memory.MemoryBudgetError, match=r"needs 7\.\d\d GB; give --max-memory 7\.\d\dGB"):
         chosen("1MB")
     # an explicit option is kept: nf4 needs an int8 cache and the vocabulary off the device to fit 11 GB
@@ -229,3 +279,67 @@ def test_cli_refuses_before_loading_and_prints_the_plan(tiny_compact, tmp_path, 
     assert rc == 0 and loads, err
     plan_lines = [line for line in err.splitlines() if line.startswith("memory plan: ")]
     assert len(plan_lines) == 1 and "of 4.00 GB (max_memory)" in plan_lines[0], err
+
+
+def test_live_bytes_counts_what_is_alive_at_once():
+    """The counter the codec's working memory comes from, on tensors whose sizes are known: a view shares its
+    storage (counted once, kept alive by the view), a freed tensor stops counting, inputs made before do not."""
+    from pure_lite.torch_backend.live_bytes import LiveBytes
+
+    before = torch.ones(1000)  # 4 kB, made outside
+    with LiveBytes() as live:
+        x = torch.zeros(1000, 1000)  # 4 MB
+        y = x * 2  # 8 MB alive
+        head = y.view(-1)[:10]  # a view: y's storage stays
+        del y
+        z = x + before  # 12 MB alive: x, y (through head), z
+        del x, z, head
+        w = torch.zeros(500, 1000)  # 2 MB, the only one left
+    assert live.peak == 12_000_000 and live.live == 2_000_000
+    del w
+
+
+def test_codec_memory_traced_on_meta_equals_a_real_run(tiny_compact):
+    """The plan's codec figures, from the meta device, against the codec loaded on CPU running a real tile: the same
+    weight bytes, and the same most-bytes-alive while it encodes and decodes the tile."""
+    from pure_lite.checkpoint import CheckpointFiles
+    from pure_lite.torch_backend.live_bytes import LiveBytes
+    from pure_lite.torch_backend.load import load_vq
+
+    shape = memory.model_shape(tiny_compact, torch.float32, tile=TILE)
+    vq = load_vq(CheckpointFiles.locate(tiny_compact))
+    assert shape.codec[0] == _bytes([*vq.parameters(), *vq.buffers()])
+    codes = torch.randint(0, vq.config.codebook_size, (1, TILE // 8, TILE // 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), LiveBytes() as decode:
+        pixels = vq.decode(codes)
+    with torch.no_grad(), LiveBytes() as encode:
+        vq.encode(pixels)
+    assert shape.codec[1] == max(decode.peak, encode.peak) > 0
+
+
+def test_a_plan_with_the_codec_on_the_host_loads_it_there(tiny_compact, monkeypatch):
+    """Restorer.from_pretrained loads what the plan chose: the vocabulary and the VQ codec on the CPU (stood in
+    for on a CPU machine by a plan that chose them), and restores the same greedy image as the plain load."""
+    from pure_lite import Restorer
+    from pure_lite.torch_backend import memory as plan_module
+
+    def plan_load(path, **kw):
+        shape = plan_module.model_shape(path, torch.float32)
+        chosen = plan_module.peak(shape, plan_module.Setting(None, None, True, True), 1)
+        return plan_module.Plan(chosen, 10**10, "test", ())
+
+    from pure_lite.torch_backend import load
+
+    asked = []
+    real = load.load_components
+    monkeypatch.setattr(plan_module, "plan_load", plan_load)
+    monkeypatch.setattr(load, "load_components", lambda *a, **k: asked.append(k) or real(*a, **k))
+    planned = Restorer.from_pretrained(tiny_compact, backend="torch", max_memory="10GB")
+    assert asked[0]["codec_device"] == "cpu" and asked[0]["text_device"] == "cpu"
+    assert planned.components.new_decoder().vocab is not None
+    plain = Restorer.from_pretrained(tiny_compact, backend="torch")
+    image = np.random.default_rng(0).integers(0, 255, (16, 16, 3), dtype=np.uint8)
+    greedy = SamplingConfig(temperature=0, max_text_tokens=2)
+    a = planned.restore(image, sampling=greedy, target_size=TILE)
+    b = plain.restore(image, sampling=greedy, target_size=TILE)
+    np.testing.assert_array_equal(a.tokens, b.tokens)

@@ -169,18 +169,22 @@ def fuse_projections(lm) -> int:
     packed layers are left as they are); quantize after joining (the torch backend's int4 does). The
     model then serves ``DecodeLayers`` only: transformers' own forward needs the separate projections.
     """
+    return sum(fuse_layer(layer) for layer in lm.model.layers)
+
+
+def fuse_layer(layer) -> int:
+    """``fuse_projections`` for one decoder layer (``placement.py`` joins each layer on the device, in turn)."""
     joined = 0
-    for layer in lm.model.layers:
-        for owner, parts, name in ((layer.self_attn, ("q_proj", "k_proj", "v_proj"), "qkv_proj"),
-                                   (layer.mlp, ("gate_proj", "up_proj"), "gate_up_proj")):
-            linears = [getattr(owner, part) for part in parts]
-            if any(type(m) is not nn.Linear or m.bias is not None for m in linears):
-                continue
-            weight = torch.cat([m.weight.detach() for m in linears])
-            for part in parts:
-                delattr(owner, part)
-            fused = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
-            fused.weight = nn.Parameter(weight, requires_grad=False)
-            setattr(owner, name, fused)
-            joined += 1
+    for owner, parts, name in ((layer.self_attn, ("q_proj", "k_proj", "v_proj"), "qkv_proj"),
+                               (layer.mlp, ("gate_proj", "up_proj"), "gate_up_proj")):
+        linears = [getattr(owner, part) for part in parts]
+        if any(type(m) is not nn.Linear or m.bias is not None for m in linears):
+            continue
+        weight = torch.cat([m.weight.detach() for m in linears])
+        for part in parts:
+            delattr(owner, part)
+        fused = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
+        fused.weight = nn.Parameter(weight, requires_grad=False)
+        setattr(owner, name, fused)
+        joined += 1
     return joined

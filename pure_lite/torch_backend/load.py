@@ -16,7 +16,8 @@ from .chameleon import ImageHead, load_language_model
 from .decoder import TorchDecoder
 from .kv_cache import KVKind
 from .layers import fuse_projections
-from .quantize import Quantization, bnb_config, check_int4, quantize_int4
+from .placement import place
+from .quantize import Quantization, bnb_config, check_int4
 from .vq import VQConfig, VQModel
 
 
@@ -45,9 +46,11 @@ class TorchCodec:
 
 def load_components(path, *, device: str = "cpu", dtype: torch.dtype | None = None,
                     quantization: Quantization | None = None, kv_cache: KVKind | None = None,
-                    text_device: str | None = None) -> Components:
+                    text_device: str | None = None, codec_device: str | None = None) -> Components:
     """``text_device``: keep only the embedding rows an image block feeds on ``device``, the whole embedding and
-    ``lm_head`` there (``vocab_rows.py``; what the memory plan's "vocabulary off the device" loads)."""
+    ``lm_head`` there (``vocab_rows.py``; what the memory plan's "vocabulary off the device" loads).
+    ``codec_device``: where the VQ codec encodes and decodes tiles (default ``device``; the memory plan's
+    "VQ codec on the CPU" when its weights and a tile's feature maps do not fit beside the KV cache)."""
     files = CheckpointFiles.locate(path)
     config = files.read_config()
     layout = TokenLayout.from_tokenizer_file(files.tokenizer, vocab_size=config["vocab_size"])
@@ -61,27 +64,31 @@ def load_components(path, *, device: str = "cpu", dtype: torch.dtype | None = No
     if dtype is None:
         dtype = torch.float16 if str(device).startswith("cuda") else torch.float32
     qconfig = bnb_config(quantization, dtype) if quantization in ("nf4", "int8") else None
-    lm = load_language_model(files, device=device, dtype=dtype, quantization_config=qconfig)
-    fuse_projections(lm)  # one matmul for q/k/v and one for gate/up (bitsandbytes' layers stay as they are)
-    if quantization == "int4":
-        quantize_int4(lm)  # after joining, before the decoder is built: its CUDA graphs capture the int4 kernels
-    vq = load_vq(files, device)
+    if qconfig is not None:  # bitsandbytes quantizes while transformers loads, onto the device
+        lm = load_language_model(files, device=device, dtype=dtype, quantization_config=qconfig)
+        fuse_projections(lm)  # its packed layers stay as they are; norms and nothing else to join
+    else:  # read on the host, then moved a layer at a time, each joined (one matmul for q/k/v, one for
+        # gate/up) and quantized on the way: the device never holds the whole model in bf16
+        lm = load_language_model(files, device="cpu", dtype=dtype)
+        place(lm, device, int4=quantization == "int4", tables_on_device=text_device is None)
+    codec_device = codec_device or device
+    vq = load_vq(files, codec_device)
     if vq.config.codebook_size != layout.codebook_size:
         raise CheckpointError(
             f"the VQ codebook has {vq.config.codebook_size} codes but the tokenizer has {layout.codebook_size} image tokens"
         )
-    image_head = ImageHead(lm, layout.image_ids)  # built once: the image rows of lm_head, in code order
+    image_head = ImageHead(lm, layout.image_ids).to(device)  # built once: lm_head's image rows, in code order
     # One decoder for every batch: its cache buffers and CUDA graphs carry over to the next batch of the
     # same shape (the next tiles, the next photo of that size) instead of being captured again.
     decoder = TorchDecoder(lm, image_head, device, kv_cache=kv_cache, text_device=text_device,
                            image_phase_ids=layout.image_phase_ids)
     details = [str(device), str(dtype).removeprefix("torch."), quantization, kv_cache and f"{kv_cache} KV cache",
-               text_device and f"text rows on {text_device}"]
+               text_device and f"text rows on {text_device}", codec_device != device and f"VQ codec on {codec_device}"]
     details = [d for d in details if d]
     return Components(
         layout=layout,
         tokenizer=TextTokenizer(files.tokenizer),
-        codec=TorchCodec(vq, device),
+        codec=TorchCodec(vq, codec_device),
         new_decoder=lambda: decoder,
         max_positions=config["max_position_embeddings"],
         description=f"torch ({', '.join(details)})",

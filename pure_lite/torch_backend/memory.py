@@ -6,9 +6,9 @@ cache's (the model's dtype, int8, int4) and the tile batch. Its peak on the devi
 - **weights**, counted tensor by tensor the way the backend stores them: the model is built from
   config.json on the meta device (no weight is read) and joined as ``fuse_projections`` joins it; a linear
   int4 can pack (``quantize._int4_fits``) counts torchao's tinygemm layout, a linear bitsandbytes converts
-  counts its packed weight and scales, everything else (embeddings, ``lm_head``, norms, the unused Chameleon
-  VQ-VAE transformers builds) its elements times the dtype's size; plus the decoder's own copies (the image
-  rows of ``lm_head``, the joined qk-norm gains);
+  counts its packed weight and scales, everything else (embeddings, ``lm_head``, norms) its elements times the
+  dtype's size; plus the decoder's own copies (the image rows of ``lm_head``, the joined qk-norm gains). The
+  Chameleon VQ-VAE transformers builds counts only under bitsandbytes (``placement.py`` leaves it on the host);
 - **the KV cache**: ``kv_cache.kv_bytes`` of the two groups ``generate.cache_sizes`` sizes for a tile of the
   model's side with the default sampling (the one count the cache itself is checked against);
 - **the step's workspace**: an estimate, the prefill's activations (the widest call) plus a one-layer
@@ -31,20 +31,22 @@ import functools
 import math
 import re
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import numpy as np
 import torch
 
-from ..checkpoint import CheckpointFiles, trained_image_size
+from ..checkpoint import CheckpointFiles, load_vq_state_dict, trained_image_size
 from ..errors import PureLiteError
 from ..generate import cache_sizes
 from ..prompt import TextTokenizer, prompt_ids
+from ..safetensors_header import read_header
 from ..sampling import SamplingConfig
 from ..tokens import LATENT_STRIDE, TokenLayout
 from .chameleon import chameleon_config, kv_shape
 from .kv_cache import KVKind, kv_bytes
+from .placement import HOST_ONLY
 from .quantize import INT4_GROUP, _int4_fits, check_int4
 
 # what CUDA graphs' private pool, the allocator's rounding and the sampler's buffers take beyond the prefill's
@@ -84,11 +86,13 @@ class Setting:
     quantization: Literal["nf4", "int8", "int4"] | None
     kv_cache: KVKind | None
     text_rows_off_device: bool = False  # the embedding and lm_head on the CPU but the image phase's rows (vocab_rows.py)
+    codec_on_host: bool = False  # the VQ codec encodes and decodes tiles on the CPU
 
     def describe(self) -> str:
         weights = {None: "unquantized", "int4": "int4 (torchao)", "nf4": "nf4", "int8": "int8 (bitsandbytes)"}
         text = ", vocabulary on the CPU but the image rows" if self.text_rows_off_device else ""
-        return f"{weights[self.quantization]} weights, {self.kv_cache or 'model-dtype'} KV cache{text}"
+        codec = ", VQ codec on the CPU" if self.codec_on_host else ""
+        return f"{weights[self.quantization]} weights, {self.kv_cache or 'model-dtype'} KV cache{text}{codec}"
 
 
 @dataclass(frozen=True)
@@ -101,10 +105,13 @@ class Peak:
     weights: int
     kv: int
     workspace: int
+    loading: int = 0  # beyond the weights while placement.py moves one layer in (no cache yet)
+    codec: int = 0  # the VQ codec's weights on the device
+    codec_work: int = 0  # what encoding or decoding a tile holds on the device (the decoder's cache stays)
 
     @property
     def total(self) -> int:
-        return self.weights + self.kv + self.workspace
+        return self.weights + self.codec + max(self.kv + max(self.workspace, self.codec_work), self.loading)
 
     def describe(self) -> str:
         return f"{self.setting.describe()}, tile batch {self.tile_batch}"
@@ -126,7 +133,8 @@ class Plan:
         why = "the fastest configuration" if not over else "; ".join(
             f"faster: {p.describe()} needs {gb(p.total)}" for p in dict.fromkeys(over))
         return (f"memory plan: {self.chosen.describe()}; predicted peak {gb(self.chosen.total)} (weights "
-                f"{gb(self.chosen.weights)}, KV {gb(self.chosen.kv)}, workspace ~{gb(self.chosen.workspace)}) of "
+                f"{gb(self.chosen.weights)}, KV {gb(self.chosen.kv)}, workspace ~{gb(self.chosen.workspace)}"
+                f"{f', VQ codec {gb(self.chosen.codec)} + ~{gb(self.chosen.codec_work)} per tile' if self.chosen.codec else ''}) of "
                 f"{gb(self.budget)} ({self.budget_source}); {why}")
 
 
@@ -152,6 +160,33 @@ class ModelShape:
         lq_block = self.layout.encode_image(np.zeros((side, side), np.int64))
         self.prompt_length = len(prompt_ids(TextTokenizer(files.tokenizer), self.layout, lq_block))
         self.max_positions = self.config_dict["max_position_embeddings"]
+        self.codec_file = files.vq
+
+    @functools.cached_property
+    def codec(self) -> tuple[int, int]:
+        """(bytes of the VQ codec's weights as loaded, the most its encode or decode of one tile holds at once):
+        the codec built from the VQ file's tensor shapes on the meta device and run there (``live_bytes.py``)."""
+        from .live_bytes import LiveBytes
+        from .vq import VQConfig, VQModel
+
+        config = VQConfig.from_state_dict(vq_shapes(self.codec_file))
+        with torch.device("meta"):
+            vq = VQModel(config).eval()
+            side = self.tile // config.downsample
+            codes = torch.zeros((1, side, side), dtype=torch.int64)
+        held = sum(t.numel() * t.element_size() for t in (*vq.parameters(), *vq.buffers()))
+        with torch.no_grad(), LiveBytes() as decode:
+            pixels = vq.decode(codes)
+        with torch.no_grad(), LiveBytes() as encode:
+            vq.encode(pixels)
+        return held, max(decode.peak, encode.peak)
+
+
+def vq_shapes(path) -> dict:
+    """The VQ checkpoint's tensors as meta tensors of their shapes (a safetensors header, or a mapped .pt)."""
+    if path.suffix == ".safetensors":
+        return {name: torch.empty(entry.shape, device="meta") for name, entry in read_header(path).items()}
+    return {name: torch.empty(t.shape, device="meta") for name, t in load_vq_state_dict(path, mmap=True).items()}
 
 
 @functools.lru_cache(maxsize=8)
@@ -176,9 +211,14 @@ def weight_bytes(shape: ModelShape, quantization: str | None, text_rows_off_devi
     else:
         lm, packed = shape.lm, ({id(m.weight): m for m in shape.lm.model.layers.modules() if _int4_fits(m)}
                                 if quantization == "int4" else {})
+    # placement.py leaves transformers' unused VQ-VAE on the host; bitsandbytes' load puts the whole model on the device
+    host = set() if quantization in ("nf4", "int8") else {
+        id(t) for name in HOST_ONLY for t in (*getattr(lm.model, name).parameters(), *getattr(lm.model, name).buffers())}
     total = 0
     for p in lm.parameters():
         n = p.numel()
+        if id(p) in host:
+            continue
         if id(p) not in packed:
             total += n * p.dtype.itemsize
         elif quantization == "int4":  # tinygemm: 4-bit pairs per byte, a bf16 scale and zero per group of inputs
@@ -188,7 +228,7 @@ def weight_bytes(shape: ModelShape, quantization: str | None, text_rows_off_devi
             total += -(-n // 2) + -(-n // BNB_BLOCK) * 4
         else:  # LLM.int8(): int8 weights, one float32 scale per output row
             total += n + p.shape[0] * 4
-    total += sum(b.numel() * b.dtype.itemsize for b in lm.buffers())
+    total += sum(b.numel() * b.dtype.itemsize for b in lm.buffers() if id(b) not in host)
     heads, head_dim = kv_shape(shape.config)
     total += shape.layout.codebook_size * shape.config.hidden_size * item  # ImageHead: lm_head's image rows, copied
     # DecodeLayers: each layer's joined q/k norm gains and biases, and the rotary sign
@@ -224,12 +264,27 @@ def workspace_bytes(shape: ModelShape, tile_batch: int, kv_cache: KVKind | None)
     return activations + mask + dequantized + RESERVE_BYTES
 
 
+def loading_bytes(shape: ModelShape, quantization: str | None) -> int:
+    """An upper bound on what loading holds beyond the finished weights (``placement.place``): one decoder layer
+    in the model's dtype, its joined projections beside their parts, and under int4 a float32 copy of the widest
+    weight for torchao's scales (bitsandbytes quantizes while transformers reads: counted the same way)."""
+    layer = shape.unjoined.model.layers[0]
+    item = shape.dtype.itemsize
+    layer_bytes = sum(p.numel() for p in layer.parameters()) * item
+    joined = sum(m.weight.numel() for m in shape.lm.model.layers[0].modules()
+                 if isinstance(m, torch.nn.Linear) and m.out_features > shape.config.hidden_size) * item
+    widest = max(m.weight.numel() for m in shape.lm.model.layers[0].modules() if isinstance(m, torch.nn.Linear))
+    return layer_bytes + joined + (widest * 4 if quantization else 0)
+
+
 def peak(shape: ModelShape, setting: Setting, tile_batch: int) -> Peak:
     heads, head_dim = kv_shape(shape.config)
     kv = kv_bytes(shape.config.num_hidden_layers, heads, head_dim, kv_groups(shape, tile_batch), shape.dtype,
                   setting.kv_cache)
+    codec, codec_work = (0, 0) if setting.codec_on_host else shape.codec
     return Peak(setting, tile_batch, shape.dtype, weight_bytes(shape, setting.quantization, setting.text_rows_off_device), kv,
-                workspace_bytes(shape, tile_batch, setting.kv_cache))
+                workspace_bytes(shape, tile_batch, setting.kv_cache), loading_bytes(shape, setting.quantization),
+                codec, codec_work + RESERVE_BYTES if codec_work else 0)
 
 
 def candidates(on_cuda: bool, quantization: str | None = None, kv_cache: KVKind | None = None,
@@ -247,6 +302,8 @@ def candidates(on_cuda: bool, quantization: str | None = None, kv_cache: KVKind 
                      if on_cuda or not text]
     if kv_cache_given:
         order = list(dict.fromkeys(Setting(s.quantization, kv_cache, s.text_rows_off_device) for s in order))
+    if on_cuda:  # each, then with the VQ codec on the CPU: seconds per tile, against every step for the next
+        order = [t for s in order for t in (s, replace(s, codec_on_host=True))]
     return order
 
 

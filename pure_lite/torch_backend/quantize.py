@@ -49,19 +49,31 @@ def _int4_fits(module: torch.nn.Module, _name: str = "") -> bool:
             and module.out_features % 8 == 0)
 
 
+def int4_linears(lm) -> int:
+    """How many decoder linears int4 will pack; refuses a model with none, before anything is moved or read."""
+    fits = sum(1 for m in lm.model.layers.modules() if _int4_fits(m))
+    if not fits:
+        raise CheckpointError(f"no decoder linear has an input width divisible by {INT4_GROUP}: nothing to quantize to int4")
+    return fits
+
+
 def quantize_int4(lm) -> int:
     """Quantize the decoder layers' linears to int4 in place (torchao, group 128); returns how many.
 
     Only ``lm.model.layers``: the embeddings and ``lm_head`` stay bf16, since the image head slices
     ``lm_head``'s rows and its logits feed the entropy top-k sampler directly. Measured on an H200 with
     a 7B-shaped model (docs/gpu.md), captured steps of this layout are the fastest 4-bit decode we have,
-    ahead of bitsandbytes' nf4.
+    ahead of bitsandbytes' nf4. Loading goes layer by layer instead (``placement.py``, ``quantize_layer_int4``).
     """
+    fits = int4_linears(lm)
+    for layer in lm.model.layers:
+        quantize_layer_int4(layer)
+    return fits
+
+
+def quantize_layer_int4(layer: torch.nn.Module) -> None:
+    """One decoder layer's linears to torchao's int4 (tinygemm's tile-packed layout, group 128), in place."""
     from torchao.quantization import Int4WeightOnlyConfig, quantize_
 
-    fits = [m for m in lm.model.layers.modules() if _int4_fits(m)]
-    if not fits:
-        raise CheckpointError(f"no decoder linear has an input width divisible by {INT4_GROUP}: nothing to quantize to int4")
-    quantize_(lm.model.layers, Int4WeightOnlyConfig(group_size=INT4_GROUP, int4_packing_format="tile_packed_to_4d"),
+    quantize_(layer, Int4WeightOnlyConfig(group_size=INT4_GROUP, int4_packing_format="tile_packed_to_4d"),
               filter_fn=_int4_fits)
-    return len(fits)
