@@ -13,7 +13,12 @@ cache's (the model's dtype, int8, int4) and the tile batch. Its peak on the devi
   model's side with the default sampling (the one count the cache itself is checked against);
 - **the step's workspace**: an estimate, the prefill's activations (the widest call) plus a one-layer
   dequantized span for a quantized cache and a fixed reserve for CUDA graphs and the allocator; the GPU
-  benchmark (``benchmarks/gpu_decode.py``) compares the whole prediction with ``max_memory_allocated``.
+  benchmark (``benchmarks/gpu_decode.py``) compares the whole prediction with ``max_memory_allocated``;
+- **the VQ codec**, unless the setting keeps it on the CPU: its weights as loaded, and the most a tile's
+  decode or encode holds at once (run on the meta device, ``live_bytes.py``), beside the cache, which stays
+  allocated for the next tile: the larger of it and the workspace counts;
+- **loading** (``placement.py``: one layer at a time): an upper bound on its transient beyond the finished
+  weights, before any cache exists; the peak is the larger of it and cache plus workspace.
 
 Weights and KV are exact on CPU for every format CPU can load (``tests/test_memory_plan.py`` sums the loaded
 tensors); int4 and nf4/int8 need CUDA to quantize, so their bytes come from the same per-tensor rules only.
@@ -21,8 +26,10 @@ tensors); int4 and nf4/int8 need CUDA to quantize, so their bytes come from the 
 The order configurations are tried in (``candidates``), by the H200's measurements (docs/gpu.md): the model's
 own dtype first (the weights as trained; 8.7 ms per step), then int4 weights (7.5 ms, 4-bit weights), then
 int4 with an int8 cache, then with an int4 cache (each a little more arithmetic per step for half the KV);
-inside each, the tile batch halves before the next, slower or lossier setting is tried (a smaller batch only
-costs throughput on photos of several tiles, and a tile's result does not depend on its batch).
+each is tried again with the VQ codec on the CPU before the next (seconds per tile against a cost on every
+step, ``benchmarks/codec_cpu.py``); inside each, the tile batch halves before the next, slower or lossier
+setting is tried (a smaller batch only costs throughput on photos of several tiles, and a tile's result does
+not depend on its batch).
 """
 
 from __future__ import annotations
