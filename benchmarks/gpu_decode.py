@@ -575,11 +575,11 @@ def main() -> None:
         if "seconds" in r:
             again = f"{r['seconds_again']:.1f} ({r['graphs_captured_again']})" if "seconds_again" in r else ""
             if "predicted_gb" in r:  # a memory plan's row: what it chose, predicted beside measured
+                codec = "on the CPU" if np.isnan(r["codec_s"]) else f"a tile on the GPU in {r['codec_s']:.2f} s"
                 again = (f"plan: {r['chosen']}; predicted {r['predicted_gb']:.2f} GB (weights "
                          f"{r['predicted_weights_gb']:.2f}, allocated before the prefill {r['weights_allocated_gb']:.2f})"
                          f"; loading {r['load_s']:.0f} s, peak {r['load_peak_gb']:.2f} GB (predicted at most "
-                         f"{r['predicted_load_gb']:.2f})"
-                         f"; {r['ms_per_step']:.2f} ms per step")
+                         f"{r['predicted_load_gb']:.2f}); VQ codec {codec}; {r['ms_per_step']:.2f} ms per step")
             lines.append(f"| {quant} | {r['seconds']:.1f} | {r['capture_s']:.1f} | {r['peak_vram_gb']:.1f} "
                          f"(reserved {r['peak_reserved_gb']:.1f}) | {r.get('peak_decode_vram_gb', float('nan')):.1f} | {again} |")
         else:

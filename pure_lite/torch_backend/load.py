@@ -66,7 +66,7 @@ def load_components(path, *, device: str = "cpu", dtype: torch.dtype | None = No
     qconfig = bnb_config(quantization, dtype) if quantization in ("nf4", "int8") else None
     if qconfig is not None:  # bitsandbytes quantizes while transformers loads, onto the device
         lm = load_language_model(files, device=device, dtype=dtype, quantization_config=qconfig)
-        fuse_projections(lm)  # its packed layers stay as they are; norms and nothing else to join
+        fuse_projections(lm)  # joins nothing it packed: fuse_projections leaves bitsandbytes' layers as they are
     else:  # read on the host, then moved a layer at a time, each joined (one matmul for q/k/v, one for
         # gate/up) and quantized on the way: the device never holds the whole model in bf16
         lm = load_language_model(files, device="cpu", dtype=dtype)
