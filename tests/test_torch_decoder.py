@@ -60,6 +60,32 @@ def test_chained_greedy_equals_the_host_loop(model, cfg_scale):
     assert len({g.tokens.tobytes() for g in host}) > 1
 
 
+@pytest.mark.parametrize("kv", [None, "int8"])
+def test_prefill_in_chunks_equals_one_call(model, monkeypatch, kv):
+    """decoder.prefill runs the prompt in calls of PREFILL_CHUNK tokens (what keeps a 512² tile's prefill within
+    the memory plan's workspace). With chunks of 5, boundaries inside every prompt and rows of different
+    lengths: the prompt's last logits stay within float32 rounding of one call's (1e-4) and the greedy
+    restorations are the same."""
+    from pure_lite.torch_backend import decoder as decoder_module
+
+    lm, head, layout, prompts = model
+    config = SamplingConfig(temperature=0, cfg_scale=0.8, max_text_tokens=5)
+    whole = TorchDecoder(lm, head, kv_cache=kv).prefill(prompts, 300, 3)
+    expected = _run(model, prompts, config, [0, 1, 2], kv_cache=kv)
+    longest = max(len(p) for p in prompts)
+    assert longest <= decoder_module.PREFILL_CHUNK  # so ``whole`` was one call
+    monkeypatch.setattr(decoder_module, "PREFILL_CHUNK", 5)
+    dec = TorchDecoder(lm, head, kv_cache=kv)
+    calls = []
+    forward = dec._forward
+    monkeypatch.setattr(dec, "_forward", lambda x: calls.append(x.shape[1]) or forward(x))
+    chunked = dec.prefill(prompts, 300, 3)
+    assert calls == [5] * (longest // 5) + ([longest % 5] if longest % 5 else [])
+    np.testing.assert_allclose(chunked, whole, atol=1e-4)
+    for a, b in zip(_run(model, prompts, config, [0, 1, 2], kv_cache=kv), expected):
+        np.testing.assert_array_equal(a.tokens, b.tokens)
+
+
 def _host_driver(model, prompt, config, seed):
     """Step by step through the Decoder protocol, drawing code j with the torch sampler at counter j."""
     lm, head, layout, _ = model

@@ -43,6 +43,8 @@ from .kv_cache import GroupedKV, KVKind, use_grouped_attention
 from .layers import DecodeLayers
 from .vocab_rows import SplitVocabulary
 
+PREFILL_CHUNK = 1024  # prompt tokens per prefill call (the memory plan's workspace is sized by it)
+
 
 class TorchDecoder:
     """The torch backend's Decoder (see pure_lite.generate), on CPU or CUDA.
@@ -135,10 +137,20 @@ class TorchDecoder:
         ids = np.zeros((batch, longest), np.int64)  # right-padded; the padding is rewound below
         for row, prompt in enumerate(prompts):
             ids[row, :len(prompt)] = prompt
-        hidden = self._forward(self._embed(ids, image=False))
-        self.rewind(np.array([longest - len(p) for p in prompts]))
-        last = torch.as_tensor([len(p) - 1 for p in prompts], device=self.device)
-        return self._logits(hidden[torch.arange(batch, device=self.device), last], image=False)
+        last = np.array([len(p) - 1 for p in prompts])
+        final = None
+        # in chunks: a 512² tile's 4.2k-token prompt in one call would hold ~0.5 GB of the 7B's activations
+        # (per row), the widest call of the whole decode and what the memory plan's workspace is sized by
+        with torch.inference_mode():
+            for start in range(0, longest, PREFILL_CHUNK):
+                hidden = self._forward(self._embed(ids[:, start:start + PREFILL_CHUNK], image=False))
+                final = hidden[:, 0].clone() if final is None else final
+                ends = np.flatnonzero((last >= start) & (last < start + hidden.shape[1]))
+                if len(ends):
+                    rows = torch.as_tensor(ends, device=self.device)
+                    final[rows] = hidden[rows, torch.as_tensor(last[ends] - start, device=self.device)]
+        self.rewind(longest - 1 - last)
+        return self._logits(final, image=False)
 
     def begin_unconditional(self) -> None:
         self.live = 2 * self.batch  # rows B..2B-1 start empty: length 0, positions from 0

@@ -52,6 +52,7 @@ from ..safetensors_header import read_header
 from ..sampling import SamplingConfig
 from ..tokens import LATENT_STRIDE, TokenLayout
 from .chameleon import chameleon_config, kv_shape
+from .decoder import PREFILL_CHUNK
 from .kv_cache import KVKind, kv_bytes
 from .placement import HOST_ONLY
 from .quantize import INT4_GROUP, _int4_fits, check_int4
@@ -260,7 +261,7 @@ def workspace_bytes(shape: ModelShape, tile_batch: int, kv_cache: KVKind | None)
     """An estimate of the step's transient memory: the prefill (the widest call) and a quantized span's read."""
     config, item = shape.config, shape.dtype.itemsize
     hidden, inter = config.hidden_size, config.intermediate_size
-    tokens = tile_batch * shape.prompt_length
+    tokens = tile_batch * min(shape.prompt_length, PREFILL_CHUNK)  # the prefill's calls (decoder.prefill)
     (rows, capacity), _ = kv_groups(shape, tile_batch)
     # residual, normed input, q/k/v (3), attention output (1) in hidden; gate/up (2) and their product (1)
     activations = tokens * (6 * hidden + 3 * inter) * item
