@@ -193,7 +193,7 @@ def time_plan(budget: str, side: int = 64) -> dict:
         kw.update(text_device="cpu", image_phase_ids=LAYOUT.image_phase_ids)
     dec, image_ids = decoder(model, device_loop=True, **kw)
     shape = memory.model_shape(PLAN_FOLDER, chosen.dtype)
-    (rows, capacity), (_, unconditional) = memory.kv_groups(shape, chosen.tile_batch)
+    (rows, capacity, _), (_, unconditional, _) = memory.kv_groups(shape, chosen.tile_batch)
     if DEVICE == "cuda":
         torch.cuda.reset_peak_memory_stats()
     weights_gb = torch.cuda.memory_allocated() / 1e9 if DEVICE == "cuda" else float("nan")  # the model, the cache not yet

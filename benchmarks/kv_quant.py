@@ -34,12 +34,13 @@ PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immu
 LAYERS, HIDDEN, HEADS = 32, 4096, 32  # PURE's 7B shape
 HEAD_DIM = HIDDEN // HEADS
 SLOTS_512 = 8400 + 4200  # a 512² restoration: conditional rows (prompt + image), unconditional (image)
+PROMPT_512 = 4200  # of which the prompt (the LQ image's 64 x 65 codes and the text)
 
 
 def memory() -> dict:
-    """Bytes per cached token (keys and values, every layer) and a 512² restoration's cache (one tile, its two
-    groups; int4's window of exact slots included), 2-byte model dtype: ``kv_cache.kv_bytes``, the layouts of
-    ``kv_cache._Group``."""
+    """Bytes per cached token (keys and values, every layer; int4: a slot after the prompt) and a 512²
+    restoration's cache (one tile, its two groups; int4's int8 prompt and window of exact slots included),
+    2-byte model dtype: ``kv_cache.kv_bytes``, the layouts of ``kv_cache._Group``."""
     import torch
 
     from pure_lite.torch_backend.kv_cache import kv_bytes
@@ -48,7 +49,7 @@ def memory() -> dict:
     huge = 10**6  # slots: a per-token figure the window and the per-row counters do not move
     per_token = {k: round(kv_bytes(LAYERS, HEADS, HEAD_DIM, [(1, huge)], torch.bfloat16, kind) / huge)
                  for k, kind in layouts.items()}
-    groups = [(1, SLOTS_512 - 4200), (1, 4200)]
+    groups = [(1, SLOTS_512 - 4200, PROMPT_512), (1, 4200)]
     return {"bytes_per_token": per_token,
             "gb_512": {k: kv_bytes(LAYERS, HEADS, HEAD_DIM, groups, torch.bfloat16, kind) / 1e9
                        for k, kind in layouts.items()}}

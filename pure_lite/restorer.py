@@ -122,11 +122,12 @@ class Restorer:
         language model's decoder layers 4-bit nf4 or 8-bit through bitsandbytes, or int4 through
         torchao, CUDA and bfloat16 only: the fastest 4-bit decode measured, docs/gpu.md; ``kv_cache="int8"``
         halves the KV cache's memory, the rest of a 512² restoration's peak at 4-bit; ``"int4"`` takes it to
-        about a third, for a card int8 does not fit, docs/gpu.md). ``max_memory`` ("8GB",
-        "7.5GiB", bytes; by default on CUDA the device's free memory) plans the load before any weight is read
-        (``torch_backend/memory.py``): the fastest weights, cache, tile batch and placement (the vocabulary and the
-        VQ codec on the GPU or the CPU) whose predicted peak fits, the load included, or a
-        MemoryBudgetError naming the smallest budget that would; ``Restorer.memory_plan`` says what was chosen.
+        41% (the prompt at int8, the rest at 4 bits), for a card int8 does not fit, docs/gpu.md).
+        ``max_memory`` ("8GB", "7.5GiB", bytes; by default on CUDA the device's free memory) plans the load
+        before any weight is read (``torch_backend/memory.py``): the fastest weights, cache, tile batch and
+        placement (the vocabulary and the VQ codec on the GPU or the CPU) whose predicted peak fits, the load
+        included, or a MemoryBudgetError naming the smallest budget that would; ``Restorer.memory_plan`` says
+        what was chosen.
         """
         from .manifest import MANIFEST_FILE
 

@@ -28,6 +28,7 @@ def _bytes(tensors) -> int:
 
 def _cache_tensors(kv: GroupedKV) -> list:
     return [t for g in kv.groups for t in [*g.kv, *(g.scales or []), *(g.params or []), *(g.recent or []),
+                                           *(g.prompt_kv or []), *(g.prompt_scales or []),
                                            *([g.recent_slot] if g.kind == "int4" else []), g.lengths, g.row_index]]
 
 
@@ -87,25 +88,32 @@ def test_placement_moves_a_layer_at_a_time_and_leaves_the_host_part(tiny_pure, t
 
 
 @pytest.mark.parametrize("kind", [None, "int8", "int4"])
-@pytest.mark.parametrize("groups", [[(3, 40), (3, 17)], [(2, 300), (2, 150)]])  # int4 windows: 40 and 17; 136
+@pytest.mark.parametrize("groups", [[(3, 40), (3, 17)], [(2, 300, 120), (2, 150)], [(2, 30, 50), (2, 20, 5)]])
 def test_kv_bytes_is_what_the_cache_allocates(kind, groups):
     cache = GroupedKV(2, 4, 16, groups, 4, torch.bfloat16, "cpu", kind=kind)
     assert kv_bytes(2, 4, 16, groups, torch.bfloat16, kind) == _bytes(_cache_tensors(cache))
 
 
 def test_kv_bytes_int4_layout():
-    """The int4 layout the plan assumes: two values per byte; a scale and an offset in the model's dtype per 16
-    values of a key and per 64 of a value; the newest 136 slots (or the capacity) also in the model's dtype,
-    with an int64 slot each."""
-    values = 2 * 1 * 32 * 1000 * 128  # keys and values, 1 row, 32 heads, 1000 slots, head_dim 128; 1 layer
-    params = (values // 2 // 16 + values // 2 // 64) * 2 * 2  # per group a scale and an offset, 2 bytes each
-    window = 2 * 32 * 136 * 128 * 2 + 136 * 8
-    assert kv_bytes(1, 32, 128, [(1, 1000)], torch.bfloat16, "int4") == values // 2 + params + window + 16
-    window = 2 * 32 * 100 * 128 * 2 + 100 * 8
-    assert kv_bytes(1, 32, 128, [(1, 100)], torch.bfloat16, "int4") == values // 20 + params // 10 + window + 16
-    assert kv_bytes(1, 32, 128, [(1, 100)], torch.bfloat16, "int8") == values // 10 + values // 1280 * 2 + 16
+    """The int4 layout the plan assumes, per slot of a 128-wide head (keys and values): after the prompt, two
+    values per byte and a scale and an offset in the model's dtype per 16 values of a key and per 64 of a value
+    (64 + 64 + 2 * (8 + 2) * 2 = 168 bytes); the prompt's slots int8 with a scale each (2 * (128 + 2) = 260
+    bytes); one spare slot in each part; the newest 136 slots (or the capacity) also in the model's dtype, with
+    an int64 slot each."""
+    heads, packed, prompt_slot = 32, 168, 260
+
+    def window(w):
+        return 2 * heads * w * 128 * 2 + w * 8
+
+    assert kv_bytes(1, heads, 128, [(1, 1000)], torch.bfloat16, "int4") == (
+        heads * (1001 * packed + prompt_slot) + window(136) + 16)
+    assert kv_bytes(1, heads, 128, [(1, 1000, 400)], torch.bfloat16, "int4") == (
+        heads * (601 * packed + 401 * prompt_slot) + window(136) + 16)
+    assert kv_bytes(1, heads, 128, [(1, 100, 400)], torch.bfloat16, "int4") == (  # a prompt past the capacity
+        heads * (1 * packed + 101 * prompt_slot) + window(100) + 16)
+    assert kv_bytes(1, heads, 128, [(1, 100, 50)], torch.bfloat16, "int8") == heads * 100 * prompt_slot + 16
     with pytest.raises(ValueError):
-        kv_bytes(1, 32, 128, [(1, 100)], torch.bfloat16, "int2")
+        kv_bytes(1, heads, 128, [(1, 100)], torch.bfloat16, "int2")
 
 
 @pytest.mark.parametrize("dtype,kind,text", [(torch.float32, None, False), (torch.float32, "int8", False),
@@ -128,7 +136,7 @@ def test_plan_bytes_equal_the_loaded_decoders(tiny_compact, dtype, kind, text):
     predicted = memory.peak(shape, memory.Setting(None, kind, text), tile_batch=2)
     assert predicted.weights == _bytes(_decoder_tensors(decoder))
     # generate_batch sized this cache for max_text_tokens=3, the plan for the default sampling: compare like with like
-    sizes = [(g.rows, g.capacity) for g in decoder.kv.groups]
+    sizes = [(g.rows, g.capacity, g.prompt) for g in decoder.kv.groups]
     assert sizes == memory.kv_groups(shape, 2, SamplingConfig(temperature=0, max_text_tokens=3))
     heads, head_dim = decoder.heads, decoder.head_dim
     assert kv_bytes(decoder.layers, heads, head_dim, sizes, dtype, kind) == _bytes(_cache_tensors(decoder.kv))
@@ -206,7 +214,7 @@ def test_7b_plans(shape_7b):
     held, work = shape.codec
     assert 0.27e9 < held < 0.29e9 and 0.6e9 < work < 1.0e9
     assert memory.peak(shape, memory.Setting("int4", "int4", True), 1).total > 7.5e9
-    with pytest.raises(memory.MemoryBudgetError, match=r"needs 6\.\d\d GB; give --max-memory 6\.\d\dGB"):
+    with pytest.raises(memory.MemoryBudgetError, match=r"needs 7\.\d\d GB; give --max-memory 7\.\d\dGB"):
         chosen("1MB")
     # an explicit option is kept: nf4 needs an int8 cache and the vocabulary off the device to fit 11 GB
     nf4 = memory.plan(shape_7b, budget=11 * 10**9, budget_source="test", device="cuda", quantization="nf4",

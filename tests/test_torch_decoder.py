@@ -269,39 +269,44 @@ def test_int4_packing_round_trips_every_nibble():
 
 @pytest.mark.parametrize("head_dim", [64, 48, 8])
 def test_int4_cache_stores_each_value_within_half_a_step_of_its_group(head_dim, monkeypatch):
-    """int4, in an fp16 cache as on a GPU: a slot older than the window comes back rotated (``rotate``) and within
-    half a step of its group (the step (max - min) / 15 over 16 values of a key, 64 of a value; 48 is three key
-    groups and one value group of 48, 8 one group of 8); the newest slot comes back rotated and exact; an all-zero
+    """int4, in an fp16 cache as on a GPU, with a prompt of one slot and a window of one: the prompt's slot comes
+    back rotated (``rotate``) within half an int8 step of its vector (absmax / 127); the next slot, older than the
+    window, within half an int4 step of its group (the step (max - min) / 15 over 16 values of a key, 64 of a
+    value; 48 is three key groups and one value group of 48, 8 one group of 8); the newest slot exact; an all-zero
     vector comes back as zeros (not 0/0); the groups' scales differ."""
     from pure_lite.torch_backend import kv_cache
-    from pure_lite.torch_backend.kv_cache import (KV_INT4_KEY_GROUP, KV_INT4_VALUE_GROUP, _Group, quantize_kv_int4,
-                                                  rotate)
+    from pure_lite.torch_backend.kv_cache import KV_INT4_KEY_GROUP, KV_INT4_VALUE_GROUP, _Group, rotate
 
     monkeypatch.setattr(kv_cache, "KV_FLOAT_WINDOW", 1)
     group = _Group(layers=1, rows=2, heads=2, capacity=4, head_dim=head_dim, dtype=torch.float16, device="cpu",
-                   kind="int4")
-    group.slots, group.span = torch.tensor([[0, 1], [0, 1]]), 2
+                   kind="int4", prompt=1)
+    group.slots, group.span = torch.tensor([[0, 1, 2], [0, 1, 2]]), 3
     gen = torch.Generator().manual_seed(0)
     # per-dimension magnitudes from 0.01 to 10: one scale per head vector would leave the small ones at 0
-    key = (torch.randn(2, 2, 2, head_dim, generator=gen) * torch.logspace(-2, 1, head_dim)).half()
-    key[0, 1, 0] = 0
+    key = (torch.randn(2, 2, 3, head_dim, generator=gen) * torch.logspace(-2, 1, head_dim)).half()
+    key[0, 1, 1] = 0
     value = -key
     rotated = rotate(torch.stack([key, value]).float())
-    group.mark_recent()
-    group.write(0, *quantize_kv_int4(rotated, torch.float16), rotated.half())
+    group.mark_int4()
+    group.write(0, None, None, rotated)
     assert group.kv[0].shape[-1] == head_dim // 2 and group.kv[0].dtype == torch.int8
+    assert group.prompt_kv[0].shape[-1] == head_dim and group.prompt_kv[0].dtype == torch.int8
     for written, read, size in zip(rotated, group.read(0), (KV_INT4_KEY_GROUP, KV_INT4_VALUE_GROUP)):
         assert read.dtype == torch.float16 and torch.isfinite(read).all()
-        assert torch.equal(read[0, 1, 0], torch.zeros(head_dim, dtype=torch.float16))
-        assert torch.equal(read[:, :, 1], written[:, :, 1].half())  # the newest slot: the exact copy
-        old, was = read[:, :, 0].float(), written[:, :, 0]
+        assert torch.equal(read[0, 1, 1], torch.zeros(head_dim, dtype=torch.float16))
+        assert torch.equal(read[:, :, 2], written[:, :, 2].half())  # the newest slot: the exact copy
+        prompt, was = read[:, :, 0].float(), written[:, :, 0]
+        absmax = was.abs().amax(-1, keepdim=True)  # fp16 rounds the scale and the product: 2^-11 each, relative
+        assert bool(((prompt - was).abs() <= absmax / 127 / 2 + absmax * 2e-3).all())
+        old, was = read[:, :, 1].float(), written[:, :, 1]
         groups = torch.nn.functional.pad(was, (0, -head_dim % size)).unflatten(-1, (-1, size))
         half_step = ((groups.amax(-1, keepdim=True) - groups.amin(-1, keepdim=True)) / 30).expand_as(groups)
         half_step = half_step.flatten(-2)[..., :head_dim]
         assert bool(((old - was).abs() <= half_step * 1.01 + 2e-3).all())
         assert not torch.equal(old, was)  # it did quantize
+        assert (old - was).abs().max() > (prompt - written[:, :, 0]).abs().max()  # int4's error above int8's
     if head_dim > KV_INT4_KEY_GROUP:
-        key_scales = group.params[0][1, 0, 0, :head_dim // KV_INT4_KEY_GROUP]  # row 1, head 0, slot 0
+        key_scales = group.params[0][1, 0, 1, :head_dim // KV_INT4_KEY_GROUP]  # row 1, head 0, slot 1 (after the spare)
         assert bool((key_scales > 0).all()) and len(set(key_scales.tolist())) > 1
 
 
@@ -362,18 +367,24 @@ def test_int4_attention_equals_attention_over_the_unrotated_cache():
 
 @pytest.mark.parametrize("kind", [None, "int8", "int4"])
 def test_cache_allocates_the_bytes_of_its_layout(kind):
-    """Per layer, group and head vector: head_dim values in the model's dtype; int8 head_dim bytes and one
-    scale; int4 head_dim / 2 bytes and a scale and an offset per 16 values of a key, per 64 of a value (here 128
-    wide: 64 + (8 + 2) x 2 bytes on average), and its window of exact slots (here the whole capacity)."""
+    """Per layer, group, head and slot (keys and values): head_dim values each in the model's dtype; int8
+    head_dim bytes and one scale each; int4 the prompt's slots as int8, the others head_dim / 2 bytes each and a
+    scale and an offset per 16 values of a key, per 64 of a value (here 128 wide: (64 + (8 + 2) x 2) x 2), one
+    spare slot in each part, and its window of exact slots (here the whole capacity)."""
     from pure_lite.torch_backend.kv_cache import GroupedKV
 
-    layers, heads, head_dim, groups = 3, 2, 128, [(2, 40), (2, 24)]
+    layers, heads, head_dim, groups = 3, 2, 128, [(2, 40, 10), (2, 24, 0)]
     cache = GroupedKV(layers, heads, head_dim, groups, 4, torch.bfloat16, "cpu", kind)
-    per_vector = {None: head_dim * 2, "int8": head_dim + 2, "int4": head_dim // 2 + (8 + 2) * 2}[kind]
-    window = {None: 0, "int8": 0, "int4": head_dim * 2}[kind]  # the window holds every slot here (capacity < 136)
-    expected = sum(layers * 2 * rows * heads * capacity * (per_vector + window) for rows, capacity in groups)
+    int8_slot, int4_slot, exact_slot = 2 * (head_dim + 2), 2 * (head_dim // 2 + (8 + 2) * 2), 2 * head_dim * 2
+    if kind == "int4":  # the window holds every slot here (capacity < 136)
+        per_row = [(prompt + 1) * int8_slot + (capacity - prompt + 1) * int4_slot + capacity * exact_slot
+                   for _, capacity, prompt in groups]
+    else:
+        per_row = [capacity * (exact_slot if kind is None else int8_slot) for _, capacity, _ in groups]
+    expected = sum(layers * rows * heads * n for (rows, _, _), n in zip(groups, per_row))
     allocated = sum(t.numel() * t.element_size() for g in cache.groups
-                    for t in g.kv + (g.scales or []) + (g.params or []) + (g.recent or []))
+                    for t in g.kv + (g.scales or []) + (g.params or []) + (g.recent or []) + (g.prompt_kv or [])
+                    + (g.prompt_scales or []))
     assert allocated == expected
 
 

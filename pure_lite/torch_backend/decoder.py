@@ -53,9 +53,10 @@ class TorchDecoder:
     offer ``decode_plain_image`` to the decode loop (default: on CUDA). ``attend_bucket``: the
     slots attention reads are rounded up to a multiple of this (default 1 when eager, exact;
     512 with graphs, so a 512² restoration needs ~30 captured shapes). ``kv_cache``: ``"int8"`` keeps the KV
-    cache in int8 with a scale per slot and head (half the cache memory), ``"int4"`` rotated and in packed int4 with a scale
-    and an offset per 16 values of a key and per 64 of a value, each row's newest 136 slots also exact (about a
-    third of the memory for a 512² tile; see ``kv_cache._Group``). ``layers``: ``"fused"``
+    cache in int8 with a scale per slot and head (half the cache memory), ``"int4"`` rotated, the prompt in int8
+    and the rest in packed int4 with a scale and an offset per 16 values of a key and per 64 of a value, each
+    row's newest 136 slots also exact (41% of the memory for a 512² tile; see ``kv_cache._Group``).
+    ``layers``: ``"fused"``
     runs the layers as ``layers.py`` writes them (about half the kernels per step); ``"triton"``
     the same with its elementwise work in ``fused_kernels.py`` (about half again), and an int8 cache
     read by its attention kernel (CUDA; not yet the default: docs/gpu.md; no int4 cache: its kernels neither
@@ -113,7 +114,7 @@ class TorchDecoder:
         # Buffers and graphs outlive a batch: the next batch of the same shape (the next tiles of a photo,
         # the next photo of the same size) reuses them instead of capturing ~35 graphs again (43 s -> 40 s
         # for a 512² restoration on an H200, docs/gpu.md).
-        self.shape: tuple | None = None  # (batch, capacity, unconditional capacity, widest call) of self.kv
+        self.shape: tuple | None = None  # (batch, capacity, unconditional capacity, widest call, prompt) of self.kv
         self.chain_cache: _ChainState | None = None  # the last chained decode's buffers, see _chain_state
 
     # --- the Decoder protocol -------------------------------------------------------------
@@ -121,12 +122,14 @@ class TorchDecoder:
     def prefill(self, prompts, capacity: int, max_step: int, unconditional_capacity: int | None = None) -> np.ndarray:
         batch, longest = len(prompts), max(len(p) for p in prompts)
         capacity = max(capacity, longest)
-        shape = (batch, capacity, unconditional_capacity or capacity, max(max_step, longest))
+        shape = (batch, capacity, unconditional_capacity or capacity, max(max_step, longest), longest)
         if shape == self.shape:
             self.kv.reset()  # same buffers: the graphs captured for the previous batch replay as they are
         else:
             self.kv = None  # free the old cache before allocating the new one
-            self.kv = GroupedKV(self.layers, self.heads, self.head_dim, [shape[:2], (batch, shape[2])], shape[3],
+            # the conditional rows' first ``longest`` slots are the prompt (an int4 cache holds them at int8)
+            groups = [(batch, capacity, longest), (batch, shape[2])]
+            self.kv = GroupedKV(self.layers, self.heads, self.head_dim, groups, shape[3],
                                 self.dtype, self.device, self.kv_cache, getattr(self.layers_fn, "triton", None))
             self.shape, self.chain_cache = shape, None
             self.captured.clear()  # graphs hold the old batch's buffers

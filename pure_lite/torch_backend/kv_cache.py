@@ -59,30 +59,39 @@ def _int4_params(head_dim: int) -> int:
     return 2 * (-(-head_dim // KV_INT4_KEY_GROUP) + -(-head_dim // KV_INT4_VALUE_GROUP))
 
 
-def kv_bytes(layers: int, heads: int, head_dim: int, groups: Sequence[tuple[int, int]], dtype: torch.dtype,
+def _group_shape(group: Sequence[int]) -> tuple[int, int, int]:
+    """(rows, capacity) or (rows, capacity, prompt) -> (rows, capacity, prompt slots held at int8 by int4)."""
+    rows, capacity, *prompt = group
+    return rows, capacity, min(prompt[0], capacity) if prompt else 0
+
+
+def kv_bytes(layers: int, heads: int, head_dim: int, groups: Sequence[Sequence[int]], dtype: torch.dtype,
              kind: KVKind | None = None) -> int:
-    """Bytes a cache of ``groups`` [(rows, capacity), ...] allocates: what ``_Group`` holds, the one count the
-    memory plan (``memory.py``) and the caches agree on.
+    """Bytes a cache of ``groups`` [(rows, capacity[, prompt]), ...] allocates: what ``_Group`` holds, the one
+    count the memory plan (``memory.py``) and the caches agree on.
 
     Per layer and group a (2, rows, heads, capacity, head_dim) tensor of keys and values: in ``dtype``
-    (kind None); int8 with one ``dtype`` scale per head vector; int4 packed two values a byte, a (rows, heads,
-    capacity, ``_int4_params``) tensor of ``dtype`` scales and offsets, and a window of each row's newest
-    ``KV_FLOAT_WINDOW`` slots (at most the capacity) in ``dtype`` with their slots (int64). Per group also its
-    lengths and row index (rows int64 each).
+    (kind None); int8 with one ``dtype`` scale per head vector; int4: the first ``prompt`` slots as int8 with
+    their scales (and one spare slot), the others packed two values a byte with a (rows, heads, slots,
+    ``_int4_params``) tensor of ``dtype`` scales and offsets (and one spare slot), and a window of each row's
+    newest ``KV_FLOAT_WINDOW`` slots (at most the capacity) in ``dtype`` with their slots (int64). Per group
+    also its lengths and row index (rows int64 each).
     """
     item = dtype.itemsize
     if kind not in (None, "int8", "int4"):
         raise ValueError(f"kind must be None, 'int8' or 'int4', got {kind!r}")
     total = 0
-    for rows, capacity in groups:
+    for group in groups:
+        rows, capacity, prompt = _group_shape(group)
         vectors = layers * rows * heads * capacity  # per keys and per values
         if kind is None:
             total += 2 * vectors * head_dim * item
         elif kind == "int8":
             total += 2 * vectors * (head_dim + item)
         else:
-            window = min(KV_FLOAT_WINDOW, capacity)
-            total += vectors * (head_dim + _int4_params(head_dim) * item)
+            window, per_slot = min(KV_FLOAT_WINDOW, capacity), layers * rows * heads
+            total += 2 * per_slot * (prompt + 1) * (head_dim + item)
+            total += per_slot * (capacity - prompt + 1) * (head_dim + _int4_params(head_dim) * item)
             total += layers * 2 * rows * heads * window * head_dim * item + rows * window * 8
         total += 2 * rows * 8
     return total
@@ -96,24 +105,35 @@ class _Group:
     127, in the model's dtype): half the memory of fp16/bf16, which is what a 12 GB card lacks for a 512²
     restoration of the 7B model at 4-bit. ``kind="int4"`` (what an 8 GB card needs): keys and values rotated
     (``rotate``), then two values a byte (``quantize_kv_int4``) with a scale and an offset per group, in
-    ``params`` (rows, heads, capacity, ``_int4_params``); and each row's newest ``window`` slots also in the
+    ``params`` (rows, heads, slots, ``_int4_params``), except the first ``prompt`` slots (the prompt: the LQ
+    image's codes, which every restored code reads), which are stored as int8 with a scale per vector
+    (``prompt_kv``, ``prompt_scales``; PURE-tiny's top-1 agreement 0.975 -> 0.99 for ~0.4 GB at the 7B's 512²,
+    docs/gpu.md); and each row's newest ``window`` slots also in the
     model's dtype, in a ring (``recent``, slot ``s`` at ``s % window``) whose ``recent_slot`` says which slot
     each entry holds: a decode step reads its neighbours exact, and an entry overwritten by a draft SJD
-    rejected, or by a padded prompt, is read from the int4 copy instead. Attention dequantizes the span it
-    reads, so the kernel is unchanged.
+    rejected, or by a padded prompt, is read from the int4 copy instead. Each part has one spare slot that a
+    call's tokens bound for the other part are written to (a write needs no branch, so a graph can capture
+    it), never read. Attention dequantizes the span it reads, so the kernel is unchanged.
     """
 
     def __init__(self, layers: int, rows: int, heads: int, capacity: int, head_dim: int, dtype, device,
-                 kind: KVKind | None = None):
+                 kind: KVKind | None = None, prompt: int = 0):
         shape = (2, rows, heads, capacity, head_dim)
         self.scales: list[torch.Tensor] | None = None
         self.params: list[torch.Tensor] | None = None
         self.recent: list[torch.Tensor] | None = None
+        self.prompt_kv: list[torch.Tensor] | None = None
+        self.prompt_scales: list[torch.Tensor] | None = None
+        self.prompt = min(prompt, capacity)  # held apart by int4 only
         if kind == "int4":
             if head_dim % 2:
                 raise ValueError(f"an int4 KV cache packs two values a byte: head_dim {head_dim} is odd")
-            values = shape[:-1] + (head_dim // 2,)
-            self.params = [torch.zeros((rows, heads, capacity, _int4_params(head_dim)), dtype=dtype, device=device)
+            held = (2, rows, heads, self.prompt + 1)  # the prompt's slots and the spare
+            self.prompt_kv = [torch.zeros(held + (head_dim,), dtype=torch.int8, device=device) for _ in range(layers)]
+            self.prompt_scales = [torch.zeros(held + (1,), dtype=dtype, device=device) for _ in range(layers)]
+            packed = capacity - self.prompt + 1  # the spare first, then the slots after the prompt
+            values = (2, rows, heads, packed, head_dim // 2)
+            self.params = [torch.zeros((rows, heads, packed, _int4_params(head_dim)), dtype=dtype, device=device)
                            for _ in range(layers)]
             self.window = min(KV_FLOAT_WINDOW, capacity)
             self.recent = [torch.zeros((2, rows, heads, self.window, head_dim), dtype=dtype, device=device)
@@ -135,10 +155,14 @@ class _Group:
         self.mask: torch.Tensor | None = None  # (rows, 1, T, span): 0 where a new token sees a slot, -inf elsewhere
         self.span = 0
 
-    def mark_recent(self) -> None:
-        """int4, once per call (before any layer writes; every layer then writes the same slots): claim the ring
-        entries of this call's last ``window`` slots, and work out where each layer's read overlays the ring, so
-        the per-layer work of a step is only the copies."""
+    def mark_int4(self) -> None:
+        """int4, once per call (before any layer writes; every layer then writes the same slots): where each of
+        this call's slots goes (the prompt's int8 part or the packed part, the other part's spare slot for the
+        rest), claim the ring entries of its last ``window`` slots, and work out where each layer's read
+        overlays the ring, so the per-layer work of a step is only the copies."""
+        in_prompt = self.slots < self.prompt
+        self.prompt_index = torch.where(in_prompt, self.slots, self.prompt)
+        self.packed_index = torch.where(in_prompt, 0, self.slots - self.prompt + 1)
         t = self.slots.shape[1]
         newest = self.slots[:, max(0, t - self.window):]
         self.ring_written = newest % self.window
@@ -153,33 +177,52 @@ class _Group:
     def write(self, layer: int, kv: torch.Tensor, scales: torch.Tensor | None = None,
               exact: torch.Tensor | None = None) -> None:
         """Store keys and values (2, rows, heads, T, head_dim) at this call's slots; quantized with their
-        scales when the group is (``quantize_kv``, ``quantize_kv_int4``), and for int4 the last ``window``
-        of them also ``exact`` (in the model's dtype) in the ring."""
+        scales when the group is (``quantize_kv``); int4: ``exact`` (rotated, float32) quantized here,
+        int8 for the prompt's slots and int4 for the others, and its last ``window`` slots also in the ring."""
+        if self.kind == "int4":
+            self._write_int4(layer, exact)
+            return
         self.kv[layer].transpose(2, 3)[:, self.row_index, self.slots] = kv.transpose(2, 3)
         if self.scales is not None:
             self.scales[layer].transpose(2, 3)[:, self.row_index, self.slots] = scales.transpose(2, 3)
-        if self.params is not None:
-            self.params[layer].transpose(1, 2)[self.row_index, self.slots] = scales.transpose(1, 2)
-            self.recent[layer].transpose(2, 3)[:, self.row_index, self.ring_written] = (
-                exact[:, :, :, -self.ring_written.shape[1]:].transpose(2, 3))
+
+    def _write_int4(self, layer: int, exact: torch.Tensor) -> None:
+        by_slot, dtype = (slice(None), self.row_index), self.params[layer].dtype
+        values, scales = quantize_kv(exact, dtype)
+        self.prompt_kv[layer].transpose(2, 3)[by_slot + (self.prompt_index,)] = values.transpose(2, 3)
+        self.prompt_scales[layer].transpose(2, 3)[by_slot + (self.prompt_index,)] = scales.transpose(2, 3)
+        packed, params = quantize_kv_int4(exact, dtype)
+        self.kv[layer].transpose(2, 3)[by_slot + (self.packed_index,)] = packed.transpose(2, 3)
+        self.params[layer].transpose(1, 2)[self.row_index, self.packed_index] = params.transpose(1, 2)
+        self.recent[layer].transpose(2, 3)[by_slot + (self.ring_written,)] = (
+            exact[:, :, :, -self.ring_written.shape[1]:].transpose(2, 3).to(dtype))
 
     def read(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of the first ``span`` slots, in the model's dtype (int4: rotated, see ``rotate``)."""
-        kv = self.kv[layer][:, :, :, :self.span]
         if self.kind == "int4":
-            kv = dequantize_kv_int4(kv, self.params[layer][:, :, :self.span], self.head_dim)
-            self._overlay_recent(layer, kv)
-        elif self.scales is not None:  # int8 times the scales promotes to their dtype: one pass for both
-            kv = kv * self.scales[layer][:, :, :, :self.span]
+            kv = self._read_int4(layer)
+        else:
+            kv = self.kv[layer][:, :, :, :self.span]
+            if self.scales is not None:  # int8 times the scales promotes to their dtype: one pass for both
+                kv = kv * self.scales[layer][:, :, :, :self.span]
         return kv[0], kv[1]
 
-    def _overlay_recent(self, layer: int, kv: torch.Tensor) -> None:
-        """Replace each row's newest ``window`` slots of the dequantized span by the ring's exact copy, where
-        the ring still holds them (``mark_recent`` found which)."""
+    def _read_int4(self, layer: int) -> torch.Tensor:
+        """The span, dequantized into one tensor (the prompt's int8 slots, then the packed ones), with each
+        row's newest slots replaced by the ring's exact copy where the ring still holds them."""
+        head = min(self.span, self.prompt)
+        scales = self.prompt_scales[layer]
+        kv = torch.empty(scales.shape[:3] + (self.span, self.head_dim), dtype=scales.dtype, device=scales.device)
+        torch.mul(self.prompt_kv[layer][:, :, :, :head], scales[:, :, :, :head], out=kv[:, :, :, :head])
+        if self.span > head:
+            tail = slice(1, self.span - head + 1)  # past the spare
+            dequantize_kv_int4(self.kv[layer][:, :, :, tail], self.params[layer][:, :, tail], self.head_dim,
+                               out=kv[:, :, :, head:])
         exact = self.recent[layer].transpose(2, 3)[:, self.row_index, self.overlay_ring]  # (2, rows, w, heads, dim)
         view = kv.transpose(2, 3)
         view[:, self.row_index, self.overlay] = torch.where(self.overlay_held, exact,
                                                             view[:, self.row_index, self.overlay])
+        return kv
 
     def reset(self) -> None:
         self.lengths.zero_()
@@ -259,11 +302,14 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack([(packed << 4) >> 4, packed >> 4], -1).flatten(-2)
 
 
-def dequantize_kv_int4(packed: torch.Tensor, params: torch.Tensor, head_dim: int) -> torch.Tensor:
+def dequantize_kv_int4(packed: torch.Tensor, params: torch.Tensor, head_dim: int,
+                       out: torch.Tensor | None = None) -> torch.Tensor:
     """Packed int4 keys and values (2, ..., head_dim / 2) and their ``params`` (..., ``_int4_params``) ->
-    (2, ..., head_dim) in the parameters' dtype (still rotated). Written into one output, a half at a time, so a
-    step's transient memory stays within the one-layer span the memory plan reserves (``workspace_bytes``)."""
-    out = torch.empty(packed.shape[:-1] + (head_dim,), dtype=params.dtype, device=packed.device)
+    (2, ..., head_dim) in the parameters' dtype (still rotated). Written into one output (``out``, or a new
+    one), a half at a time, so a step's transient memory stays within the one-layer span the memory plan
+    reserves (``workspace_bytes``)."""
+    if out is None:
+        out = torch.empty(packed.shape[:-1] + (head_dim,), dtype=params.dtype, device=packed.device)
     k_params = 2 * -(-head_dim // KV_INT4_KEY_GROUP)
     for half, size, (scale, offset) in ((0, KV_INT4_KEY_GROUP, params[..., :k_params].chunk(2, -1)),
                                         (1, KV_INT4_VALUE_GROUP, params[..., k_params:].chunk(2, -1))):
@@ -288,8 +334,8 @@ class GroupedKV:
 
     def __init__(self, layers: int, heads: int, head_dim: int, groups: Sequence[tuple[int, int]], max_new: int,
                  dtype, device, kind: KVKind | None = None, kernels=None):
-        self.groups = [_Group(layers, rows, heads, capacity, head_dim, dtype, device, kind)
-                       for rows, capacity in groups]
+        self.groups = [_Group(layers, rows, heads, capacity, head_dim, dtype, device, kind, prompt)
+                       for rows, capacity, prompt in map(_group_shape, groups)]
         self.kind, self.dtype = kind, dtype
         self.live = 1
         self.offsets = torch.arange(max_new, device=device)
@@ -316,7 +362,7 @@ class GroupedKV:
             group.mask = torch.where(self.key_index[:span] <= group.slots.unsqueeze(-1), self.seen,
                                      self.unseen).unsqueeze(1)
             if self.kind == "int4":
-                group.mark_recent()
+                group.mark_int4()
         return torch.cat([g.slots for g in self.live_groups])
 
     def layer_buffers(self, layer: int) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
@@ -335,15 +381,13 @@ class GroupedKV:
         kv, scales, exact = torch.stack([key, value]), None, None
         if self.kind == "int8":
             kv, scales = quantize_kv(kv, self.dtype)
-        elif self.kind == "int4":
-            rotated = rotate(kv.float())
-            kv, scales = quantize_kv_int4(rotated, self.dtype)
-            exact = rotated.to(self.dtype)
+        elif self.kind == "int4":  # each group quantizes its rows: int8 for its prompt's slots, int4 after
+            exact = rotate(kv.float())
         start = 0
         for group in self.live_groups:
             rows = slice(start, start + group.rows)
-            group.write(layer_idx, kv[:, rows], None if scales is None else scales[rows] if self.kind == "int4"
-                        else scales[:, rows], None if exact is None else exact[:, rows])
+            group.write(layer_idx, kv[:, rows], None if scales is None else scales[:, rows],
+                        None if exact is None else exact[:, rows])
             start += group.rows
         return key, value  # unused: grouped_cache_attention reads the groups
 

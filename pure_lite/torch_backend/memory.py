@@ -248,13 +248,14 @@ def weight_bytes(shape: ModelShape, quantization: str | None, text_rows_off_devi
     return total + head_dim * item
 
 
-def kv_groups(shape: ModelShape, tile_batch: int, sampling: SamplingConfig | None = None) -> list[tuple[int, int]]:
-    """The (rows, capacity) of the two cache groups a batch of ``tile_batch`` tiles allocates (decoder.prefill),
-    for ``sampling`` (None: the default sampling, what restore plans for)."""
+def kv_groups(shape: ModelShape, tile_batch: int, sampling: SamplingConfig | None = None) -> list[tuple[int, ...]]:
+    """The (rows, capacity, prompt slots) of the two cache groups a batch of ``tile_batch`` tiles allocates
+    (decoder.prefill), for ``sampling`` (None: the default sampling, what restore plans for)."""
     with warnings.catch_warnings():  # a tile past the trained context: the restoration warns, not its plan
         warnings.simplefilter("ignore", RuntimeWarning)
         sizes = cache_sizes(shape.prompt_length, shape.tile, sampling or SamplingConfig(), shape.max_positions)
-    return [(tile_batch, max(sizes.capacity, shape.prompt_length)), (tile_batch, sizes.unconditional_capacity)]
+    return [(tile_batch, max(sizes.capacity, shape.prompt_length), shape.prompt_length),
+            (tile_batch, sizes.unconditional_capacity, 0)]
 
 
 def workspace_bytes(shape: ModelShape, tile_batch: int, kv_cache: KVKind | None) -> int:
@@ -262,7 +263,7 @@ def workspace_bytes(shape: ModelShape, tile_batch: int, kv_cache: KVKind | None)
     config, item = shape.config, shape.dtype.itemsize
     hidden, inter = config.hidden_size, config.intermediate_size
     tokens = tile_batch * min(shape.prompt_length, PREFILL_CHUNK)  # the prefill's calls (decoder.prefill)
-    (rows, capacity), _ = kv_groups(shape, tile_batch)
+    (rows, capacity, _), _ = kv_groups(shape, tile_batch)
     # residual, normed input, q/k/v (3), attention output (1) in hidden; gate/up (2) and their product (1)
     activations = tokens * (6 * hidden + 3 * inter) * item
     mask = tokens * capacity * item  # the additive attention mask of the prefill
