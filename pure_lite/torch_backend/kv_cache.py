@@ -107,8 +107,8 @@ class _Group:
     (``rotate``), then two values a byte (``quantize_kv_int4``) with a scale and an offset per group, in
     ``params`` (rows, heads, slots, ``_int4_params``), except the first ``prompt`` slots (the prompt: the LQ
     image's codes, which every restored code reads), which are stored as int8 with a scale per vector
-    (``prompt_kv``, ``prompt_scales``; PURE-tiny's top-1 agreement 0.975 -> 0.99 for ~0.4 GB at the 7B's 512²,
-    docs/gpu.md); and each row's newest ``window`` slots also in the
+    (``prompt_kv``, ``prompt_scales``; PURE-tiny's top-1 agreement 0.975 -> 0.994, for ~0.4 GB at the 7B's
+    512², docs/gpu.md); and each row's newest ``window`` slots also in the
     model's dtype, in a ring (``recent``, slot ``s`` at ``s % window``) whose ``recent_slot`` says which slot
     each entry holds: a decode step reads its neighbours exact, and an entry overwritten by a draft SJD
     rejected, or by a padded prompt, is read from the int4 copy instead. Each part has one spare slot that a
@@ -329,10 +329,11 @@ class GroupedKV:
     A token's slot is its position: ``prepare`` places the next T tokens of each row at its
     length, the layers' ``update`` writes their keys/values there, ``attend`` scores each group
     against its first ``span`` slots, and ``advance`` moves the lengths on. Everything reads
-    the lengths from the device, so a captured graph replays correctly at any length.
+    the lengths from the device, so a captured graph replays correctly at any length. ``groups``:
+    (rows, capacity) or (rows, capacity, prompt), the prompt's slots an int4 cache holds at int8.
     """
 
-    def __init__(self, layers: int, heads: int, head_dim: int, groups: Sequence[tuple[int, int]], max_new: int,
+    def __init__(self, layers: int, heads: int, head_dim: int, groups: Sequence[Sequence[int]], max_new: int,
                  dtype, device, kind: KVKind | None = None, kernels=None):
         self.groups = [_Group(layers, rows, heads, capacity, head_dim, dtype, device, kind, prompt)
                        for rows, capacity, prompt in map(_group_shape, groups)]
