@@ -328,7 +328,7 @@ def _add_load_options(parser: argparse.ArgumentParser, workers: bool = False) ->
                              "fastest 4-bit decode, docs/gpu.md) (default: as stored)")
     parser.add_argument("--kv-cache", choices=LOAD_OPTIONS["kv_cache"], default=None,
                         help="checkpoint folder: keep the KV cache in int8, half its memory (what a 12 GB card needs "
-                             "for a 512² restoration of the 7B model at 4-bit), or int4 (the prompt int8), 41%, "
+                             "for a 512² restoration of the 7B model at 4-bit), or int4 (the prompt int8), 41%%, "
                              "for a card int8 does not fit (docs/gpu.md) (default: the model's dtype)")
     parser.add_argument("--max-memory", default=None,
                         help=("each worker's " if workers else "") + _MAX_MEMORY_HELP)
