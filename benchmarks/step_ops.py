@@ -68,7 +68,7 @@ def _decoder(folder, layers: str, joined: bool, kv_int8: bool):
 def count_calls(dec) -> collections.Counter:
     """Kernels of one CFG image step (``benchmarks/kernel_count.py``), then the cache and chain put back."""
     with torch.inference_mode():
-        calls = count_kernels(dec, lambda: dec._link(1, dec._spans(1)))
+        calls = count_kernels(dec, lambda: dec._link(1, dec._call(1)))
         _same_step_again(dec)
     return calls
 
@@ -87,9 +87,9 @@ def time_steps(decoders: dict, rounds: int) -> dict:
     with torch.inference_mode():
         for _ in range(rounds):
             for name, dec in decoders.items():
-                spans = dec._spans(1)
+                call = dec._call(1)
                 start = time.perf_counter()
-                dec._link(1, spans)
+                dec._link(1, call)
                 times[name].append(time.perf_counter() - start)
                 _same_step_again(dec)
     return {name: {"cpu_ms_min": 1000 * min(t), "cpu_ms_median": 1000 * statistics.median(t)}

@@ -413,6 +413,40 @@ def test_int4_cache_logits_stay_near_the_float_cache(model, monkeypatch):
     assert (steps[0].argmax(-1) == steps[1].argmax(-1)).mean() >= 0.75
 
 
+def test_int4_cache_quantizes_each_call_only_for_the_part_it_writes(model, monkeypatch):
+    """The decoder tells the int4 cache which part a call's slots fall in (the prefill: the int8 prompt; a step
+    past every row's prompt: the packed part; the first steps of a row with a shorter prompt: both), and the cache
+    quantizes only for those. Against a decoder that always says "both": every logit of the probe the same (its
+    prompts of 23 and 17 tokens reach all three cases; a window of 2 reads nearly every slot from the parts),
+    and two steps after it, with fewer quantizations of each kind."""
+    from conftest import probe_logits
+
+    from pure_lite.torch_backend import kv_cache
+
+    lm, head, layout, _ = model
+    monkeypatch.setattr(kv_cache, "KV_FLOAT_WINDOW", 2)
+    counts = {}
+    for name in ("quantize_kv", "quantize_kv_int4"):
+        real = getattr(kv_cache, name)
+        monkeypatch.setattr(kv_cache, name, lambda *a, _name=name, _real=real, **k:
+                            counts.__setitem__(_name, counts.get(_name, 0) + 1) or _real(*a, **k))
+    codes = layout.image_ids[np.arange(8).reshape(4, 2)]
+
+    def probe(decoder):  # then two more steps, so the slots the probe's last steps wrote are read from the parts
+        first = probe_logits(decoder, layout)
+        return first + [decoder.step(codes[:, :1], image=True), decoder.step(codes[:, 1:], image=True)]
+
+    both = TorchDecoder(lm, head, kv_cache="int4")
+    decided = both._call
+    monkeypatch.setattr(both, "_call", lambda t: (decided(t)[0], ("both",) * len(decided(t)[1])))
+    expected = probe(both)
+    always, counts = counts, {}
+    got = probe(TorchDecoder(lm, head, kv_cache="int4"))
+    for a, b in zip(expected, got):
+        np.testing.assert_array_equal(b, a)
+    assert all(0 < counts[name] < always[name] for name in always), (counts, always)
+
+
 def test_int4_cache_greedy_restoration_runs_on_every_path(model, monkeypatch):
     """With an int4 cache the host loop, the chained image loop and the path CUDA graphs capture (bucketed
     spans, run eagerly here) give the same greedy tokens: one cache format for every path. A window of 8 slots,

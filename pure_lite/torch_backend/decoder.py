@@ -236,7 +236,7 @@ class TorchDecoder:
         )
         return state
 
-    def _link(self, t: int, spans: tuple[int, ...]) -> None:
+    def _link(self, t: int, call: tuple) -> None:
         """Draw every restoration's next code from ``chain.logits``; then, if t > 0, feed it (with a row end
         when t == 2) and leave the next logits in ``chain.logits``. Device work only: capturable."""
         s = self.chain
@@ -252,15 +252,15 @@ class TorchDecoder:
         token = s.image_ids[code]
         ids = s.ids[t]
         ids[:, 0].copy_(torch.cat([token, token]) if s.cfg else token)
-        s.logits.copy_(self.image_head(self._append(self._embed_on_device(ids, image=True), spans)[:, -1]))
+        s.logits.copy_(self.image_head(self._append(self._embed_on_device(ids, image=True), call)[:, -1]))
 
     @torch.inference_mode()
     def _run_link(self, t: int) -> None:
-        spans = self._spans(t)
+        call = self._call(t)
         if self.graphs:
-            self._replay(("link", t, spans), lambda: self._link(t, spans))
+            self._replay(("link", t, call), lambda: self._link(t, call))
         else:
-            self._link(t, spans)
+            self._link(t, call)
         self.lengths[:self.live] += t
 
     # --- CUDA graphs ----------------------------------------------------------------------
@@ -271,7 +271,7 @@ class TorchDecoder:
         rewound at once), so text steps and speculative windows reuse a few shapes."""
         rows, t = ids.shape
         width = min(1 << (t - 1).bit_length(), max(self.max_step, t))
-        spans = self._spans(width)
+        call = self._call(width)
         padded = np.empty((rows, width), np.int64)
         padded[:, :t], padded[:, t:] = ids, ids[:, -1:]
         host_text = self.vocab is not None and not image  # embedded and scored off the device, around the graph
@@ -288,8 +288,8 @@ class TorchDecoder:
                                                                        device=self.device)
             buffer.copy_(torch.from_numpy(padded))
         last = slice(None) if all_positions else slice(t - 1, t)
-        key = ("step", rows, width, spans, image)
-        outputs = self._replay(key, lambda: self._graph_step(buffer, spans, image))
+        key = ("step", rows, width, call, image)
+        outputs = self._replay(key, lambda: self._graph_step(buffer, call, image))
         self.lengths[:self.live] += width
         outputs = outputs[:, last]
         # read before any other graph reuses the pool
@@ -297,11 +297,11 @@ class TorchDecoder:
         self.rewind(np.full(self.live, width - t))
         return logits if all_positions else logits[:, 0]
 
-    def _graph_step(self, inputs: torch.Tensor, spans: tuple[int, ...], image: bool) -> torch.Tensor:
+    def _graph_step(self, inputs: torch.Tensor, call: tuple, image: bool) -> torch.Tensor:
         """One decoder call on device buffers (ids, or embeddings for text embedded off the device); returns every
         position's logits, or for text scored off the device its hidden states (capturable)."""
         x = inputs if inputs.is_floating_point() else self._embed_on_device(inputs, image)
-        hidden = self._append(x, spans)
+        hidden = self._append(x, call)
         if image:
             return self.image_head(hidden)
         return hidden if self.vocab is not None else self.text_head(hidden)
@@ -357,6 +357,20 @@ class TorchDecoder:
 
     # --- internals ------------------------------------------------------------------------
 
+    def _call(self, t: int) -> tuple:
+        """What a call of t tokens per live row reads and writes, decided on the host (so a captured graph's key
+        holds it): ``_spans``, and for an int4 cache which part of each group its slots fall in, "prompt" (all
+        before the prompt's end: a prefill), "packed" (all after: every decode step once the shortest prompt is
+        passed) or "both", so a step quantizes its tokens only to the part they go to."""
+        spans = self._spans(t)
+        if self.kv_cache != "int4":
+            return spans, None
+        parts = []
+        for group, lengths in zip(self.kv.live_groups, np.split(self.lengths[:self.live], self.kv.live)):
+            parts.append("prompt" if int(lengths.max()) + t <= group.prompt
+                         else "packed" if int(lengths.min()) >= group.prompt else "both")
+        return spans, tuple(parts)
+
     def _spans(self, t: int) -> tuple[int, ...]:
         """Slots attention reads per live group for a call of t tokens: the longest row's, rounded up to the bucket."""
         spans = []
@@ -383,14 +397,15 @@ class TorchDecoder:
     @torch.inference_mode()
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         """Append embeddings x (R, T, hidden) to the live rows, eagerly; returns their final-norm hidden states."""
-        hidden = self._append(x, self._spans(x.shape[1]))
+        hidden = self._append(x, self._call(x.shape[1]))
         self.lengths[:self.live] += x.shape[1]
         return hidden
 
-    def _append(self, x: torch.Tensor, spans: tuple[int, ...]) -> torch.Tensor:
+    def _append(self, x: torch.Tensor, call: tuple) -> torch.Tensor:
         """The decoder call on the device: place embeddings x (R, T, hidden) at the rows' device-side lengths, run
-        the layers over the grouped cache, move the lengths on. Host lengths are the caller's (capturable)."""
-        positions = self.kv.prepare(x.shape[1], spans)
+        the layers over the grouped cache, move the lengths on. Host lengths are the caller's (capturable);
+        ``call`` is ``_call``'s, decided from them."""
+        positions = self.kv.prepare(x.shape[1], *call)
         hidden = self.run_layers(x, positions, self.kv)
         self.kv.advance(x.shape[1])
         return hidden

@@ -155,11 +155,13 @@ class _Group:
         self.mask: torch.Tensor | None = None  # (rows, 1, T, span): 0 where a new token sees a slot, -inf elsewhere
         self.span = 0
 
-    def mark_int4(self) -> None:
+    def mark_int4(self, parts: str = "both") -> None:
         """int4, once per call (before any layer writes; every layer then writes the same slots): where each of
         this call's slots goes (the prompt's int8 part or the packed part, the other part's spare slot for the
-        rest), claim the ring entries of its last ``window`` slots, and work out where each layer's read
-        overlays the ring, so the per-layer work of a step is only the copies."""
+        rest; ``parts`` says which parts the call reaches, so a decode step past the prompt quantizes only to
+        int4 and a prefill only to int8), claim the ring entries of its last ``window`` slots, and work out
+        where each layer's read overlays the ring, so the per-layer work of a step is only the copies."""
+        self.parts = parts
         in_prompt = self.slots < self.prompt
         self.prompt_index = torch.where(in_prompt, self.slots, self.prompt)
         self.packed_index = torch.where(in_prompt, 0, self.slots - self.prompt + 1)
@@ -188,12 +190,14 @@ class _Group:
 
     def _write_int4(self, layer: int, exact: torch.Tensor) -> None:
         by_slot, dtype = (slice(None), self.row_index), self.params[layer].dtype
-        values, scales = quantize_kv(exact, dtype)
-        self.prompt_kv[layer].transpose(2, 3)[by_slot + (self.prompt_index,)] = values.transpose(2, 3)
-        self.prompt_scales[layer].transpose(2, 3)[by_slot + (self.prompt_index,)] = scales.transpose(2, 3)
-        packed, params = quantize_kv_int4(exact, dtype)
-        self.kv[layer].transpose(2, 3)[by_slot + (self.packed_index,)] = packed.transpose(2, 3)
-        self.params[layer].transpose(1, 2)[self.row_index, self.packed_index] = params.transpose(1, 2)
+        if self.parts != "packed":
+            values, scales = quantize_kv(exact, dtype)
+            self.prompt_kv[layer].transpose(2, 3)[by_slot + (self.prompt_index,)] = values.transpose(2, 3)
+            self.prompt_scales[layer].transpose(2, 3)[by_slot + (self.prompt_index,)] = scales.transpose(2, 3)
+        if self.parts != "prompt":
+            packed, params = quantize_kv_int4(exact, dtype)
+            self.kv[layer].transpose(2, 3)[by_slot + (self.packed_index,)] = packed.transpose(2, 3)
+            self.params[layer].transpose(1, 2)[self.row_index, self.packed_index] = params.transpose(1, 2)
         self.recent[layer].transpose(2, 3)[by_slot + (self.ring_written,)] = (
             exact[:, :, :, -self.ring_written.shape[1]:].transpose(2, 3).to(dtype))
 
@@ -353,9 +357,11 @@ class GroupedKV:
     def live_groups(self) -> list[_Group]:
         return self.groups[:self.live]
 
-    def prepare(self, t: int, spans: Sequence[int]) -> torch.Tensor:
-        """Slots and masks for a call of T tokens per live row; returns the positions (rows, T)."""
-        for group, span in zip(self.live_groups, spans):
+    def prepare(self, t: int, spans: Sequence[int], parts: Sequence[str] | None = None) -> torch.Tensor:
+        """Slots and masks for a call of T tokens per live row; returns the positions (rows, T). ``parts``
+        (int4): per live group, which part its slots fall in ("prompt", "packed" or "both", the default), as
+        the caller knows from its host lengths."""
+        for index, (group, span) in enumerate(zip(self.live_groups, spans)):
             group.slots = group.lengths.unsqueeze(1) + self.offsets[:t]
             group.span = span
             # additive, in the model's dtype, made once per call: SDPA would turn a boolean mask into this
@@ -363,7 +369,7 @@ class GroupedKV:
             group.mask = torch.where(self.key_index[:span] <= group.slots.unsqueeze(-1), self.seen,
                                      self.unseen).unsqueeze(1)
             if self.kind == "int4":
-                group.mark_int4()
+                group.mark_int4(parts[index] if parts is not None else "both")
         return torch.cat([g.slots for g in self.live_groups])
 
     def layer_buffers(self, layer: int) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
