@@ -28,9 +28,9 @@ own dtype first (the weights as trained; 8.7 ms per step), then int4 weights (7.
 int4 with an int8 cache, then with an int4 cache (each a little more arithmetic per step for half the KV);
 each is tried again with the VQ codec on the CPU before the next (18 s per 512² tile on a 2-core CPU, measured
 by ``benchmarks/codec_cpu.py``, against a quantized cache's dequantized span on every step: ~7 GB more memory
-traffic per step of a 512² tile of the 7B, ~30 s per tile at a consumer card's 1 TB/s, estimated); inside each, the tile batch halves before the next, slower or lossier
-setting is tried (a smaller batch only costs throughput on photos of several tiles, and a tile's result does
-not depend on its batch).
+traffic per step of a 512² tile of the 7B, ~30 s per tile at a consumer card's 1 TB/s, estimated); inside
+each, the tile batch halves before the next, slower or lossier setting is tried (a smaller batch only costs
+throughput on photos of several tiles, and a tile's result does not depend on its batch).
 """
 
 from __future__ import annotations
