@@ -359,27 +359,18 @@ class TorchDecoder:
 
     def _call(self, t: int) -> tuple:
         """What a call of t tokens per live row reads and writes, decided on the host (so a captured graph's key
-        holds it): ``_spans``, and for an int4 cache which part of each group its slots fall in, "prompt" (all
-        before the prompt's end: a prefill), "packed" (all after: every decode step once the shortest prompt is
-        passed) or "both", so a step quantizes its tokens only to the part they go to."""
-        spans = self._spans(t)
-        if self.kv_cache != "int4":
-            return spans, None
-        parts = []
+        holds it): per live group the slots attention reads (the longest row's, rounded up to the bucket) and,
+        for an int4 cache, which part its slots fall in: "prompt" (all before the prompt's end: a prefill),
+        "packed" (all after: every decode step once the shortest prompt is passed) or "both", so a step
+        quantizes its tokens only to the part they go to (None for other caches)."""
+        spans, parts = [], []
         for group, lengths in zip(self.kv.live_groups, np.split(self.lengths[:self.live], self.kv.live)):
-            parts.append("prompt" if int(lengths.max()) + t <= group.prompt
-                         else "packed" if int(lengths.min()) >= group.prompt else "both")
-        return spans, tuple(parts)
-
-    def _spans(self, t: int) -> tuple[int, ...]:
-        """Slots attention reads per live group for a call of t tokens: the longest row's, rounded up to the bucket."""
-        spans = []
-        for group, lengths in zip(self.kv.live_groups, np.split(self.lengths[:self.live], self.kv.live)):
-            needed = int(lengths.max()) + t
+            shortest, needed = int(lengths.min()), int(lengths.max()) + t
             if needed > group.capacity:
                 raise GenerationError(f"KV cache capacity {group.capacity} exceeded")
             spans.append(min(group.capacity, math.ceil(max(needed, 1) / self.bucket) * self.bucket))
-        return tuple(spans)
+            parts.append("prompt" if needed <= group.prompt else "packed" if shortest >= group.prompt else "both")
+        return tuple(spans), tuple(parts) if self.kv_cache == "int4" else None
 
     @torch.inference_mode()
     def _embed(self, ids: np.ndarray, image: bool) -> torch.Tensor:
